@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for the veilface API (see scripts/gen_proto.py)."""

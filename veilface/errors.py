@@ -1,0 +1,100 @@
+"""The one error tree of veilface.
+
+Every error a caller can provoke is a :class:`VeilfaceError` subclass that
+carries the gRPC status it maps to (by name, so this module does not import
+``grpc``). The server turns these into ``context.abort(status, message)`` in
+one place (``veilface.server.errors_map``); anything else becomes INTERNAL
+with a request id and no details.
+
+Messages must never contain key material, templates, scores or images.
+"""
+
+from __future__ import annotations
+
+
+class VeilfaceError(Exception):
+    """Base class. ``status`` names a ``grpc.StatusCode`` member."""
+
+    status: str = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(VeilfaceError, ValueError):
+    """The request is malformed: wrong shape, dimension, encoding, parameters."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class InvalidCiphertext(InvalidArgument):
+    """A ciphertext failed validation against the tenant's CKKS context."""
+
+
+class InvalidContext(InvalidArgument):
+    """A public context is malformed, carries a secret key, or misses keys."""
+
+
+class NotFound(VeilfaceError, LookupError):
+    """Unknown tenant, subject, bin or reservation."""
+
+    status = "NOT_FOUND"
+
+
+class AlreadyExists(VeilfaceError):
+    """A tenant or subject handle that must be new is already taken."""
+
+    status = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(VeilfaceError):
+    """The request is valid but the state does not allow it (stale bin version...)."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(VeilfaceError):
+    """A limit was hit: message size, bins per request, candidates, gallery size."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(VeilfaceError):
+    """No or unknown API token."""
+
+    status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(VeilfaceError):
+    """The token is valid but not for this tenant or this operation."""
+
+    status = "PERMISSION_DENIED"
+
+
+class KeystoreError(VeilfaceError):
+    """A tenant key file cannot be opened: wrong passphrase, corrupt or foreign file."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class FaceError(VeilfaceError, ValueError):
+    """Base class of face-pipeline errors (no face, several faces, bad image)."""
+
+    status = "INVALID_ARGUMENT"
+
+
+__all__ = [
+    "AlreadyExists",
+    "FaceError",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "InvalidCiphertext",
+    "InvalidContext",
+    "KeystoreError",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "VeilfaceError",
+]
