@@ -1,0 +1,97 @@
+"""Server-side homomorphic kernels over bins (no secret key here).
+
+Costs at N=4096 on one core (see docs/benchmarks.md): a bin of 128 diagonal
+ciphertexts holds 2048 templates of 128-d; scoring it is 128 ct x ct
+products (~0.09 ms each, no relinearization), 8 relinearizations and 7
+rotations: ~20 ms, about 10 us per template. SEAL's evaluator is
+single-threaded and holds the GIL, so the server parallelizes over bins in
+worker processes (``veilface.server.scoring``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tenseal.sealapi as seal
+
+from veilface.crypto import seal_io
+from veilface.crypto.ciphertext_checks import load_many
+from veilface.crypto.public_context import PublicContext
+
+Bin = list[seal.Ciphertext]
+
+
+class BinKernel:
+    """Evaluate enrollments and scores for one tenant key."""
+
+    def __init__(self, public: PublicContext) -> None:
+        self.public = public
+        self.layout = public.layout
+        self._ctx = public.context
+        self._scale = public.param_set.scale
+        self._evaluator = seal.Evaluator(self._ctx)
+
+    # -- loading --------------------------------------------------------
+
+    def load_bin(self, blobs: Sequence[bytes]) -> Bin:
+        """Load and validate a bin (or a contribution to one): ``d_pad`` ciphertexts."""
+        return load_many(
+            self._ctx, blobs, expected=self.layout.n_ciphertexts, scale=self._scale, what="bin"
+        )
+
+    def load_probe(self, blobs: Sequence[bytes]) -> Bin:
+        return load_many(self._ctx, blobs, expected=self.layout.g1, scale=self._scale, what="probe")
+
+    def empty_bin(self) -> Bin:
+        """A bin of transparent zero ciphertexts is never stored: bins start
+        from their first contribution. (Kept for symmetry in tests.)"""
+        raise NotImplementedError
+
+    # -- enrollment -----------------------------------------------------
+
+    def add_into(self, bin_cts: Bin, contribution: Bin) -> None:
+        """Add a contribution into a bin, in place (homomorphic enrollment)."""
+        for acc, ct in zip(bin_cts, contribution, strict=True):
+            self._evaluator.add_inplace(acc, ct)
+
+    @staticmethod
+    def serialize(cts: Sequence[seal.Ciphertext]) -> list[bytes]:
+        return [seal_io.to_bytes(ct) for ct in cts]
+
+    # -- scoring --------------------------------------------------------
+
+    def score(self, bin_cts: Bin, probe: Bin, stage: str) -> seal.Ciphertext:
+        """Encrypted scores of every slot of the bin for a stage.
+
+        Parameters
+        ----------
+        bin_cts : the bin's ``d_pad`` diagonal ciphertexts
+        probe : the ``g1`` baby-step probe ciphertexts
+        stage : ``presel`` (first giant steps), ``rest`` or ``full``
+
+        Returns
+        -------
+        One relinearized ciphertext at scale ``scale**2``; slot ``s`` holds
+        the (partial) inner product of the template at ``s`` with the probe.
+        """
+        ev = self._evaluator
+        g1 = self.layout.g1
+        total: seal.Ciphertext | None = None
+        tmp = seal.Ciphertext()
+        for a in self.layout.giants(stage):
+            part = seal.Ciphertext()
+            ev.multiply(bin_cts[a * g1], probe[0], part)
+            for b in range(1, g1):
+                ev.multiply(bin_cts[a * g1 + b], probe[b], tmp)
+                ev.add_inplace(part, tmp)
+            if a:
+                ev.relinearize_inplace(part, self.public.relin_keys)
+                ev.rotate_vector_inplace(part, a * g1, self.public.galois_keys)
+            if total is None:
+                total = part
+            else:
+                ev.add_inplace(total, part)
+        assert total is not None  # every stage has at least one giant step
+        if total.size() > 2:
+            ev.relinearize_inplace(total, self.public.relin_keys)
+        return total

@@ -1,0 +1,67 @@
+"""Tenant key generation: the secret key and the public context derived from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tenseal.sealapi as seal
+
+from veilface.crypto import seal_io
+from veilface.crypto.layout import DiagonalLayout
+from veilface.crypto.params import DEFAULT_PARAM_SET, ParamSet, get_param_set
+from veilface.crypto.public_context import encode_public_context
+
+
+@dataclass
+class TenantKeys:
+    """A tenant's CKKS secret key with its parameter set and layout.
+
+    Lives only in the tenant's trusted zone; persist it with
+    :mod:`veilface.crypto.keystore`, never in clear.
+    """
+
+    param_set: ParamSet
+    layout: DiagonalLayout
+    context: seal.SEALContext
+    secret_key: seal.SecretKey
+
+    @classmethod
+    def generate(
+        cls, dim: int, *, param_set: str = DEFAULT_PARAM_SET, presel_dims: int = 0
+    ) -> TenantKeys:
+        ps = get_param_set(param_set)
+        layout = DiagonalLayout(dim, ps.slots, presel_dims)
+        context = ps.seal_context()
+        keygen = seal.KeyGenerator(context)
+        return cls(ps, layout, context, keygen.secret_key())
+
+    @classmethod
+    def from_secret_bytes(
+        cls, secret: bytes, *, dim: int, param_set: str, presel_dims: int = 0
+    ) -> TenantKeys:
+        ps = get_param_set(param_set)
+        layout = DiagonalLayout(dim, ps.slots, presel_dims)
+        context = ps.seal_context()
+        return cls(ps, layout, context, seal_io.load_secret_key(context, secret))
+
+    def secret_key_bytes(self) -> bytes:
+        return seal_io.to_bytes(self.secret_key)
+
+    def public_context_bytes(self) -> bytes:
+        """Parameters, relinearization keys and the Galois keys the layout needs.
+
+        Only the rotation steps of the giant steps get keys (one key switch
+        per rotation), not TenSEAL's full power-of-two set.
+        """
+        keygen = seal.KeyGenerator(self.context, self.secret_key)
+        relin = keygen.create_relin_keys()
+        tool = self.context.key_context_data().galois_tool()
+        elts = [tool.get_elt_from_step(step) for step in self.layout.galois_steps]
+        galois = keygen.create_galois_keys(elts)
+        return encode_public_context(
+            self.param_set,
+            self.layout,
+            seal_io.to_bytes(self.param_set.seal_parameters()),
+            seal_io.to_bytes(relin),
+            seal_io.to_bytes(galois),
+        )

@@ -1,0 +1,191 @@
+"""The diagonal bin layout (plain numpy; no HE here).
+
+A *bin* is ``d_pad`` ciphertexts (``d_pad``: the template dimension rounded up
+to a power of two) holding up to ``slots`` templates, one per slot. Slot ``s``
+belongs to group ``s // d_pad`` at index ``i = s % d_pad``; diagonal ``j`` of
+the bin holds, at slot ``s``, coordinate ``(i + j) mod d_pad`` of the
+template enrolled at ``s`` (Halevi-Shoup diagonals, stacked ``slots/d_pad``
+times). With the probe ``P`` repeated with period ``d_pad`` across the slots,
+
+    score[s] = sum_j D_j[s] * P[s + j] = <template_s, probe>
+
+exactly in every slot: no slot ever holds a partial or per-dimension
+product, so nothing but summed scores leaves the server.
+
+Baby-step/giant-step: ``j = a*g1 + b``. The tenant encrypts the ``g1``
+rotations of the probe itself (no server rotation of the probe), and
+enrollment stores diagonal ``j`` pre-rotated by ``-a*g1``, so the server needs
+only ``g2 - 1`` rotations and ``g2`` relinearizations per bin:
+
+    score = sum_a rot( sum_b D'_{a,b} * rot(P, b), a*g1 ).
+
+Preselection (PFIP) scores the first ``presel_giants`` giant steps only: the
+inner product over a window of ``m = presel_giants * g1`` coordinates of
+each template. The rest of the giant steps, scored on the candidate bins,
+add up to the full score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from veilface.errors import InvalidArgument
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class DiagonalLayout:
+    """Geometry of a bin for templates of dimension ``dim`` in ``slots`` slots."""
+
+    dim: int
+    slots: int
+    presel_dims: int = 0  # 0: a quarter of d_pad
+
+    def __post_init__(self) -> None:
+        if self.dim < 2:
+            raise InvalidArgument(f"template dimension must be at least 2, got {self.dim}")
+        if self.d_pad > self.slots:
+            raise InvalidArgument(
+                f"template dimension {self.dim} does not fit in {self.slots} slots; "
+                "use a parameter set with a larger polynomial degree"
+            )
+        if self.presel_dims and (self.presel_dims % self.g1 or self.presel_dims > self.d_pad):
+            raise InvalidArgument(
+                f"preselection dimension must be a multiple of {self.g1} up to {self.d_pad}"
+            )
+
+    @property
+    def d_pad(self) -> int:
+        return _next_pow2(self.dim)
+
+    @property
+    def g1(self) -> int:
+        """Baby steps: the number of probe ciphertexts."""
+        log = self.d_pad.bit_length() - 1
+        return 1 << ((log + 1) // 2)
+
+    @property
+    def g2(self) -> int:
+        """Giant steps: rotations (plus one) per bin."""
+        return self.d_pad // self.g1
+
+    @property
+    def n_ciphertexts(self) -> int:
+        return self.d_pad
+
+    @property
+    def capacity(self) -> int:
+        return self.slots
+
+    @property
+    def presel_giants(self) -> int:
+        m = self.presel_dims or max(self.g1, self.d_pad // 4)
+        return max(1, m // self.g1)
+
+    @property
+    def m(self) -> int:
+        """Number of coordinates scored by preselection."""
+        return self.presel_giants * self.g1
+
+    @property
+    def galois_steps(self) -> list[int]:
+        return [a * self.g1 for a in range(1, self.g2)]
+
+    def giants(self, stage: str) -> range:
+        """Giant-step range of a stage: ``presel``, ``rest`` or ``full``."""
+        if stage == "presel":
+            return range(0, self.presel_giants)
+        if stage == "rest":
+            return range(self.presel_giants, self.g2)
+        if stage == "full":
+            return range(0, self.g2)
+        raise InvalidArgument(f"unknown scoring stage {stage!r}")
+
+    # -- packing --------------------------------------------------------
+
+    def _pad(self, x: npt.ArrayLike) -> FloatArray:
+        arr = np.asarray(x, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            raise InvalidArgument(f"templates must have shape [n, {self.dim}], got {arr.shape}")
+        if self.d_pad == self.dim:
+            return arr
+        out = np.zeros((arr.shape[0], self.d_pad))
+        out[:, : self.dim] = arr
+        return out
+
+    def check_slots(self, slot_idx: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        s = np.asarray(slot_idx, dtype=np.int64).reshape(-1)
+        if s.size and (s.min() < 0 or s.max() >= self.slots):
+            raise InvalidArgument(f"slot positions must be in [0, {self.slots})")
+        if np.unique(s).size != s.size:
+            raise InvalidArgument("slot positions must be distinct")
+        return s
+
+    def pack(self, templates: npt.ArrayLike, slot_idx: npt.ArrayLike) -> FloatArray:
+        """Plaintext vectors of a bin contribution.
+
+        Parameters
+        ----------
+        templates : float array [n, dim]
+        slot_idx : int array [n], distinct, in [0, slots)
+
+        Returns
+        -------
+        float64 array [d_pad, slots]: row ``k = a*g1 + b`` is the (pre-rotated)
+        diagonal ``k``; zero outside the given slots.
+        """
+        x = self._pad(templates)
+        s = self.check_slots(slot_idx)
+        if s.size != x.shape[0]:
+            raise InvalidArgument("one slot position per template is required")
+        i = s % self.d_pad
+        out = np.zeros((self.d_pad, self.slots))
+        rows = np.arange(x.shape[0])
+        for j in range(self.d_pad):
+            a = j // self.g1
+            u = (s + a * self.g1) % self.slots
+            out[j, u] = x[rows, (i + j) % self.d_pad]
+        return out
+
+    def unpack(self, diagonals: npt.ArrayLike, slot_idx: npt.ArrayLike) -> FloatArray:
+        """Inverse of :meth:`pack` for the given slots: templates [n, dim]."""
+        diag = np.asarray(diagonals, dtype=np.float64)
+        if diag.shape != (self.d_pad, self.slots):
+            raise InvalidArgument(f"diagonals must have shape [{self.d_pad}, {self.slots}]")
+        s = self.check_slots(slot_idx)
+        i = s % self.d_pad
+        out = np.zeros((s.size, self.d_pad))
+        rows = np.arange(s.size)
+        for j in range(self.d_pad):
+            a = j // self.g1
+            u = (s + a * self.g1) % self.slots
+            out[rows, (i + j) % self.d_pad] = diag[j, u]
+        return out[:, : self.dim]
+
+    def probe_vectors(self, probe: npt.ArrayLike) -> FloatArray:
+        """The ``g1`` baby-step rotations of the periodic probe: [g1, slots]."""
+        p = self._pad(np.asarray(probe, dtype=np.float64).reshape(1, -1))[0]
+        idx = np.arange(self.slots)
+        return np.stack([p[(idx + b) % self.d_pad] for b in range(self.g1)])
+
+    def plain_scores(
+        self, diagonals: npt.ArrayLike, probe: npt.ArrayLike, stage: str = "full"
+    ) -> FloatArray:
+        """What the encrypted kernel computes, in plaintext (for tests)."""
+        diag = np.asarray(diagonals, dtype=np.float64)
+        pv = self.probe_vectors(probe)
+        total = np.zeros(self.slots)
+        for a in self.giants(stage):
+            part = np.zeros(self.slots)
+            for b in range(self.g1):
+                part += diag[a * self.g1 + b] * pv[b]
+            total += np.roll(part, -a * self.g1)
+        return total

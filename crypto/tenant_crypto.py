@@ -1,0 +1,81 @@
+"""Tenant-side encryption and decryption (runs only where the secret key is).
+
+Encryption is symmetric (the tenant holds the secret key), which lets SEAL
+serialize a fresh ciphertext with a seed in place of its uniform half: the
+upload is half the size of a public-key encryption, for the same security.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+import tenseal.sealapi as seal
+
+from veilface.crypto import seal_io
+from veilface.crypto.ciphertext_checks import load_checked
+from veilface.crypto.keys import TenantKeys
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class TenantCrypto:
+    """Encrypt bin contributions and probes; decrypt score ciphertexts."""
+
+    def __init__(self, keys: TenantKeys) -> None:
+        self.keys = keys
+        self.layout = keys.layout
+        self._ctx = keys.context
+        self._scale = keys.param_set.scale
+        self._encoder = seal.CKKSEncoder(self._ctx)
+        self._encryptor = seal.Encryptor(self._ctx, keys.secret_key)
+        self._decryptor = seal.Decryptor(self._ctx, keys.secret_key)
+
+    def _encrypt_rows(self, rows: FloatArray) -> list[bytes]:
+        out = []
+        pt = seal.Plaintext()
+        for row in rows:
+            self._encoder.encode(row.tolist(), self._scale, pt)
+            out.append(seal_io.to_bytes(self._encryptor.encrypt_symmetric(pt)))
+        return out
+
+    def encrypt_contribution(
+        self, templates: npt.ArrayLike, slot_idx: npt.ArrayLike
+    ) -> list[bytes]:
+        """``d_pad`` ciphertexts that add the templates into their slots of a bin.
+
+        A single template is encrypted on its own (zero everywhere else) and
+        the server adds it homomorphically (PFIP's flexible enrollment); a
+        bulk import packs up to ``slots`` templates in one contribution.
+        """
+        return self._encrypt_rows(self.layout.pack(templates, slot_idx))
+
+    def encrypt_probe(self, probe: npt.ArrayLike) -> list[bytes]:
+        """The ``g1`` baby-step rotations of the probe, each a fresh ciphertext."""
+        return self._encrypt_rows(self.layout.probe_vectors(probe))
+
+    def decrypt_scores(self, blob: bytes) -> FloatArray:
+        """Decrypt one bin's score ciphertext: float64 [slots]."""
+        ct = load_checked(
+            self._ctx, blob, scale=self._scale * self._scale, max_size=3, what="score ciphertext"
+        )
+        pt = seal.Plaintext()
+        self._decryptor.decrypt(ct, pt)
+        return np.asarray(self._encoder.decode_double(pt), dtype=np.float64)
+
+    def decrypt_bin(self, blobs: Sequence[bytes], slot_idx: npt.ArrayLike) -> FloatArray:
+        """Recover the templates in the given slots of a bin (re-pack, key rotation)."""
+        if len(blobs) != self.layout.n_ciphertexts:
+            from veilface.errors import InvalidCiphertext
+
+            raise InvalidCiphertext(
+                f"a bin has {self.layout.n_ciphertexts} ciphertexts, got {len(blobs)}"
+            )
+        rows = np.zeros((self.layout.n_ciphertexts, self.layout.slots))
+        pt = seal.Plaintext()
+        for k, blob in enumerate(blobs):
+            ct = load_checked(self._ctx, blob, scale=self._scale, what=f"bin ciphertext {k}")
+            self._decryptor.decrypt(ct, pt)
+            rows[k] = self._encoder.decode_double(pt)
+        return self.layout.unpack(rows, slot_idx)
