@@ -1,0 +1,412 @@
+"""``VeilClient``: the tenant SDK for enrollment, identification and verification.
+
+The client is the only party that ever sees a template, a probe or a score
+in clear. It normalizes templates (cosine = inner product), mixes them with
+the tenant's secret orthogonal matrix (inner products unchanged), routes
+them with its FAISS IVF lists, encrypts, and makes every decision itself:
+preselection top-K, final top-1, threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from veilface.client.routing import Router
+from veilface.client.tenant_state import TenantState
+from veilface.client.transport import Transport
+from veilface.crypto.tenant_crypto import TenantCrypto
+from veilface.errors import FailedPrecondition, InvalidArgument, NotFound
+from veilface.proto.v1 import veilface_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    subject_id: str
+    handle: str
+    score: float
+
+
+@dataclass
+class QueryStats:
+    """Where the time and bytes of one query went (for benchmarks)."""
+
+    encrypt_ms: float = 0.0
+    preselect_ms: float = 0.0
+    rerank_ms: float = 0.0
+    decrypt_ms: float = 0.0
+    total_ms: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    bins_preselected: int = 0
+    bins_reranked: int = 0
+    searched_templates: int = 0
+
+
+@dataclass
+class Identification:
+    """Result of a 1:N search. ``match`` applies the tenant's threshold to ``score``."""
+
+    subject_id: str | None
+    score: float
+    match: bool
+    candidates: list[Candidate] = field(default_factory=list)
+    stats: QueryStats = field(default_factory=QueryStats)
+
+
+@dataclass(frozen=True)
+class Verification:
+    subject_id: str
+    score: float
+    match: bool
+
+
+@dataclass(frozen=True)
+class EnrollReceipt:
+    subject_id: str
+    handle: str
+    bin_id: int
+    slot: int
+
+
+@dataclass(frozen=True)
+class BulkReceipt:
+    bins: int
+    subjects: int
+
+
+def _bits(occupancy: bytes, capacity: int) -> npt.NDArray[np.bool_]:
+    arr = np.unpackbits(np.frombuffer(occupancy, dtype=np.uint8), bitorder="little")
+    return arr[:capacity].astype(bool)
+
+
+class VeilClient:
+    """Talk to a veilface server as one tenant.
+
+    Parameters
+    ----------
+    target : ``host:port`` of the server
+    state : the tenant's keys, routing and thresholds (:class:`TenantState`)
+    token : the tenant's API token
+    root_cert : PEM root certificate to verify the server (TLS); None for plaintext
+    """
+
+    def __init__(
+        self,
+        target: str,
+        state: TenantState,
+        *,
+        token: str,
+        root_cert: Path | None = None,
+        timeout_s: float = 300.0,
+    ) -> None:
+        self.state = state
+        self.crypto = TenantCrypto(state.keys())
+        self.layout = self.crypto.layout
+        self._mix = state.mixing_matrix()
+        self._handles = state.handles()
+        self.transport = Transport(target, token=token, root_cert=root_cert, timeout_s=timeout_s)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self) -> VeilClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- preparation ----------------------------------------------------
+
+    def prepare(self, embeddings: npt.ArrayLike) -> FloatArray:
+        """Normalize and mix templates: float64 [n, dim] (or [dim] → [1, dim])."""
+        x = np.asarray(embeddings, dtype=np.float64)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != self.state.dim:
+            raise InvalidArgument(
+                f"embeddings must have shape [n, {self.state.dim}], got {tuple(x.shape)}"
+            )
+        if not np.isfinite(x).all():
+            raise InvalidArgument("embeddings contain NaN or infinite values")
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        if (norms < 1e-12).any():
+            raise InvalidArgument("an embedding has zero norm")
+        return np.asarray((x / norms) @ self._mix.T, dtype=np.float64)
+
+    def _labels_for(self, x: FloatArray) -> list[str]:
+        router = self.state.router
+        if router is None:
+            return [""] * len(x)
+        return router.labels(router.assign(x.astype(np.float32)).tolist())
+
+    # -- tenant ---------------------------------------------------------
+
+    def register_key(self) -> pb.KeyInfo:
+        keys = self.state.keys()
+        resp = self.transport.call(
+            self.transport.tenants.RegisterKey,
+            pb.RegisterKeyRequest(
+                tenant_id=self.state.tenant_id,
+                key_id=self.state.key_id,
+                public_context=keys.public_context_bytes(),
+            ),
+        )
+        return resp.key
+
+    def describe(self) -> pb.DescribeTenantResponse:
+        return self.transport.call(
+            self.transport.tenants.DescribeTenant,
+            pb.DescribeTenantRequest(tenant_id=self.state.tenant_id),
+        )
+
+    def train_routing(self, embeddings: npt.ArrayLike, *, nlist: int, seed: int = 0) -> Router:
+        """(Re)train the IVF lists on the tenant's own templates.
+
+        Bins enrolled under an earlier routing keep their labels; re-pack or
+        re-enroll them to move them to the new lists (docs/protocol.md).
+        """
+        x = self.prepare(embeddings).astype(np.float32)
+        version = (self.state.router.version + 1) if self.state.router else 1
+        self.state.router = Router.train(
+            x, nlist=nlist, label_key=self.state.label_key, version=version, seed=seed
+        )
+        return self.state.router
+
+    # -- enrollment -----------------------------------------------------
+
+    def enroll(self, subject_id: str, embedding: npt.ArrayLike) -> EnrollReceipt:
+        """Enroll one template on its own (PFIP flexible enrollment); durable on return."""
+        x = self.prepare(embedding)
+        handle = self._handles.encode(subject_id)
+        label = self._labels_for(x)[0]
+        res = self.transport.call(
+            self.transport.enrollment.ReserveSlots,
+            pb.ReserveSlotsRequest(
+                tenant_id=self.state.tenant_id, key_id=self.state.key_id, label=label, count=1
+            ),
+        )
+        cts = self.crypto.encrypt_contribution(x, list(res.slots))
+        resp = self.transport.call(
+            self.transport.enrollment.Enroll,
+            pb.EnrollRequest(
+                tenant_id=self.state.tenant_id,
+                key_id=self.state.key_id,
+                reservation_id=res.reservation_id,
+                handles=[handle],
+                ciphertexts=cts,
+            ),
+        )
+        return EnrollReceipt(subject_id, handle, resp.bin_id, resp.slots[0])
+
+    def _bulk_chunks(
+        self, subject_ids: Sequence[str], x: FloatArray, progress: bool
+    ) -> Iterator[pb.BulkEnrollChunk]:
+        from tqdm import tqdm
+
+        labels = self._labels_for(x)
+        order: dict[str, list[int]] = {}
+        for i, lab in enumerate(labels):
+            order.setdefault(lab, []).append(i)
+        cap = self.layout.capacity
+        bar = tqdm(total=len(x), unit="tpl", desc="encrypting bins", disable=not progress)
+        try:
+            for lab, rows in order.items():
+                for start in range(0, len(rows), cap):
+                    idx = rows[start : start + cap]
+                    slots = list(range(len(idx)))
+                    cts = self.crypto.encrypt_contribution(x[idx], slots)
+                    bar.update(len(idx))
+                    yield pb.BulkEnrollChunk(
+                        tenant_id=self.state.tenant_id,
+                        key_id=self.state.key_id,
+                        label=lab,
+                        handles=[self._handles.encode(subject_ids[i]) for i in idx],
+                        slots=slots,
+                        ciphertexts=cts,
+                    )
+        finally:
+            bar.close()
+
+    def enroll_many(
+        self, subject_ids: Sequence[str], embeddings: npt.ArrayLike, *, progress: bool = False
+    ) -> BulkReceipt:
+        """Bulk import: pack whole bins client-side and stream them (all-or-nothing)."""
+        x = self.prepare(embeddings)
+        if len(subject_ids) != len(x):
+            raise InvalidArgument("one subject id per embedding is required")
+        if len(set(subject_ids)) != len(subject_ids):
+            raise InvalidArgument("subject ids must be distinct")
+        resp = self.transport.call(
+            self.transport.enrollment.BulkEnroll, self._bulk_chunks(subject_ids, x, progress)
+        )
+        return BulkReceipt(resp.bins, resp.subjects)
+
+    # -- identification -------------------------------------------------
+
+    def identify(
+        self,
+        embedding: npt.ArrayLike,
+        *,
+        mode: str = "strict",
+        k: int = 32,
+        nprobe: int = 8,
+        decoys: int = 0,
+        threshold: float | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> Identification:
+        """1:N search: preselect on the first coordinates, re-rank the top ``k``, decide.
+
+        Parameters
+        ----------
+        embedding : float array [dim]
+        mode : ``strict`` (every bin) or ``routed`` (the ``nprobe`` nearest lists)
+        k : candidates kept after preselection
+        decoys : extra random lists searched in routed mode, to blur which are real
+        threshold : cosine threshold for ``match`` (default: the tenant's)
+        """
+        t0 = time.perf_counter()
+        stats = QueryStats()
+        x = self.prepare(embedding)
+        probe = self.crypto.encrypt_probe(x[0])
+        stats.encrypt_ms = (time.perf_counter() - t0) * 1e3
+        labels: list[str] = []
+        if mode == "routed":
+            router = self.state.router
+            if router is None:
+                raise FailedPrecondition("routed mode needs trained routing (train_routing)")
+            lists = router.probe_lists(x[0].astype(np.float32), min(nprobe, len(router.centroids)))
+            labels = router.labels(np.asarray(lists).reshape(-1).tolist())
+            if decoys:
+                labels += router.decoy_labels(
+                    np.asarray(lists).reshape(-1).tolist(), decoys, rng or np.random.default_rng()
+                )
+        elif mode != "strict":
+            raise InvalidArgument("mode must be 'strict' or 'routed'")
+        req = pb.PreselectRequest(
+            tenant_id=self.state.tenant_id,
+            key_id=self.state.key_id,
+            mode=pb.SEARCH_MODE_ROUTED if mode == "routed" else pb.SEARCH_MODE_STRICT,
+            labels=labels,
+            probe_ciphertexts=probe,
+        )
+        t1 = time.perf_counter()
+        pre = self.transport.call(self.transport.identification.Preselect, req)
+        stats.preselect_ms = (time.perf_counter() - t1) * 1e3
+        stats.bytes_up += req.ByteSize()
+        stats.bytes_down += pre.ByteSize()
+        stats.bins_preselected = len(pre.bins)
+        stats.searched_templates = pre.searched_templates
+
+        td = time.perf_counter()
+        cap = self.layout.capacity
+        presel: dict[int, FloatArray] = {}
+        cand_bins, cand_slots, cand_scores = [], [], []
+        for b in pre.bins:
+            scores = self.crypto.decrypt_scores(b.scores)
+            presel[b.bin_id] = scores
+            occ = np.flatnonzero(_bits(b.occupancy, cap))
+            cand_bins.append(np.full(occ.size, b.bin_id))
+            cand_slots.append(occ)
+            cand_scores.append(scores[occ])
+        stats.decrypt_ms += (time.perf_counter() - td) * 1e3
+        if not cand_scores or sum(c.size for c in cand_scores) == 0:
+            stats.total_ms = (time.perf_counter() - t0) * 1e3
+            return Identification(None, float("-inf"), False, [], stats)
+        all_bins = np.concatenate(cand_bins)
+        all_slots = np.concatenate(cand_slots)
+        all_scores = np.concatenate(cand_scores)
+        top = np.argsort(-all_scores)[: max(1, k)]
+        groups: dict[int, list[int]] = {}
+        for i in top:
+            groups.setdefault(int(all_bins[i]), []).append(int(all_slots[i]))
+
+        req2 = pb.ScoreCandidatesRequest(
+            tenant_id=self.state.tenant_id,
+            key_id=self.state.key_id,
+            candidates=[pb.CandidateSlots(bin_id=b, slots=s) for b, s in groups.items()],
+            probe_ciphertexts=probe,
+        )
+        t2 = time.perf_counter()
+        rest = self.transport.call(self.transport.identification.ScoreCandidates, req2)
+        stats.rerank_ms = (time.perf_counter() - t2) * 1e3
+        stats.bytes_up += req2.ByteSize()
+        stats.bytes_down += rest.ByteSize()
+        stats.bins_reranked = len(rest.bins)
+
+        td = time.perf_counter()
+        candidates: list[Candidate] = []
+        for b in rest.bins:
+            rest_scores = self.crypto.decrypt_scores(b.scores)
+            for slot, handle in zip(b.slots, b.handles, strict=True):
+                if not handle:
+                    continue  # deleted meanwhile
+                full = float(presel[b.bin_id][slot] + rest_scores[slot])
+                candidates.append(Candidate(self._handles.decode(handle), handle, full))
+        stats.decrypt_ms += (time.perf_counter() - td) * 1e3
+        candidates.sort(key=lambda c: -c.score)
+        stats.total_ms = (time.perf_counter() - t0) * 1e3
+        if not candidates:
+            return Identification(None, float("-inf"), False, [], stats)
+        best = candidates[0]
+        thr = self.state.threshold if threshold is None else threshold
+        return Identification(best.subject_id, best.score, best.score >= thr, candidates, stats)
+
+    def verify(
+        self, subject_id: str, embedding: npt.ArrayLike, *, threshold: float | None = None
+    ) -> Verification:
+        """1:1 against a claimed subject; the tenant decrypts and applies its threshold."""
+        x = self.prepare(embedding)
+        resp = self.transport.call(
+            self.transport.identification.Verify,
+            pb.VerifyRequest(
+                tenant_id=self.state.tenant_id,
+                handle=self._handles.encode(subject_id),
+                key_id=self.state.key_id,
+                probe_ciphertexts=self.crypto.encrypt_probe(x[0]),
+            ),
+        )
+        score = float(self.crypto.decrypt_scores(resp.scores)[resp.slot])
+        thr = self.state.threshold if threshold is None else threshold
+        return Verification(subject_id, score, score >= thr)
+
+    def delete(self, subject_id: str, *, retries: int = 3) -> None:
+        """Delete a subject: re-pack its bin without it, then the server forgets the handle."""
+        handle = self._handles.encode(subject_id)
+        for attempt in range(retries):
+            got = self.transport.call(
+                self.transport.enrollment.FetchSubjectBin,
+                pb.FetchSubjectBinRequest(tenant_id=self.state.tenant_id, handle=handle),
+            )
+            if got.key_id != self.state.key_id:
+                raise FailedPrecondition(f"the subject is enrolled under key {got.key_id!r}")
+            keep = [s for s in got.occupied_slots if s != got.slot]
+            templates = self.crypto.decrypt_bin(list(got.ciphertexts), keep)
+            cts = self.crypto.encrypt_contribution(templates, keep)
+            try:
+                self.transport.call(
+                    self.transport.enrollment.DeleteSubject,
+                    pb.DeleteSubjectRequest(
+                        tenant_id=self.state.tenant_id,
+                        handle=handle,
+                        bin_id=got.bin_id,
+                        bin_version=got.bin_version,
+                        ciphertexts=cts,
+                    ),
+                )
+                return
+            except FailedPrecondition:
+                if attempt == retries - 1:
+                    raise
+                log.info("bin changed during deletion; retrying")
+        raise NotFound("unreachable")

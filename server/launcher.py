@@ -1,0 +1,113 @@
+"""Run a local ``veilface serve`` in a child process (demo, benchmarks, tests).
+
+The child binds port 0 and announces the port it got on stdout, so nothing
+depends on a fixed port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from veilface.errors import VeilfaceError
+
+
+class LocalServer:
+    """``with LocalServer(db) as srv: srv.target, srv.admin_token``."""
+
+    def __init__(
+        self,
+        db_path: Path,
+        *,
+        workers: int = 2,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        startup_timeout_s: float = 60.0,
+    ) -> None:
+        self.db_path = Path(db_path)
+        self.workers = workers
+        self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
+        self.extra_args = extra_args or []
+        self.env = env
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.db_path.with_suffix(".admin-token")
+
+    @property
+    def admin_token(self) -> str:
+        return self.admin_token_path.read_text().strip()
+
+    @property
+    def target(self) -> str:
+        return f"{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
+
+    def start(self) -> LocalServer:
+        cmd = [
+            sys.executable, "-m", "veilface.cli.main", "serve",
+            "--db", str(self.db_path), "--port", "0", "--workers", str(self.workers),
+        ]
+        if self.tls:
+            cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
+        cmd += self.extra_args
+        env = {**os.environ, **(self.env or {})}
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, start_new_session=True
+        )
+        deadline = time.monotonic() + self.startup_timeout_s
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("veilface listening on "):
+                self.port = int(line.rsplit(":", 1)[1])
+                return self
+        self.kill()
+        raise VeilfaceError("the local server did not start; see its log above")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL the server and its workers (crash test)."""
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        self._reap()
+
+    def _reap(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # stray workers of the group
+            except (ProcessLookupError, PermissionError):
+                pass
+            if self.proc.stdout:
+                self.proc.stdout.close()
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

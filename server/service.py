@@ -1,0 +1,427 @@
+"""The data plane of the identification service (no protobuf, no grpc here).
+
+Every method takes plain values, checks them at the boundary (identifiers,
+counts, per-request limits) before any ciphertext is deserialized, and
+returns plain records. Blocking database calls run in a thread; homomorphic
+work runs in the worker pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from veilface.crypto.layout import DiagonalLayout
+from veilface.crypto.params import get_param_set
+from veilface.crypto.public_context import PublicContext
+from veilface.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from veilface.server import worker
+from veilface.server.config import ServerSettings
+from veilface.server.scoring import WorkerPool
+from veilface.server.store.blobs import pack_blobs
+from veilface.server.store.records import BinInfo, KeyRecord, KeyStats, Reservation
+from veilface.server.store.sqlite_store import SQLiteStore
+
+log = logging.getLogger(__name__)
+
+TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_HANDLE = 512
+MAX_LABEL = 128
+MAX_LABELS = 4096
+
+
+def hash_token(token: str) -> str:
+    """API tokens are 256-bit random strings, so one SHA-256 is enough to store them."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyView:
+    record: KeyRecord
+    layout: DiagonalLayout
+    stats: KeyStats | None = None
+
+
+@dataclass(frozen=True)
+class BinScore:
+    bin_id: int
+    version: int
+    occupancy: bytes
+    scores: bytes
+    slots: tuple[int, ...] = ()
+    handles: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BulkChunk:
+    tenant_id: str
+    key_id: str
+    label: str
+    handles: Sequence[str]
+    slots: Sequence[int]
+    ciphertexts: Sequence[bytes]
+
+
+@dataclass
+class _Compactions:
+    scheduled: set[int] = field(default_factory=set)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+def occupancy_bitmap(occupied: Sequence[int], capacity: int) -> bytes:
+    bits = bytearray((capacity + 7) // 8)
+    for s in occupied:
+        bits[s // 8] |= 1 << (s % 8)
+    return bytes(bits)
+
+
+def check_tenant_id(tenant_id: str) -> str:
+    if not TENANT_RE.match(tenant_id or ""):
+        raise InvalidArgument(
+            "tenant id must be 1-63 characters of a-z, 0-9, '_' or '-', starting with a letter or digit"
+        )
+    return tenant_id
+
+
+def check_key_id(key_id: str) -> str:
+    if not KEY_RE.match(key_id or ""):
+        raise InvalidArgument("key id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
+    return key_id
+
+
+def check_handles(handles: Sequence[str]) -> None:
+    for h in handles:
+        if not h or len(h) > MAX_HANDLE:
+            raise InvalidArgument(f"subject handles must be 1-{MAX_HANDLE} characters")
+    if len(set(handles)) != len(handles):
+        raise InvalidArgument("subject handles in one request must be distinct")
+
+
+def check_label(label: str) -> str:
+    if len(label) > MAX_LABEL:
+        raise InvalidArgument(f"bin labels are at most {MAX_LABEL} characters")
+    return label
+
+
+class GalleryService:
+    """Tenants, keys, enrollment and identification over encrypted bins."""
+
+    def __init__(self, store: SQLiteStore, pool: WorkerPool, settings: ServerSettings) -> None:
+        self.store = store
+        self.pool = pool
+        self.settings = settings
+        self._layouts: dict[tuple[str, str], KeyView] = {}
+        self._compactions = _Compactions()
+
+    # -- tenants and keys -----------------------------------------------
+
+    async def create_tenant(self, tenant_id: str) -> str:
+        check_tenant_id(tenant_id)
+        token = "vf_" + secrets.token_urlsafe(32)
+        await asyncio.to_thread(self.store.create_tenant, tenant_id, hash_token(token))
+        log.info("created tenant %s", tenant_id)
+        return token
+
+    async def register_key(self, tenant_id: str, key_id: str, public_context: bytes) -> KeyView:
+        check_key_id(key_id)
+        public = await asyncio.to_thread(PublicContext.from_bytes, public_context)
+        record = KeyRecord(
+            tenant_id,
+            key_id,
+            public.param_set.name,
+            public.layout.dim,
+            public.layout.m,
+            public_context,
+            public.fingerprint,
+        )
+        await asyncio.to_thread(self.store.put_key, record)
+        log.info("tenant %s registered key %s (%s)", tenant_id, key_id, public.fingerprint)
+        return await self.key(tenant_id, key_id)
+
+    async def key(self, tenant_id: str, key_id: str) -> KeyView:
+        check_key_id(key_id)
+        view = self._layouts.get((tenant_id, key_id))
+        if view is None:
+            rec = await asyncio.to_thread(self.store.get_key, tenant_id, key_id)
+            layout = DiagonalLayout(rec.dim, get_param_set(rec.param_set).slots, rec.presel_dims)
+            view = KeyView(rec, layout)
+            self._layouts[(tenant_id, key_id)] = view
+        return view
+
+    async def describe(self, tenant_id: str) -> list[KeyView]:
+        rows = await asyncio.to_thread(self.store.list_keys, tenant_id)
+        out = []
+        for rec, stats in rows:
+            view = await self.key(tenant_id, rec.key_id)
+            out.append(KeyView(rec, view.layout, stats))
+        return out
+
+    # -- enrollment -----------------------------------------------------
+
+    async def reserve(self, tenant_id: str, key_id: str, label: str, count: int) -> Reservation:
+        view = await self.key(tenant_id, key_id)
+        check_label(label)
+        if count < 1:
+            raise InvalidArgument("reserve at least one slot")
+        limit = min(self.settings.max_reserve, view.layout.capacity)
+        if count > limit:
+            raise ResourceExhausted(f"at most {limit} slots per reservation; use BulkEnroll")
+        return await asyncio.to_thread(
+            self.store.reserve,
+            tenant_id,
+            key_id,
+            label,
+            count,
+            view.layout.capacity,
+            self.settings.reservation_ttl_s,
+        )
+
+    async def enroll(
+        self,
+        tenant_id: str,
+        key_id: str,
+        reservation_id: str,
+        handles: Sequence[str],
+        ciphertexts: Sequence[bytes],
+    ) -> tuple[Reservation, int]:
+        view = await self.key(tenant_id, key_id)
+        res = await asyncio.to_thread(self.store.get_reservation, tenant_id, reservation_id)
+        if res.key_id != key_id:
+            raise InvalidArgument("the reservation was made for another key")
+        check_handles(handles)
+        if len(handles) != len(res.slots):
+            raise InvalidArgument(f"the reservation holds {len(res.slots)} slots; send as many handles")
+        self._check_count(ciphertexts, view.layout.n_ciphertexts, "contribution")
+        owner = self.pool.owner(res.bin_id)
+        token = await self.pool.call(owner, worker.validate, tenant_id, key_id, list(ciphertexts), res.bin_id)
+        try:
+            version = await asyncio.to_thread(
+                self.store.commit_enroll, res, list(handles), pack_blobs(ciphertexts)
+            )
+        except BaseException:
+            await self.pool.call(owner, worker.discard, token)
+            raise
+        await self.pool.call(owner, worker.commit, token, version)
+        self._schedule_compaction(res.bin_id)
+        return res, version
+
+    async def bulk_enroll(self, chunks: AsyncIterator[BulkChunk], tenant_of_call: str) -> tuple[list[int], int]:
+        """Stage every chunk as a new bin; activate them all only at the end."""
+        stream_id = secrets.token_hex(12)
+        staged: list[tuple[int, int, str]] = []  # (bin_id, owner, token)
+        try:
+            async for chunk in chunks:
+                if chunk.tenant_id != tenant_of_call:
+                    from veilface.errors import PermissionDenied
+
+                    raise PermissionDenied("a bulk stream may only write to its own tenant")
+                view = await self.key(chunk.tenant_id, chunk.key_id)
+                check_label(chunk.label)
+                check_handles(chunk.handles)
+                if not chunk.handles or len(chunk.handles) != len(chunk.slots):
+                    raise InvalidArgument("each bulk chunk needs one slot per handle, and at least one")
+                view.layout.check_slots(chunk.slots)
+                self._check_count(chunk.ciphertexts, view.layout.n_ciphertexts, "bin")
+                bin_id = await asyncio.to_thread(
+                    self.store.stage_bin,
+                    chunk.tenant_id,
+                    chunk.key_id,
+                    chunk.label,
+                    stream_id,
+                    list(chunk.handles),
+                    [int(s) for s in chunk.slots],
+                    pack_blobs(chunk.ciphertexts),
+                )
+                owner = self.pool.owner(bin_id)
+                try:
+                    token = await self.pool.call(
+                        owner, worker.validate, chunk.tenant_id, chunk.key_id, list(chunk.ciphertexts), bin_id
+                    )
+                except BaseException:
+                    staged.append((bin_id, owner, ""))
+                    raise
+                staged.append((bin_id, owner, token))
+            if not staged:
+                raise InvalidArgument("empty bulk stream")
+            bins, subjects = await asyncio.to_thread(self.store.activate_stream, stream_id)
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(self.store.abort_stream, stream_id))
+            for bin_id, owner, token in staged:
+                if token:
+                    await self.pool.call(owner, worker.discard, token)
+            raise
+        for bin_id, owner, token in staged:
+            await self.pool.call(owner, worker.commit, token, 1)
+        return bins, subjects
+
+    async def fetch_subject_bin(self, tenant_id: str, handle: str) -> tuple[str, BinInfo, int, bytes]:
+        check_handles([handle])
+        ref = await asyncio.to_thread(self.store.subject, tenant_id, handle)
+        current = await self.pool.call(self.pool.owner(ref.bin_id), worker.current, ref.bin_id)
+        if current is None:
+            raise NotFound("the subject's bin holds no ciphertext")
+        info = await asyncio.to_thread(self.store.bin_info, tenant_id, ref.bin_id)
+        version, blob = current
+        if version != info.version:
+            raise FailedPrecondition("the bin is changing; try again")
+        return ref.key_id, info, ref.slot, blob
+
+    async def delete_subject(
+        self, tenant_id: str, handle: str, bin_id: int, version: int, ciphertexts: Sequence[bytes]
+    ) -> int:
+        check_handles([handle])
+        ref = await asyncio.to_thread(self.store.subject, tenant_id, handle)
+        view = await self.key(tenant_id, ref.key_id)
+        self._check_count(ciphertexts, view.layout.n_ciphertexts, "bin")
+        owner = self.pool.owner(bin_id)
+        token = await self.pool.call(owner, worker.validate, tenant_id, ref.key_id, list(ciphertexts), bin_id)
+        await self.pool.call(owner, worker.discard, token)
+        new_version = await asyncio.to_thread(
+            self.store.repack_delete, tenant_id, handle, bin_id, version, pack_blobs(ciphertexts)
+        )
+        await self.pool.call(owner, worker.forget, [bin_id])
+        log.info("tenant %s deleted a subject; bin %d re-packed", tenant_id, bin_id)
+        return new_version
+
+    # -- identification -------------------------------------------------
+
+    async def preselect(
+        self,
+        tenant_id: str,
+        key_id: str,
+        mode: str,
+        labels: Sequence[str],
+        probe: Sequence[bytes],
+    ) -> tuple[list[BinScore], int]:
+        view = await self.key(tenant_id, key_id)
+        self._check_count(probe, view.layout.g1, "probe")
+        if mode == "strict":
+            if labels:
+                raise InvalidArgument("strict mode searches every bin; send no labels")
+            bins = await asyncio.to_thread(self.store.list_bins, tenant_id, key_id, None)
+        elif mode == "routed":
+            if not labels:
+                raise InvalidArgument("routed mode needs at least one bin label")
+            if len(labels) > MAX_LABELS:
+                raise ResourceExhausted(f"at most {MAX_LABELS} labels per query")
+            for lab in labels:
+                check_label(lab)
+            bins = await asyncio.to_thread(self.store.list_bins, tenant_id, key_id, list(set(labels)))
+        else:
+            raise InvalidArgument("search mode must be strict or routed")
+        if len(bins) > self.settings.max_bins_per_request:
+            raise ResourceExhausted(
+                f"the query would score {len(bins)} bins; the limit is "
+                f"{self.settings.max_bins_per_request} (use routed mode)"
+            )
+        return await self._score(tenant_id, key_id, view, bins, probe, "presel"), sum(
+            len(b.occupied) for b in bins
+        )
+
+    async def score_candidates(
+        self,
+        tenant_id: str,
+        key_id: str,
+        candidates: Sequence[tuple[int, Sequence[int]]],
+        probe: Sequence[bytes],
+    ) -> list[BinScore]:
+        view = await self.key(tenant_id, key_id)
+        self._check_count(probe, view.layout.g1, "probe")
+        if not candidates:
+            raise InvalidArgument("no candidates given")
+        if len(candidates) > self.settings.max_candidate_bins:
+            raise ResourceExhausted(
+                f"candidates span {len(candidates)} bins; at most {self.settings.max_candidate_bins}"
+            )
+        infos, wanted = [], {}
+        for bin_id, slots in candidates:
+            info = await asyncio.to_thread(self.store.bin_info, tenant_id, int(bin_id))
+            view.layout.check_slots(slots)
+            infos.append(info)
+            wanted[info.bin_id] = [int(s) for s in slots]
+        scored = await self._score(tenant_id, key_id, view, infos, probe, "rest")
+        out = []
+        for bs in scored:
+            slots = wanted[bs.bin_id]
+            handles = await asyncio.to_thread(self.store.handles_for, bs.bin_id, slots)
+            out.append(
+                BinScore(bs.bin_id, bs.version, bs.occupancy, bs.scores, tuple(slots), tuple(handles))
+            )
+        return out
+
+    async def verify(
+        self, tenant_id: str, key_id: str, handle: str, probe: Sequence[bytes]
+    ) -> tuple[int, bytes]:
+        check_handles([handle])
+        ref = await asyncio.to_thread(self.store.subject, tenant_id, handle)
+        if ref.key_id != key_id:
+            raise FailedPrecondition(f"the subject is enrolled under key {ref.key_id!r}")
+        view = await self.key(tenant_id, key_id)
+        self._check_count(probe, view.layout.g1, "probe")
+        info = await asyncio.to_thread(self.store.bin_info, tenant_id, ref.bin_id)
+        scored = await self._score(tenant_id, key_id, view, [info], probe, "full")
+        if not scored:
+            raise NotFound("the subject's bin holds no ciphertext")
+        return ref.slot, scored[0].scores
+
+    # -- helpers ----------------------------------------------------------
+
+    async def _score(
+        self,
+        tenant_id: str,
+        key_id: str,
+        view: KeyView,
+        bins: Sequence[BinInfo],
+        probe: Sequence[bytes],
+        stage: str,
+    ) -> list[BinScore]:
+        if not bins:
+            return []
+        results = await self.pool.score(
+            tenant_id, key_id, [(b.bin_id, b.version) for b in bins], probe, stage
+        )
+        cap = view.layout.capacity
+        return [
+            BinScore(b.bin_id, b.version, occupancy_bitmap(b.occupied, cap), blob)
+            for b in bins
+            if (blob := results.get(b.bin_id)) is not None
+        ]
+
+    @staticmethod
+    def _check_count(items: Sequence[bytes], expected: int, what: str) -> None:
+        if len(items) != expected:
+            raise InvalidArgument(f"a {what} is {expected} ciphertexts for this key, got {len(items)}")
+
+    def _schedule_compaction(self, bin_id: int) -> None:
+        if bin_id in self._compactions.scheduled:
+            return
+        self._compactions.scheduled.add(bin_id)
+        task = asyncio.get_running_loop().create_task(self._compact(bin_id))
+        self._compactions.tasks.add(task)
+        task.add_done_callback(self._compactions.tasks.discard)
+
+    async def _compact(self, bin_id: int) -> None:
+        await asyncio.sleep(0.5)  # coalesce a burst of enrollments into one rewrite
+        self._compactions.scheduled.discard(bin_id)
+        try:
+            current = await self.pool.call(self.pool.owner(bin_id), worker.current, bin_id)
+            if current is not None:
+                version, blob = current
+                await asyncio.to_thread(self.store.compact, bin_id, blob, version)
+        except Exception:  # compaction is an optimisation; the deltas stay valid
+            log.exception("compaction of bin %d failed", bin_id)
+
+    async def close(self) -> None:
+        for task in list(self._compactions.tasks):
+            task.cancel()

@@ -1,0 +1,202 @@
+"""Thin gRPC servicers: protobuf -> service call -> protobuf.
+
+Each method checks the caller may act on the request's tenant, converts,
+calls :class:`GalleryService`, converts back. Errors are mapped by
+:func:`veilface.server.errors_map.mapped`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from veilface.errors import InvalidArgument
+from veilface.proto.v1 import veilface_pb2 as pb
+from veilface.proto.v1 import veilface_pb2_grpc as pb_grpc
+from veilface.server.auth import TokenIndex, require_admin, require_tenant
+from veilface.server.errors_map import mapped
+from veilface.server.service import BinScore, BulkChunk, GalleryService, KeyView, hash_token
+
+Ctx = grpc.aio.ServicerContext
+
+_MODES = {pb.SEARCH_MODE_STRICT: "strict", pb.SEARCH_MODE_ROUTED: "routed"}
+
+
+def key_info_to_proto(view: KeyView) -> pb.KeyInfo:
+    rec, lay = view.record, view.layout
+    info = pb.KeyInfo(
+        key_id=rec.key_id,
+        param_set=rec.param_set,
+        dim=rec.dim,
+        presel_dims=lay.m,
+        n_ciphertexts=lay.n_ciphertexts,
+        probe_ciphertexts=lay.g1,
+        capacity=lay.capacity,
+        fingerprint=rec.fingerprint,
+    )
+    if view.stats is not None:
+        info.subjects, info.bins, info.stored_bytes = (
+            view.stats.subjects,
+            view.stats.bins,
+            view.stats.stored_bytes,
+        )
+    return info
+
+
+def bin_scores_to_proto(bs: BinScore) -> pb.BinScores:
+    return pb.BinScores(
+        bin_id=bs.bin_id,
+        bin_version=bs.version,
+        occupancy=bs.occupancy,
+        scores=bs.scores,
+        slots=list(bs.slots),
+        handles=list(bs.handles),
+    )
+
+
+class TenantsServicer(pb_grpc.TenantsServicer):
+    def __init__(self, service: GalleryService, tokens: TokenIndex) -> None:
+        self.service = service
+        self.tokens = tokens
+
+    @mapped
+    async def CreateTenant(self, request: pb.CreateTenantRequest, context: Ctx) -> pb.CreateTenantResponse:
+        require_admin()
+        token = await self.service.create_tenant(request.tenant_id)
+        self.tokens.tenants[hash_token(token)] = request.tenant_id
+        return pb.CreateTenantResponse(tenant_id=request.tenant_id, api_token=token)
+
+    @mapped
+    async def RegisterKey(self, request: pb.RegisterKeyRequest, context: Ctx) -> pb.RegisterKeyResponse:
+        require_tenant(request.tenant_id)
+        view = await self.service.register_key(request.tenant_id, request.key_id, request.public_context)
+        return pb.RegisterKeyResponse(key=key_info_to_proto(view))
+
+    @mapped
+    async def DescribeTenant(
+        self, request: pb.DescribeTenantRequest, context: Ctx
+    ) -> pb.DescribeTenantResponse:
+        require_tenant(request.tenant_id)
+        views = await self.service.describe(request.tenant_id)
+        return pb.DescribeTenantResponse(
+            tenant_id=request.tenant_id, keys=[key_info_to_proto(v) for v in views]
+        )
+
+
+class EnrollmentServicer(pb_grpc.EnrollmentServicer):
+    def __init__(self, service: GalleryService) -> None:
+        self.service = service
+
+    @mapped
+    async def ReserveSlots(self, request: pb.ReserveSlotsRequest, context: Ctx) -> pb.ReserveSlotsResponse:
+        require_tenant(request.tenant_id)
+        res = await self.service.reserve(request.tenant_id, request.key_id, request.label, request.count)
+        return pb.ReserveSlotsResponse(
+            reservation_id=res.reservation_id,
+            bin_id=res.bin_id,
+            slots=list(res.slots),
+            expires_in_s=self.service.settings.reservation_ttl_s,
+        )
+
+    @mapped
+    async def Enroll(self, request: pb.EnrollRequest, context: Ctx) -> pb.EnrollResponse:
+        require_tenant(request.tenant_id)
+        res, version = await self.service.enroll(
+            request.tenant_id,
+            request.key_id,
+            request.reservation_id,
+            list(request.handles),
+            list(request.ciphertexts),
+        )
+        return pb.EnrollResponse(bin_id=res.bin_id, slots=list(res.slots), bin_version=version)
+
+    @mapped
+    async def BulkEnroll(
+        self, request_iterator: AsyncIterator[pb.BulkEnrollChunk], context: Ctx
+    ) -> pb.BulkEnrollResponse:
+        from veilface.server.auth import current_principal
+
+        tenant = current_principal().tenant_id or ""
+
+        async def chunks() -> AsyncIterator[BulkChunk]:
+            async for c in request_iterator:
+                require_tenant(c.tenant_id)
+                yield BulkChunk(
+                    c.tenant_id, c.key_id, c.label, list(c.handles), list(c.slots), list(c.ciphertexts)
+                )
+
+        bins, subjects = await self.service.bulk_enroll(chunks(), tenant)
+        return pb.BulkEnrollResponse(bins=len(bins), subjects=subjects, bin_ids=bins)
+
+    @mapped
+    async def FetchSubjectBin(
+        self, request: pb.FetchSubjectBinRequest, context: Ctx
+    ) -> pb.FetchSubjectBinResponse:
+        require_tenant(request.tenant_id)
+        from veilface.server.store.blobs import unpack_blobs
+
+        key_id, info, slot, blob = await self.service.fetch_subject_bin(request.tenant_id, request.handle)
+        return pb.FetchSubjectBinResponse(
+            key_id=key_id,
+            bin_id=info.bin_id,
+            bin_version=info.version,
+            slot=slot,
+            occupied_slots=list(info.occupied),
+            ciphertexts=unpack_blobs(blob),
+        )
+
+    @mapped
+    async def DeleteSubject(self, request: pb.DeleteSubjectRequest, context: Ctx) -> pb.DeleteSubjectResponse:
+        require_tenant(request.tenant_id)
+        version = await self.service.delete_subject(
+            request.tenant_id,
+            request.handle,
+            request.bin_id,
+            request.bin_version,
+            list(request.ciphertexts),
+        )
+        return pb.DeleteSubjectResponse(bin_id=request.bin_id, bin_version=version)
+
+
+class IdentificationServicer(pb_grpc.IdentificationServicer):
+    def __init__(self, service: GalleryService) -> None:
+        self.service = service
+
+    @mapped
+    async def Preselect(self, request: pb.PreselectRequest, context: Ctx) -> pb.ScoresResponse:
+        require_tenant(request.tenant_id)
+        mode = _MODES.get(request.mode)
+        if mode is None:
+            raise InvalidArgument("search mode must be SEARCH_MODE_STRICT or SEARCH_MODE_ROUTED")
+        scores, searched = await self.service.preselect(
+            request.tenant_id, request.key_id, mode, list(request.labels), list(request.probe_ciphertexts)
+        )
+        return pb.ScoresResponse(bins=[bin_scores_to_proto(b) for b in scores], searched_templates=searched)
+
+    @mapped
+    async def ScoreCandidates(self, request: pb.ScoreCandidatesRequest, context: Ctx) -> pb.ScoresResponse:
+        require_tenant(request.tenant_id)
+        scores = await self.service.score_candidates(
+            request.tenant_id,
+            request.key_id,
+            [(c.bin_id, list(c.slots)) for c in request.candidates],
+            list(request.probe_ciphertexts),
+        )
+        return pb.ScoresResponse(bins=[bin_scores_to_proto(b) for b in scores])
+
+    @mapped
+    async def Verify(self, request: pb.VerifyRequest, context: Ctx) -> pb.VerifyResponse:
+        require_tenant(request.tenant_id)
+        slot, scores = await self.service.verify(
+            request.tenant_id, request.key_id, request.handle, list(request.probe_ciphertexts)
+        )
+        return pb.VerifyResponse(key_id=request.key_id, slot=slot, scores=scores)
+
+
+__all__: list[Any] = [
+    "EnrollmentServicer",
+    "IdentificationServicer",
+    "TenantsServicer",
+]

@@ -1,0 +1,63 @@
+"""Plain records the store returns (no protobuf, no SEAL)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    tenant_id: str
+    key_id: str
+    param_set: str
+    dim: int
+    presel_dims: int
+    public_context: bytes
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class KeyStats:
+    subjects: int
+    bins: int
+    stored_bytes: int
+
+
+@dataclass(frozen=True)
+class BinInfo:
+    bin_id: int
+    version: int
+    label: str
+    occupied: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Reservation:
+    reservation_id: str
+    tenant_id: str
+    key_id: str
+    bin_id: int
+    slots: tuple[int, ...]
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class SubjectRef:
+    tenant_id: str
+    handle: str
+    key_id: str
+    bin_id: int
+    slot: int
+
+
+@dataclass(frozen=True)
+class BinData:
+    """What a worker needs to rebuild a bin: base ciphertexts plus deltas."""
+
+    bin_id: int
+    tenant_id: str
+    key_id: str
+    version: int
+    base: bytes | None
+    base_seq: int
+    deltas: tuple[tuple[int, bytes], ...]

@@ -1,0 +1,515 @@
+"""The embedded gallery store: one SQLite file in WAL mode.
+
+Durability: ``journal_mode=WAL`` with ``synchronous=FULL`` means a commit
+returns after the WAL is fsynced, so an acknowledged enrollment survives a
+SIGKILL or a power cut. Every multi-row change is one transaction (``BEGIN
+IMMEDIATE``), so a killed process leaves either all of it or none.
+
+Bins hold their ciphertexts as a *base* blob plus *deltas* (one per
+single-template contribution since the last compaction): acknowledging a
+single enrollment writes only its own contribution, and compaction later
+folds the deltas into the base. Bulk imports write whole bins in a
+``staged`` state and flip them to ``active`` in one transaction when the
+stream ends; staged bins of a dead stream are removed at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from veilface.errors import AlreadyExists, FailedPrecondition, NotFound
+from veilface.server.store.records import (
+    BinData,
+    BinInfo,
+    KeyRecord,
+    KeyStats,
+    Reservation,
+    SubjectRef,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tenants (
+    tenant_id TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+);
+-- One row per tenant key; several keys coexist during key rotation.
+CREATE TABLE IF NOT EXISTS keys (
+    tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id),
+    key_id TEXT NOT NULL,
+    param_set TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    presel_dims INTEGER NOT NULL,
+    public_context BLOB NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (tenant_id, key_id)
+);
+CREATE TABLE IF NOT EXISTS bins (
+    bin_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    label TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('active', 'staged')),
+    stream_id TEXT,
+    version INTEGER NOT NULL DEFAULT 0,
+    base BLOB,
+    base_seq INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    FOREIGN KEY (tenant_id, key_id) REFERENCES keys(tenant_id, key_id)
+);
+CREATE INDEX IF NOT EXISTS bins_by_label ON bins(tenant_id, key_id, label, state);
+CREATE INDEX IF NOT EXISTS bins_by_stream ON bins(stream_id);
+CREATE TABLE IF NOT EXISTS bin_deltas (
+    bin_id INTEGER NOT NULL REFERENCES bins(bin_id),
+    seq INTEGER NOT NULL,
+    blob BLOB NOT NULL,
+    PRIMARY KEY (bin_id, seq)
+);
+CREATE TABLE IF NOT EXISTS subjects (
+    tenant_id TEXT NOT NULL,
+    handle TEXT NOT NULL,
+    bin_id INTEGER NOT NULL REFERENCES bins(bin_id),
+    slot INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, handle),
+    UNIQUE (bin_id, slot)
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    reservation_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    bin_id INTEGER NOT NULL REFERENCES bins(bin_id),
+    slots TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+
+SCHEMA_VERSION = "1"
+
+
+def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+        )
+    else:
+        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class SQLiteStore:
+    """Thread-safe SQLite implementation of :class:`GalleryStore`."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = _connect(self.path)
+        self._lock = threading.RLock()
+        with self._lock:
+            self._conn.executescript(SCHEMA)
+        with self._tx() as c:
+            row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise FailedPrecondition(
+                    f"database {self.path} has schema {row[0]}, this server needs {SCHEMA_VERSION}"
+                )
+        self.cleanup_staged()
+
+    # -- plumbing -------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+
+    def _q(self, sql: str, args: Sequence[object] = ()) -> list[tuple]:  # type: ignore[type-arg]
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def cleanup_staged(self) -> None:
+        """Remove bins of bulk streams that never completed (crash, cut stream)."""
+        with self._tx() as c:
+            staged = [r[0] for r in c.execute("SELECT bin_id FROM bins WHERE state='staged'")]
+            self._delete_bins(c, staged)
+            c.execute("DELETE FROM reservations WHERE expires_at < ?", (time.time(),))
+
+    @staticmethod
+    def _delete_bins(c: sqlite3.Connection, bin_ids: Sequence[int]) -> None:
+        for bin_id in bin_ids:
+            c.execute("DELETE FROM subjects WHERE bin_id=?", (bin_id,))
+            c.execute("DELETE FROM bin_deltas WHERE bin_id=?", (bin_id,))
+            c.execute("DELETE FROM reservations WHERE bin_id=?", (bin_id,))
+            c.execute("DELETE FROM bins WHERE bin_id=?", (bin_id,))
+
+    # -- tenants and keys -----------------------------------------------
+
+    def create_tenant(self, tenant_id: str, token_hash: str) -> None:
+        try:
+            with self._tx() as c:
+                c.execute(
+                    "INSERT INTO tenants VALUES (?, ?, ?)", (tenant_id, token_hash, time.time())
+                )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"tenant {tenant_id!r} already exists") from None
+
+    def token_index(self) -> dict[str, str]:
+        return {h: t for t, h in self._q("SELECT tenant_id, token_hash FROM tenants")}
+
+    def tenant_exists(self, tenant_id: str) -> bool:
+        return bool(self._q("SELECT 1 FROM tenants WHERE tenant_id=?", (tenant_id,)))
+
+    def put_key(self, record: KeyRecord) -> KeyRecord:
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT fingerprint FROM keys WHERE tenant_id=? AND key_id=?",
+                (record.tenant_id, record.key_id),
+            ).fetchone()
+            if row is not None:
+                if row[0] != record.fingerprint:
+                    raise AlreadyExists(
+                        f"key {record.key_id!r} is already registered with another context; "
+                        "register a new key id to rotate keys"
+                    )
+                return record
+            c.execute(
+                "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.tenant_id,
+                    record.key_id,
+                    record.param_set,
+                    record.dim,
+                    record.presel_dims,
+                    record.public_context,
+                    record.fingerprint,
+                    time.time(),
+                ),
+            )
+        return record
+
+    def get_key(self, tenant_id: str, key_id: str) -> KeyRecord:
+        rows = self._q(
+            "SELECT param_set, dim, presel_dims, public_context, fingerprint FROM keys "
+            "WHERE tenant_id=? AND key_id=?",
+            (tenant_id, key_id),
+        )
+        if not rows:
+            raise NotFound(f"tenant {tenant_id!r} has no key {key_id!r}; register it first")
+        ps, dim, presel, ctx, fp = rows[0]
+        return KeyRecord(tenant_id, key_id, ps, dim, presel, ctx, fp)
+
+    def list_keys(self, tenant_id: str) -> list[tuple[KeyRecord, KeyStats]]:
+        out = []
+        for (key_id,) in self._q(
+            "SELECT key_id FROM keys WHERE tenant_id=? ORDER BY created_at", (tenant_id,)
+        ):
+            rec = self.get_key(tenant_id, key_id)
+            bins, stored = self._q(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(base)), 0) FROM bins "
+                "WHERE tenant_id=? AND key_id=? AND state='active'",
+                (tenant_id, key_id),
+            )[0]
+            (deltas,) = self._q(
+                "SELECT COALESCE(SUM(LENGTH(d.blob)), 0) FROM bin_deltas d JOIN bins b "
+                "ON d.bin_id=b.bin_id WHERE b.tenant_id=? AND b.key_id=? AND b.state='active'",
+                (tenant_id, key_id),
+            )[0]
+            (subjects,) = self._q(
+                "SELECT COUNT(*) FROM subjects s JOIN bins b ON s.bin_id=b.bin_id "
+                "WHERE b.tenant_id=? AND b.key_id=? AND b.state='active'",
+                (tenant_id, key_id),
+            )[0]
+            out.append((rec, KeyStats(subjects, bins, stored + deltas)))
+        return out
+
+    # -- single enrollment ---------------------------------------------
+
+    def reserve(
+        self, tenant_id: str, key_id: str, label: str, count: int, capacity: int, ttl_s: float
+    ) -> Reservation:
+        now = time.time()
+        with self._tx() as c:
+            c.execute("DELETE FROM reservations WHERE expires_at < ?", (now,))
+            chosen: tuple[int, list[int]] | None = None
+            for (bin_id,) in c.execute(
+                "SELECT bin_id FROM bins WHERE tenant_id=? AND key_id=? AND label=? "
+                "AND state='active' ORDER BY bin_id",
+                (tenant_id, key_id, label),
+            ).fetchall():
+                used = {s for (s,) in c.execute("SELECT slot FROM subjects WHERE bin_id=?", (bin_id,))}
+                for (slots_json,) in c.execute(
+                    "SELECT slots FROM reservations WHERE bin_id=?", (bin_id,)
+                ):
+                    used.update(json.loads(slots_json))
+                if capacity - len(used) >= count:
+                    free = [s for s in range(capacity) if s not in used][:count]
+                    chosen = (bin_id, free)
+                    break
+            if chosen is None:
+                cur = c.execute(
+                    "INSERT INTO bins (tenant_id, key_id, label, state, version, created_at) "
+                    "VALUES (?, ?, ?, 'active', 0, ?)",
+                    (tenant_id, key_id, label, now),
+                )
+                chosen = (int(cur.lastrowid or 0), list(range(count)))
+            res = Reservation(
+                secrets.token_urlsafe(16), tenant_id, key_id, chosen[0], tuple(chosen[1]), now + ttl_s
+            )
+            c.execute(
+                "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?)",
+                (res.reservation_id, tenant_id, key_id, res.bin_id, json.dumps(chosen[1]), res.expires_at),
+            )
+        return res
+
+    def get_reservation(self, tenant_id: str, reservation_id: str) -> Reservation:
+        rows = self._q(
+            "SELECT key_id, bin_id, slots, expires_at FROM reservations "
+            "WHERE reservation_id=? AND tenant_id=?",
+            (reservation_id, tenant_id),
+        )
+        if not rows or rows[0][3] < time.time():
+            raise NotFound("unknown or expired reservation; reserve slots again")
+        key_id, bin_id, slots, exp = rows[0]
+        return Reservation(reservation_id, tenant_id, key_id, bin_id, tuple(json.loads(slots)), exp)
+
+    def commit_enroll(self, reservation: Reservation, handles: Sequence[str], delta: bytes) -> int:
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT expires_at FROM reservations WHERE reservation_id=?",
+                (reservation.reservation_id,),
+            ).fetchone()
+            if row is None:
+                raise NotFound("unknown or expired reservation; reserve slots again")
+            self._insert_subjects(c, reservation.tenant_id, reservation.bin_id, handles, reservation.slots)
+            (version,) = c.execute(
+                "SELECT version FROM bins WHERE bin_id=?", (reservation.bin_id,)
+            ).fetchone()
+            c.execute(
+                "INSERT INTO bin_deltas VALUES (?, ?, ?)", (reservation.bin_id, version + 1, delta)
+            )
+            c.execute("UPDATE bins SET version=? WHERE bin_id=?", (version + 1, reservation.bin_id))
+            c.execute("DELETE FROM reservations WHERE reservation_id=?", (reservation.reservation_id,))
+        return int(version + 1)
+
+    @staticmethod
+    def _insert_subjects(
+        c: sqlite3.Connection, tenant_id: str, bin_id: int, handles: Sequence[str], slots: Sequence[int]
+    ) -> None:
+        try:
+            c.executemany(
+                "INSERT INTO subjects VALUES (?, ?, ?, ?)",
+                [(tenant_id, h, bin_id, s) for h, s in zip(handles, slots, strict=True)],
+            )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(
+                "a subject handle is already enrolled; delete it first or use another id"
+            ) from None
+
+    # -- bulk enrollment -----------------------------------------------
+
+    def stage_bin(
+        self,
+        tenant_id: str,
+        key_id: str,
+        label: str,
+        stream_id: str,
+        handles: Sequence[str],
+        slots: Sequence[int],
+        blob: bytes,
+    ) -> int:
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT INTO bins (tenant_id, key_id, label, state, stream_id, version, base, "
+                "base_seq, created_at) VALUES (?, ?, ?, 'staged', ?, 1, ?, 1, ?)",
+                (tenant_id, key_id, label, stream_id, blob, time.time()),
+            )
+            bin_id = int(cur.lastrowid or 0)
+            self._insert_subjects(c, tenant_id, bin_id, handles, slots)
+        return bin_id
+
+    def activate_stream(self, stream_id: str) -> tuple[list[int], int]:
+        with self._tx() as c:
+            bins = [
+                r[0]
+                for r in c.execute(
+                    "SELECT bin_id FROM bins WHERE stream_id=? AND state='staged' ORDER BY bin_id",
+                    (stream_id,),
+                )
+            ]
+            c.execute(
+                "UPDATE bins SET state='active', stream_id=NULL WHERE stream_id=? AND state='staged'",
+                (stream_id,),
+            )
+            subjects = 0
+            for b in bins:
+                subjects += c.execute("SELECT COUNT(*) FROM subjects WHERE bin_id=?", (b,)).fetchone()[0]
+        return bins, subjects
+
+    def abort_stream(self, stream_id: str) -> None:
+        with self._tx() as c:
+            bins = [
+                r[0]
+                for r in c.execute(
+                    "SELECT bin_id FROM bins WHERE stream_id=? AND state='staged'", (stream_id,)
+                )
+            ]
+            self._delete_bins(c, bins)
+
+    # -- reading -------------------------------------------------------
+
+    def list_bins(self, tenant_id: str, key_id: str, labels: Sequence[str] | None) -> list[BinInfo]:
+        sql = (
+            "SELECT bin_id, version, label FROM bins WHERE tenant_id=? AND key_id=? "
+            "AND state='active' AND version > 0"
+        )
+        args: list[object] = [tenant_id, key_id]
+        if labels is not None:
+            if not labels:
+                return []
+            sql += f" AND label IN ({','.join('?' * len(labels))})"
+            args += list(labels)
+        rows = self._q(sql + " ORDER BY bin_id", args)
+        occupied: dict[int, list[int]] = {r[0]: [] for r in rows}
+        if rows:
+            for bin_id, slot in self._q(
+                "SELECT s.bin_id, s.slot FROM subjects s JOIN bins b ON s.bin_id=b.bin_id "
+                "WHERE b.tenant_id=? AND b.key_id=? AND b.state='active'",
+                (tenant_id, key_id),
+            ):
+                if bin_id in occupied:
+                    occupied[bin_id].append(slot)
+        return [BinInfo(b, v, lab, tuple(sorted(occupied[b]))) for b, v, lab in rows]
+
+    def bin_info(self, tenant_id: str, bin_id: int) -> BinInfo:
+        rows = self._q(
+            "SELECT version, label FROM bins WHERE bin_id=? AND tenant_id=? AND state='active'",
+            (bin_id, tenant_id),
+        )
+        if not rows:
+            raise NotFound(f"tenant has no bin {bin_id}")
+        slots = tuple(s for (s,) in self._q("SELECT slot FROM subjects WHERE bin_id=? ORDER BY slot", (bin_id,)))
+        return BinInfo(bin_id, rows[0][0], rows[0][1], slots)
+
+    def handles_for(self, bin_id: int, slots: Sequence[int]) -> list[str]:
+        found = dict(self._q("SELECT slot, handle FROM subjects WHERE bin_id=?", (bin_id,)))
+        return [found.get(s, "") for s in slots]
+
+    def subject(self, tenant_id: str, handle: str) -> SubjectRef:
+        rows = self._q(
+            "SELECT b.key_id, s.bin_id, s.slot FROM subjects s JOIN bins b ON s.bin_id=b.bin_id "
+            "WHERE s.tenant_id=? AND s.handle=? AND b.state='active'",
+            (tenant_id, handle),
+        )
+        if not rows:
+            raise NotFound("unknown subject")
+        key_id, bin_id, slot = rows[0]
+        return SubjectRef(tenant_id, handle, key_id, bin_id, slot)
+
+    def load_bin_data(self, bin_id: int) -> BinData:
+        return load_bin_data(self._conn, bin_id, self._lock)
+
+    # -- maintenance ---------------------------------------------------
+
+    def compact(self, bin_id: int, merged: bytes, upto_seq: int) -> None:
+        with self._tx() as c:
+            row = c.execute("SELECT base_seq FROM bins WHERE bin_id=?", (bin_id,)).fetchone()
+            if row is None or row[0] >= upto_seq:
+                return  # deleted, or already compacted further
+            c.execute("UPDATE bins SET base=?, base_seq=? WHERE bin_id=?", (merged, upto_seq, bin_id))
+            c.execute("DELETE FROM bin_deltas WHERE bin_id=? AND seq<=?", (bin_id, upto_seq))
+
+    def repack_delete(
+        self, tenant_id: str, handle: str, bin_id: int, expected_version: int, blob: bytes
+    ) -> int:
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT s.bin_id, b.version FROM subjects s JOIN bins b ON s.bin_id=b.bin_id "
+                "WHERE s.tenant_id=? AND s.handle=?",
+                (tenant_id, handle),
+            ).fetchone()
+            if row is None:
+                raise NotFound("unknown subject")
+            if row[0] != bin_id:
+                raise FailedPrecondition("the subject is not in that bin; fetch its bin again")
+            if row[1] != expected_version:
+                raise FailedPrecondition("the bin changed since it was fetched; fetch it again")
+            version = row[1] + 1
+            c.execute(
+                "UPDATE bins SET base=?, base_seq=?, version=? WHERE bin_id=?",
+                (blob, version, version, bin_id),
+            )
+            c.execute("DELETE FROM bin_deltas WHERE bin_id=?", (bin_id,))
+            c.execute("DELETE FROM subjects WHERE tenant_id=? AND handle=?", (tenant_id, handle))
+        return int(version)
+
+
+def load_bin_data(conn: sqlite3.Connection, bin_id: int, lock: threading.RLock | None = None) -> BinData:
+    """Read a bin's base and pending deltas in one consistent snapshot."""
+
+    def read() -> BinData:
+        conn.execute("BEGIN")
+        try:
+            row = conn.execute(
+                "SELECT tenant_id, key_id, version, base, base_seq FROM bins WHERE bin_id=?",
+                (bin_id,),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no bin {bin_id}")
+            deltas = conn.execute(
+                "SELECT seq, blob FROM bin_deltas WHERE bin_id=? AND seq>? ORDER BY seq",
+                (bin_id, row[4]),
+            ).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        return BinData(bin_id, row[0], row[1], row[2], row[3], row[4], tuple(deltas))
+
+    if lock is None:
+        return read()
+    with lock:
+        return read()
+
+
+class BinReader:
+    """A read-only connection for scoring workers (WAL readers never block the writer)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._conn = _connect(Path(path), readonly=True)
+
+    def load(self, bin_id: int) -> BinData:
+        return load_bin_data(self._conn, bin_id)
+
+    def key_context(self, tenant_id: str, key_id: str) -> tuple[bytes, str]:
+        row = self._conn.execute(
+            "SELECT public_context, fingerprint FROM keys WHERE tenant_id=? AND key_id=?",
+            (tenant_id, key_id),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"tenant {tenant_id!r} has no key {key_id!r}")
+        return bytes(row[0]), str(row[1])
+
+    def close(self) -> None:
+        self._conn.close()

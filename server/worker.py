@@ -1,0 +1,173 @@
+"""Code that runs inside a scoring worker process.
+
+Each worker owns the bins whose id maps to it (``bin_id % workers``), keeps
+them deserialized in memory, and reads the database through its own
+read-only connection. SEAL's evaluator is single-threaded and holds the GIL,
+so processes are how the service uses both cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from veilface.crypto.kernel import Bin, BinKernel
+from veilface.crypto.public_context import PublicContext
+from veilface.crypto import seal_io
+from veilface.errors import NotFound
+from veilface.server.store.blobs import pack_blobs, unpack_blobs
+from veilface.server.store.sqlite_store import BinReader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _CachedBin:
+    version: int
+    cts: Bin | None  # None: the bin holds no ciphertext yet
+
+
+class _WorkerState:
+    def __init__(self, db_path: str) -> None:
+        self.reader = BinReader(db_path)
+        self.kernels: dict[tuple[str, str], BinKernel] = {}
+        self.bins: OrderedDict[int, _CachedBin] = OrderedDict()
+        self.pending: dict[str, tuple[int, BinKernel, Bin]] = {}
+
+    def kernel(self, tenant_id: str, key_id: str) -> BinKernel:
+        k = self.kernels.get((tenant_id, key_id))
+        if k is None:
+            blob, _ = self.reader.key_context(tenant_id, key_id)
+            k = BinKernel(PublicContext.from_bytes(blob))
+            self.kernels[(tenant_id, key_id)] = k
+        return k
+
+    def bin(self, bin_id: int, min_version: int = 0) -> _CachedBin:
+        """The bin at ``min_version`` or newer (``-1``: whatever the database has now)."""
+        cached = self.bins.get(bin_id)
+        if cached is not None and 0 <= min_version <= cached.version:
+            self.bins.move_to_end(bin_id)
+            return cached
+        data = self.reader.load(bin_id)
+        kernel = self.kernel(data.tenant_id, data.key_id)
+        if cached is not None and cached.version == data.version:
+            pass
+        elif cached is not None and cached.cts is not None and data.base_seq <= cached.version:
+            for seq, blob in data.deltas:  # incremental: only the newer contributions
+                if seq > cached.version:
+                    kernel.add_into(cached.cts, kernel.load_bin(unpack_blobs(blob)))
+            cached.version = data.version
+        else:
+            cts: Bin | None = None
+            if data.base is not None:
+                cts = kernel.load_bin(unpack_blobs(data.base))
+            for _, blob in data.deltas:
+                contrib = kernel.load_bin(unpack_blobs(blob))
+                if cts is None:
+                    cts = contrib
+                else:
+                    kernel.add_into(cts, contrib)
+            cached = _CachedBin(data.version, cts)
+        self.bins[bin_id] = cached
+        self.bins.move_to_end(bin_id)
+        return cached
+
+
+_state: _WorkerState | None = None
+
+
+def init(db_path: str) -> None:
+    global _state
+    _state = _WorkerState(db_path)
+
+
+def _s() -> _WorkerState:
+    if _state is None:
+        raise RuntimeError("worker not initialised")
+    return _state
+
+
+def ping() -> bool:
+    return True
+
+
+def validate(tenant_id: str, key_id: str, blobs: Sequence[bytes], bin_id: int) -> str:
+    """Load and check a contribution; keep it until the store commits it."""
+    state = _s()
+    kernel = state.kernel(tenant_id, key_id)
+    cts = kernel.load_bin(blobs)
+    token = secrets.token_hex(8)
+    state.pending[token] = (bin_id, kernel, cts)
+    return token
+
+
+def validate_probe(tenant_id: str, key_id: str, blobs: Sequence[bytes]) -> int:
+    return len(_s().kernel(tenant_id, key_id).load_probe(blobs))
+
+
+def commit(token: str, new_version: int) -> None:
+    """The store made the contribution durable as ``new_version``: fold it in."""
+    state = _s()
+    item = state.pending.pop(token, None)
+    if item is None:
+        return
+    bin_id, kernel, cts = item
+    cached = state.bins.get(bin_id)
+    if new_version == 1 and cached is None:
+        state.bins[bin_id] = _CachedBin(1, cts)
+    elif cached is not None and cached.version == new_version - 1:
+        if cached.cts is None:
+            cached.cts = cts
+        else:
+            kernel.add_into(cached.cts, cts)
+        cached.version = new_version
+    else:
+        state.bins.pop(bin_id, None)  # reload lazily
+
+
+def discard(token: str) -> None:
+    _s().pending.pop(token, None)
+
+
+def forget(bin_ids: Sequence[int]) -> None:
+    for b in bin_ids:
+        _s().bins.pop(b, None)
+
+
+def score(
+    tenant_id: str,
+    key_id: str,
+    bins: Sequence[tuple[int, int]],
+    probe_blobs: Sequence[bytes],
+    stage: str,
+) -> list[bytes | None]:
+    """Score each ``(bin_id, version)``; ``None`` for a bin with no ciphertext."""
+    state = _s()
+    kernel = state.kernel(tenant_id, key_id)
+    probe = kernel.load_probe(probe_blobs)
+    out: list[bytes | None] = []
+    for bin_id, version in bins:
+        cached = state.bin(bin_id, version)
+        if cached.cts is None:
+            out.append(None)
+            continue
+        out.append(seal_io.to_bytes(kernel.score(cached.cts, probe, stage)))
+    return out
+
+
+def current(bin_id: int) -> tuple[int, bytes] | None:
+    """The bin's merged ciphertexts (for compaction and re-packing)."""
+    state = _s()
+    try:
+        cached = state.bin(bin_id, -1)
+    except NotFound:
+        return None
+    if cached.cts is None:
+        return None
+    return cached.version, pack_blobs(BinKernel.serialize(cached.cts))
+
+
+__all__ = ["commit", "current", "discard", "forget", "init", "ping", "score", "validate"]

@@ -1,0 +1,210 @@
+"""``veilface bench identify``: end-to-end identification benchmark.
+
+Starts a real server (child process, SQLite file, worker processes) on a
+free port, creates a tenant, bulk-enrolls the gallery, enrolls a few
+templates one by one, then identifies probes through the SDK and compares
+every encrypted top-1 with an exhaustive plaintext cosine search (FAISS
+``IndexFlatIP``) over exactly the same gallery, timed in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchConfig:
+    gallery: int = 1000
+    mode: str = "strict"
+    queries: int = 100
+    embeddings: Path | None = None
+    nlist: int = 0  # 0: automatic in routed mode
+    nprobe: int = 8
+    k: int = 32
+    single: int = 20
+    workers: int = 2
+    seed: int = 0
+    progress: bool = True
+
+
+def _data(cfg: BenchConfig) -> tuple[npt.NDArray[np.float32], list[str], npt.NDArray[np.float32], list[str], str]:
+    """Gallery (first row of each label) and probes (the other rows)."""
+    if cfg.embeddings is not None:
+        with np.load(cfg.embeddings, allow_pickle=False) as d:
+            emb = np.asarray(d["emb"], dtype=np.float32)
+            labels = [str(x) for x in d["labels"]]
+        source = f"embeddings {cfg.embeddings}"
+    else:
+        from veilface.bench.synthetic import SyntheticFaces
+
+        emb_, lab_ = SyntheticFaces().sample(cfg.gallery, 2, seed=cfg.seed)
+        emb, labels = emb_, [str(x) for x in lab_]
+        source = "synthetic (SyntheticFaces defaults, fitted to dlib on LFW)"
+    first: dict[str, int] = {}
+    probes: list[int] = []
+    for i, lab in enumerate(labels):
+        if lab in first:
+            probes.append(i)
+        else:
+            first[lab] = i
+    g_idx = list(first.values())
+    if cfg.embeddings is None:
+        g_idx = g_idx[: cfg.gallery]
+    rng = np.random.default_rng(cfg.seed)
+    probes = [p for p in probes if labels[p] in first]
+    if len(probes) > cfg.queries:
+        probes = sorted(rng.choice(probes, cfg.queries, replace=False).tolist())
+    return (
+        emb[g_idx],
+        [labels[i] for i in g_idx],
+        emb[probes],
+        [labels[i] for i in probes],
+        source,
+    )
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def run_identify_bench(cfg: BenchConfig) -> dict[str, Any]:
+    import faiss
+    from tqdm import tqdm
+
+    from veilface.client.sdk import VeilClient
+    from veilface.client.tenant_state import TenantState
+    from veilface.client.transport import Transport
+    from veilface.proto.v1 import veilface_pb2 as pb
+    from veilface.server.launcher import LocalServer
+
+    gal, gal_labels, probes, probe_labels, source = _data(cfg)
+    dim = gal.shape[1]
+    n_single = min(cfg.single, max(0, len(gal) - 1))
+    bulk_ids = [f"{lab}" for lab in gal_labels[: len(gal) - n_single]]
+    single_ids = gal_labels[len(gal) - n_single :]
+
+    # Plaintext baseline over exactly the enrolled gallery.
+    gnorm = gal / np.linalg.norm(gal, axis=1, keepdims=True)
+    index = faiss.IndexFlatIP(dim)
+    index.add(np.ascontiguousarray(gnorm, dtype=np.float32))
+
+    result: dict[str, Any] = {
+        "mode": cfg.mode,
+        "gallery": len(gal),
+        "queries": len(probes),
+        "dim": dim,
+        "source": source,
+        "k": cfg.k,
+    }
+    with tempfile.TemporaryDirectory(prefix="veilface-bench-") as tmp:
+        with LocalServer(Path(tmp) / "bench.db", workers=cfg.workers) as srv:
+            admin = Transport(srv.target, token=srv.admin_token)
+            token = admin.call(admin.tenants.CreateTenant, pb.CreateTenantRequest(tenant_id="bench")).api_token
+            admin.close()
+            state = TenantState.new("bench", dim=dim)
+            with VeilClient(srv.target, state, token=token) as client:
+                client.register_key()
+                if cfg.mode == "routed":
+                    nlist = cfg.nlist or max(1, len(gal) // 1024)
+                    t = time.perf_counter()
+                    client.train_routing(gal, nlist=nlist, seed=cfg.seed)
+                    result["routing_train_s"] = time.perf_counter() - t
+                    result["nlist"] = nlist
+                    result["nprobe"] = cfg.nprobe
+
+                t = time.perf_counter()
+                if bulk_ids:
+                    client.enroll_many(bulk_ids, gal[: len(bulk_ids)], progress=cfg.progress)
+                bulk_s = time.perf_counter() - t
+                result["enroll_bulk_s"] = bulk_s
+                result["enroll_bulk_per_s"] = len(bulk_ids) / bulk_s if bulk_s > 0 else float("nan")
+
+                single_ms = []
+                for sid, e in zip(single_ids, gal[len(bulk_ids) :], strict=True):
+                    t = time.perf_counter()
+                    client.enroll(sid, e)
+                    single_ms.append((time.perf_counter() - t) * 1e3)
+                result["enroll_single_n"] = len(single_ms)
+                result["enroll_single_p50_ms"] = _pct(single_ms, 50)
+                result["enroll_single_p95_ms"] = _pct(single_ms, 95)
+                time.sleep(1.0)  # let compaction fold the single enrollments in
+
+                desc = client.describe()
+                key = desc.keys[0]
+                result["bytes_per_template"] = key.stored_bytes / max(1, key.subjects)
+                result["bins"] = key.bins
+
+                # warm-up: the workers deserialize their bins on first use
+                client.identify(probes[0], mode=cfg.mode, k=cfg.k, nprobe=cfg.nprobe)
+
+                lat, pre_ms, rr_ms, enc_ms, qbytes, hits, enc_correct, plain_correct, plain_ms = (
+                    [], [], [], [], [], 0, 0, 0, [],
+                )
+                for p, lab in tqdm(
+                    list(zip(probes, probe_labels, strict=True)),
+                    desc=f"identify ({cfg.mode})",
+                    disable=not cfg.progress,
+                ):
+                    t = time.perf_counter()
+                    q = np.ascontiguousarray(p[None, :] / np.linalg.norm(p), dtype=np.float32)
+                    _, top = index.search(q, 1)
+                    plain_ms.append((time.perf_counter() - t) * 1e3)
+                    plain_top = gal_labels[int(top[0, 0])]
+                    r = client.identify(p, mode=cfg.mode, k=cfg.k, nprobe=cfg.nprobe)
+                    lat.append(r.stats.total_ms)
+                    pre_ms.append(r.stats.preselect_ms)
+                    rr_ms.append(r.stats.rerank_ms)
+                    enc_ms.append(r.stats.encrypt_ms)
+                    qbytes.append(r.stats.bytes_up + r.stats.bytes_down)
+                    hits += int(r.subject_id == plain_top)
+                    enc_correct += int(r.subject_id == lab)
+                    plain_correct += int(plain_top == lab)
+                n = max(1, len(probes))
+                result.update(
+                    p50_ms=_pct(lat, 50),
+                    p95_ms=_pct(lat, 95),
+                    preselect_p50_ms=_pct(pre_ms, 50),
+                    rerank_p50_ms=_pct(rr_ms, 50),
+                    probe_encrypt_p50_ms=_pct(enc_ms, 50),
+                    plaintext_p50_ms=_pct(plain_ms, 50),
+                    hit_rate=hits / n,
+                    rank1_encrypted=enc_correct / n,
+                    rank1_plaintext=plain_correct / n,
+                    query_bytes=float(np.mean(qbytes)) if qbytes else float("nan"),
+                )
+                result["slowdown_vs_plaintext"] = result["p50_ms"] / max(result["plaintext_p50_ms"], 1e-9)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = [
+        ("mode", result["mode"]),
+        ("gallery / queries", f"{result['gallery']} / {result['queries']}"),
+        ("identify p50 / p95 (ms)", f"{result['p50_ms']:.1f} / {result['p95_ms']:.1f}"),
+        ("  preselect / rerank p50 (ms)", f"{result['preselect_p50_ms']:.1f} / {result['rerank_p50_ms']:.1f}"),
+        ("plaintext FAISS p50 (ms)", f"{result['plaintext_p50_ms']:.3f}"),
+        ("hit rate (vs plaintext top-1)", f"{result['hit_rate']:.4f}"),
+        ("rank-1 encrypted / plaintext", f"{result['rank1_encrypted']:.4f} / {result['rank1_plaintext']:.4f}"),
+        ("bytes per template at rest", f"{result['bytes_per_template']:.0f}"),
+        ("query bytes (both ways)", f"{result['query_bytes']:.0f}"),
+        ("single enroll p50 (ms, durable)", f"{result['enroll_single_p50_ms']:.1f}"),
+        ("bulk enroll (templates/s)", f"{result['enroll_bulk_per_s']:.0f}"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

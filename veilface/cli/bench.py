@@ -1,0 +1,71 @@
+"""``veilface bench``: benchmarks that print a table and write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
+    p = bench.add_parser("identify", help="end-to-end encrypted identification vs plaintext FAISS")
+    p.add_argument("--gallery", type=int, default=1000, help="synthetic gallery size")
+    p.add_argument("--mode", choices=["strict", "routed"], default="strict")
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--embeddings", type=Path, help="npz with emb [n, d] and labels [n]")
+    p.add_argument("--nlist", type=int, default=0, help="IVF lists (routed; default gallery/1024)")
+    p.add_argument("--nprobe", type=int, default=8)
+    p.add_argument("--k", type=int, default=32, help="candidates after preselection")
+    p.add_argument("--single", type=int, default=20, help="templates enrolled one by one")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the result here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=identify)
+
+    p = bench.add_parser("calibrate", help="cosine statistics of an embeddings file vs the synthetic model")
+    p.add_argument("--embeddings", type=Path, required=True)
+    p.add_argument("--json", type=Path)
+    p.set_defaults(func=calibrate)
+
+
+def identify(args: argparse.Namespace) -> int:
+    from veilface.bench.identify import BenchConfig, format_table, run_identify_bench, write_json
+
+    cfg = BenchConfig(
+        gallery=args.gallery,
+        mode=args.mode,
+        queries=args.queries,
+        embeddings=args.embeddings,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        k=args.k,
+        single=args.single,
+        workers=args.workers,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    result = run_identify_bench(cfg)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from veilface.bench.synthetic import SyntheticFaces, cosine_stats
+
+    with np.load(args.embeddings, allow_pickle=False) as d:
+        real = cosine_stats(d["emb"], d["labels"])
+    emb, lab = SyntheticFaces().sample(2000, 3)
+    synth = cosine_stats(emb, lab)
+    out = {"real": real, "synthetic": synth}
+    for k in real:
+        print(f"{k:16s} real {real[k]:.4f}   synthetic {synth[k]:.4f}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0

@@ -1,0 +1,159 @@
+"""``veilface enroll | identify | verify | delete | routing``: the tenant's gallery."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from veilface.cli import common
+from veilface.errors import InvalidArgument
+
+
+def _add_input(p: argparse.ArgumentParser, *, many: bool) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--embeddings", type=Path, help="npz with arrays emb [n, d] and labels [n]")
+    if many:
+        src.add_argument("--images", type=Path, help="folder of <subject>/<image> files (dlib pipeline)")
+    else:
+        src.add_argument("--image", type=Path, help="a face photo (dlib pipeline)")
+        p.add_argument("--row", type=int, default=0, help="row of --embeddings to use")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("enroll", help="enroll templates (bulk from a file, or from face photos)")
+    common.add_state_options(p)
+    common.add_server_options(p)
+    _add_input(p, many=True)
+    p.add_argument("--first-only", action="store_true", help="enroll only the first row of each label")
+    p.add_argument("--nlist", type=int, default=0, help="train IVF routing with this many lists first")
+    p.add_argument("--single", action="store_true", help="enroll one by one instead of bulk")
+    p.set_defaults(func=enroll)
+
+    p = sub.add_parser("identify", help="1:N search of one probe")
+    common.add_state_options(p)
+    common.add_server_options(p)
+    _add_input(p, many=False)
+    p.add_argument("--mode", choices=["strict", "routed"], default="strict")
+    p.add_argument("--k", type=int, default=32, help="candidates kept after preselection")
+    p.add_argument("--nprobe", type=int, default=8)
+    p.add_argument("--decoys", type=int, default=0)
+    p.set_defaults(func=identify)
+
+    p = sub.add_parser("verify", help="1:1 against a claimed subject")
+    common.add_state_options(p)
+    common.add_server_options(p)
+    _add_input(p, many=False)
+    p.add_argument("--subject", required=True)
+    p.set_defaults(func=verify)
+
+    p = sub.add_parser("delete", help="delete a subject (its bin is re-packed without it)")
+    common.add_state_options(p)
+    common.add_server_options(p)
+    p.add_argument("--subject", required=True)
+    p.set_defaults(func=delete)
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, list[str]]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            emb = np.asarray(data["emb"], dtype=np.float32)
+            labels = [str(x) for x in data["labels"]]
+    except (OSError, KeyError, ValueError) as exc:
+        raise InvalidArgument(f"{path}: expected an npz with arrays 'emb' and 'labels' ({exc})") from None
+    if emb.ndim != 2 or len(labels) != len(emb):
+        raise InvalidArgument(f"{path}: 'emb' must be [n, d] with one label per row")
+    return emb, labels
+
+
+def _embed_image(path: Path) -> np.ndarray:
+    from veilface.client.face import FacePipeline
+
+    return np.asarray(FacePipeline().embed(path).vector, dtype=np.float32)
+
+
+def _embed_folder(root: Path) -> tuple[np.ndarray, list[str]]:
+    from veilface.client.face import FacePipeline
+
+    pipe = FacePipeline(on_multiple="largest")
+    vecs, labels = [], []
+    for person in sorted(p for p in root.iterdir() if p.is_dir()):
+        for img in sorted(person.iterdir()):
+            vecs.append(pipe.embed(img).vector)
+            labels.append(person.name)
+            break  # the first usable photo of each subject
+    if not vecs:
+        raise InvalidArgument(f"{root}: no <subject>/<image> files found")
+    return np.asarray(vecs, dtype=np.float32), labels
+
+
+def enroll(args: argparse.Namespace) -> int:
+    if args.embeddings:
+        emb, labels = _load_npz(args.embeddings)
+    else:
+        emb, labels = _embed_folder(args.images)
+    if args.first_only or args.images:
+        seen: dict[str, int] = {}
+        for i, lab in enumerate(labels):
+            seen.setdefault(lab, i)
+        idx = list(seen.values())
+        emb, labels = emb[idx], [labels[i] for i in idx]
+    with common.client(args) as c:
+        if args.nlist:
+            c.train_routing(emb, nlist=args.nlist)
+            c.state.save(args.state, **common.secret_args(args))
+        if args.single:
+            for lab, e in zip(labels, emb, strict=True):
+                c.enroll(lab, e)
+            bins, subjects = -1, len(labels)
+        else:
+            r = c.enroll_many(labels, emb, progress=not args.json)
+            bins, subjects = r.bins, r.subjects
+    common.emit(args, {"subjects": subjects, "bins": bins}, f"enrolled {subjects} subjects")
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> np.ndarray:
+    if args.image:
+        return _embed_image(args.image)
+    emb, _ = _load_npz(args.embeddings)
+    if not 0 <= args.row < len(emb):
+        raise InvalidArgument(f"--row must be in [0, {len(emb)})")
+    return emb[args.row]
+
+
+def identify(args: argparse.Namespace) -> int:
+    probe = _probe(args)
+    with common.client(args) as c:
+        r = c.identify(probe, mode=args.mode, k=args.k, nprobe=args.nprobe, decoys=args.decoys)
+    payload: dict[str, Any] = {
+        "subject": r.subject_id,
+        "score": r.score,
+        "match": r.match,
+        "candidates": [[x.subject_id, x.score] for x in r.candidates[:5]],
+        "stats": vars(r.stats),
+    }
+    verdict = "match" if r.match else "no match"
+    common.emit(args, payload, f"{verdict}: {r.subject_id} (cosine {r.score:.4f}) in {r.stats.total_ms:.0f} ms")
+    return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    probe = _probe(args)
+    with common.client(args) as c:
+        r = c.verify(args.subject, probe)
+    common.emit(
+        args,
+        {"subject": r.subject_id, "score": r.score, "match": r.match},
+        f"{'accepted' if r.match else 'rejected'}: {r.subject_id} (cosine {r.score:.4f})",
+    )
+    return 0
+
+
+def delete(args: argparse.Namespace) -> int:
+    with common.client(args) as c:
+        c.delete(args.subject)
+    common.emit(args, {"deleted": args.subject}, f"deleted {args.subject}")
+    return 0

@@ -1,0 +1,37 @@
+"""``veilface serve``: run the identification service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="run the identification service (gRPC)")
+    p.add_argument("--db", type=Path, help="SQLite database file (default veilface.db)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (0 picks a free one; default 50051)")
+    p.add_argument("--workers", type=int, help="scoring processes (default 2)")
+    p.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    p.add_argument("--admin-token-file", type=Path, help="file holding the operator token")
+    p.add_argument("--max-message-mb", type=int, help="largest gRPC message in MiB")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from veilface.server import ServerSettings, serve
+
+    settings = ServerSettings.from_env(
+        db_path=args.db,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        admin_token_file=args.admin_token_file,
+        max_message_bytes=args.max_message_mb * 1024 * 1024 if args.max_message_mb else None,
+    )
+    asyncio.run(serve(settings))
+    return 0
