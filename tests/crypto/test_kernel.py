@@ -1,0 +1,118 @@
+"""The encrypted kernel against an exact plaintext oracle, and its input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from veilface.crypto import seal_io
+from veilface.crypto.kernel import BinKernel
+from veilface.crypto.keys import TenantKeys
+from veilface.crypto.public_context import PublicContext
+from veilface.crypto.tenant_crypto import TenantCrypto
+from veilface.errors import InvalidCiphertext, InvalidContext
+
+
+@pytest.fixture(scope="module")
+def tenant() -> tuple[TenantKeys, TenantCrypto, BinKernel]:
+    keys = TenantKeys.generate(128)
+    return keys, TenantCrypto(keys), BinKernel(PublicContext.from_bytes(keys.public_context_bytes()))
+
+
+def _unit(rng: np.random.Generator, n: int, d: int = 128) -> np.ndarray:
+    x = rng.normal(size=(n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_bulk_and_single_enrollment_scores_match_plaintext(tenant) -> None:  # type: ignore[no-untyped-def]
+    keys, tc, kern = tenant
+    rng = np.random.default_rng(1)
+    x = _unit(rng, 600)
+    b = kern.load_bin(tc.encrypt_contribution(x[:560], np.arange(560)))
+    for s in range(560, 600):  # one template at a time, added homomorphically
+        kern.add_into(b, kern.load_bin(tc.encrypt_contribution(x[s : s + 1], [s])))
+    for _ in range(3):
+        p = _unit(rng, 1)[0]
+        probe = kern.load_probe(tc.encrypt_probe(p))
+        full = tc.decrypt_scores(seal_io.to_bytes(kern.score(b, probe, "full")))
+        np.testing.assert_allclose(full[:600], x @ p, atol=2e-4)
+        assert np.abs(full[600:]).max() < 2e-4  # empty slots decrypt to ~0
+        pre = tc.decrypt_scores(seal_io.to_bytes(kern.score(b, probe, "presel")))
+        rest = tc.decrypt_scores(seal_io.to_bytes(kern.score(b, probe, "rest")))
+        np.testing.assert_allclose(pre + rest, full, atol=2e-4)
+        assert int(np.argmax(full)) == int(np.argmax(x @ p))
+
+
+def test_decrypt_bin_recovers_templates(tenant) -> None:  # type: ignore[no-untyped-def]
+    keys, tc, kern = tenant
+    x = _unit(np.random.default_rng(2), 10)
+    blobs = tc.encrypt_contribution(x, np.arange(100, 110))
+    back = tc.decrypt_bin(blobs, np.arange(100, 110))
+    np.testing.assert_allclose(back, x, atol=1e-5)
+
+
+def test_public_context_carries_no_secret_key(tenant) -> None:  # type: ignore[no-untyped-def]
+    keys, _, _ = tenant
+    blob = keys.public_context_bytes()
+    sk = keys.secret_key_bytes()
+    # The secret key's serialized payload (past SEAL's 16-byte header) appears nowhere,
+    # nor does any 64-byte window of it.
+    payload = sk[16:]
+    assert payload not in blob
+    for start in range(0, len(payload) - 64, 4096):
+        assert payload[start : start + 64] not in blob
+    ctx = PublicContext.from_bytes(blob)
+    assert not hasattr(ctx, "secret_key")
+    # A context with an extra section (where a key could hide) is refused.
+    import json
+    import struct
+
+    from veilface.crypto.public_context import MAGIC
+
+    (hlen,) = struct.unpack(">I", blob[len(MAGIC) : len(MAGIC) + 4])
+    header = json.loads(blob[len(MAGIC) + 4 : len(MAGIC) + 4 + hlen])
+    header["sections"].append(["secret_key", len(sk)])
+    head = json.dumps(header).encode()
+    forged = MAGIC + struct.pack(">I", len(head)) + head + blob[len(MAGIC) + 4 + hlen :] + sk
+    with pytest.raises(InvalidContext):
+        PublicContext.from_bytes(forged)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda b: b[:100],  # truncated
+        lambda b: b"\x00" * len(b),  # zeros
+        lambda b: b[:40] + bytes(255 - c for c in b[40:200]) + b[200:],  # corrupted body
+        lambda b: b"not a ciphertext at all, just some text padding it out",
+    ],
+)
+def test_malformed_ciphertexts_are_rejected(tenant, mutate) -> None:  # type: ignore[no-untyped-def]
+    _, tc, kern = tenant
+    good = tc.encrypt_probe(np.ones(128) / np.sqrt(128))
+    bad = list(good)
+    bad[3] = mutate(good[3])
+    with pytest.raises(InvalidCiphertext):
+        kern.load_probe(bad)
+
+
+def test_foreign_parameters_and_wrong_counts_are_rejected(tenant) -> None:  # type: ignore[no-untyped-def]
+    _, tc, kern = tenant
+    other = TenantCrypto(TenantKeys.generate(128, param_set="n8192"))
+    with pytest.raises(InvalidCiphertext):
+        kern.load_probe(other.encrypt_probe(np.ones(128)))
+    good = tc.encrypt_probe(np.ones(128))
+    with pytest.raises(InvalidCiphertext):
+        kern.load_probe(good[:-1])
+    with pytest.raises(InvalidCiphertext):  # a probe is not a bin
+        kern.load_bin(good)
+
+
+def test_wrong_scale_is_rejected(tenant) -> None:  # type: ignore[no-untyped-def]
+    _, tc, kern = tenant
+    # A product (scale^2, three components) where a fresh ciphertext is expected.
+    probe = kern.load_probe(tc.encrypt_probe(np.ones(128)))
+    b = kern.load_bin(tc.encrypt_contribution(np.ones((1, 128)), [0]))
+    scored = seal_io.to_bytes(kern.score(b, probe, "presel"))
+    with pytest.raises(InvalidCiphertext):
+        kern.load_probe([scored] * kern.layout.g1)
