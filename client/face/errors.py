@@ -1,0 +1,50 @@
+"""Errors of the on-device face pipeline.
+
+Every class is a :class:`veilface.errors.FaceError` (gRPC ``INVALID_ARGUMENT``),
+except :class:`FaceModelsNotFound`, which is a setup problem
+(``FAILED_PRECONDITION``). Messages say what was wrong and how to fix it; they
+never contain pixel data, templates or file contents.
+"""
+
+from __future__ import annotations
+
+from veilface.errors import FaceError, FailedPrecondition
+
+
+class ImageDecodeError(FaceError):
+    """The input is not a decodable image: corrupt, truncated, or an unsupported format."""
+
+
+class ImageSizeError(FaceError):
+    """The image is absurdly small or large (or a decompression bomb)."""
+
+
+class NoFaceFound(FaceError):
+    """The detector found no face in the image."""
+
+
+class MultipleFaces(FaceError):
+    """Several faces were found and the policy is ``on_multiple="error"``."""
+
+
+class FaceTooSmall(FaceError):
+    """The face is too small (in pixels) for a reliable template."""
+
+
+class FaceTooBlurry(FaceError):
+    """The face crop is too blurry (low variance of its Laplacian)."""
+
+
+class FaceModelsNotFound(FailedPrecondition):
+    """The model files a face backend needs are not installed or not in the given directory."""
+
+
+__all__ = [
+    "FaceModelsNotFound",
+    "FaceTooBlurry",
+    "FaceTooSmall",
+    "ImageDecodeError",
+    "ImageSizeError",
+    "MultipleFaces",
+    "NoFaceFound",
+]
