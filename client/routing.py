@@ -1,0 +1,380 @@
+"""FAISS IVF routing, kept by the tenant with its keys.
+
+The tenant clusters its own templates (spherical k-means, ``faiss.Kmeans``)
+into ``nlist`` lists. Each template is enrolled into the bins of its nearest
+list, and a query names its ``nprobe`` nearest lists. The server never sees
+centroids or list ids, only a keyed *label* per list:
+
+    label(list_id) = hex(HMAC-SHA256(label_key, f"{version}:{list_id}")[:16])
+
+so labels are unlinkable across tenants (keys) and across router versions
+(re-training bumps the version, and with it every label).
+
+What routing leaks to the server, even with decoys: the size of every list
+(how many templates each label holds) and, per query, the set of labels
+named. :meth:`Router.decoy_labels` adds labels of other lists chosen
+uniformly at random, so a single query does not show which of the named
+lists are the probe's nearest. Decoys do **not** hide:
+
+- the real lists across repeated queries of the same person: real labels
+  recur and decoys vary, so intersecting the label sets of linked queries
+  exposes them;
+- popularity: when list sizes or query frequencies are skewed, uniform decoys
+  are statistically distinguishable from real picks over many queries;
+- anything in the scores' timing or the number of bins per list.
+
+Use the ``strict`` mode (score every bin) where that is not acceptable.
+
+FAISS runs on the GPU when ``faiss.get_num_gpus() > 0`` (the ``faiss-gpu``
+build) and on the CPU otherwise, through the same code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from veilface.errors import InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "veilface-router/1"
+LABEL_KEY_BYTES = 32
+LABEL_BYTES = 16
+#: faiss warns below this many training points per centroid.
+MIN_POINTS_PER_CENTROID = 39
+
+Int64Array = npt.NDArray[np.int64]
+Float32Array = npt.NDArray[np.float32]
+
+
+def _as_float32_matrix(x: npt.ArrayLike, dim: int | None, what: str) -> Float32Array:
+    """``x`` as a C-contiguous float32 [n, d] array, checked for shape and finiteness."""
+    try:
+        arr = np.ascontiguousarray(x, dtype="float32")
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{what} must be a numeric array") from exc
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise InvalidArgument(f"{what} must have shape [n, d] with n >= 1, got {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise InvalidArgument(
+            f"{what} has dimension {arr.shape[1]}, the router was trained on {dim}"
+        )
+    if not np.isfinite(arr).all():
+        raise InvalidArgument(f"{what} contains NaN or infinite values")
+    return arr
+
+
+def _l2_normalize(x: Float32Array, what: str) -> Float32Array:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise InvalidArgument(f"{what} contains an all-zero row; it has no direction to route")
+    return np.ascontiguousarray(x / norms, dtype="float32")
+
+
+def _search_index(centroids: Float32Array) -> Any:
+    """An exact inner-product index over the centroids, on all GPUs when present."""
+    index: Any = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    if faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+@dataclass(frozen=True, eq=False)
+class Router:
+    """A trained IVF coarse quantizer with its keyed list labels.
+
+    Attributes
+    ----------
+    centroids
+        float32 [nlist, d], unit-norm rows (normalized on construction when
+        they are not already; read-only).
+    version
+        Router version (>= 1), part of every label: re-training bumps it.
+    label_key
+        32-byte HMAC key of the labels. Secret: persist it only sealed
+        (:class:`veilface.client.tenant_state.TenantState`).
+    """
+
+    centroids: Float32Array = field(repr=False)
+    version: int
+    label_key: bytes = field(repr=False)
+    _index: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        cents = _as_float32_matrix(self.centroids, None, "centroids")
+        if not np.allclose(np.linalg.norm(cents, axis=1), 1.0, rtol=0.0, atol=1e-5):
+            cents = _l2_normalize(cents, "centroids")
+        elif cents is self.centroids:
+            cents = cents.copy()  # never share (or freeze) the caller's array
+        cents.setflags(write=False)
+        object.__setattr__(self, "centroids", cents)
+        if not isinstance(self.version, int) or isinstance(self.version, bool) or self.version < 1:
+            raise InvalidArgument(f"router version must be an integer >= 1, got {self.version!r}")
+        if not isinstance(self.label_key, bytes) or len(self.label_key) != LABEL_KEY_BYTES:
+            raise InvalidArgument(
+                f"a label key is {LABEL_KEY_BYTES} bytes; make one with secrets.token_bytes(32)"
+            )
+
+    def __repr__(self) -> str:
+        return f"Router(nlist={self.nlist}, dim={self.dim}, version={self.version})"
+
+    @property
+    def nlist(self) -> int:
+        """Number of lists."""
+        return int(self.centroids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Template dimension."""
+        return int(self.centroids.shape[1])
+
+    # -- training ---------------------------------------------------------------
+
+    @classmethod
+    def train(
+        cls,
+        templates: npt.ArrayLike,
+        *,
+        nlist: int,
+        label_key: bytes,
+        version: int = 1,
+        seed: int = 0,
+        niter: int = 20,
+    ) -> Router:
+        """Spherical k-means over L2-normalized templates.
+
+        Parameters
+        ----------
+        templates
+            float [n, d]; each row is L2-normalized before training.
+        nlist
+            Number of lists, 1 <= nlist <= n. faiss wants at least
+            39 * nlist points (a warning is logged below that).
+        label_key
+            32-byte secret key of the list labels.
+        version
+            Router version; use the previous version + 1 when re-training.
+        seed, niter
+            k-means seed and iterations.
+
+        Returns
+        -------
+        Router
+
+        Raises
+        ------
+        InvalidArgument
+            Bad shape, non-finite or all-zero rows, ``nlist`` out of range.
+        """
+        x = _l2_normalize(_as_float32_matrix(templates, None, "templates"), "templates")
+        n, d = x.shape
+        if not isinstance(nlist, int) or not 1 <= nlist <= n:
+            raise InvalidArgument(
+                f"nlist must be between 1 and the number of training templates ({n}), "
+                f"got {nlist!r}; use fewer lists or more templates"
+            )
+        if niter < 1:
+            raise InvalidArgument(f"niter must be >= 1, got {niter}")
+        if n < MIN_POINTS_PER_CENTROID * nlist:
+            logger.warning(
+                "training %d lists on %d templates (faiss advises at least %d); "
+                "lists may be unbalanced, consider a smaller nlist",
+                nlist,
+                n,
+                MIN_POINTS_PER_CENTROID * nlist,
+            )
+        gpu = faiss.get_num_gpus() > 0
+        km = faiss.Kmeans(d, nlist, niter=niter, spherical=True, seed=seed, gpu=gpu, verbose=False)
+        km.train(x)
+        logger.info("trained router: nlist=%d dim=%d version=%d gpu=%s", nlist, d, version, gpu)
+        return cls(np.array(km.centroids, dtype="float32"), version, label_key)
+
+    # -- routing ----------------------------------------------------------------
+
+    def _get_index(self) -> Any:
+        if self._index is None:
+            object.__setattr__(self, "_index", _search_index(np.array(self.centroids)))
+        return self._index
+
+    def assign(self, x: npt.ArrayLike) -> Int64Array:
+        """The nearest list (by inner product with the centroids) of each row.
+
+        Parameters
+        ----------
+        x
+            float [n, d].
+
+        Returns
+        -------
+        numpy.ndarray
+            int64 [n], list ids in ``[0, nlist)``.
+        """
+        xs = _as_float32_matrix(x, self.dim, "templates")
+        _, ids = self._get_index().search(xs, 1)
+        return np.asarray(ids[:, 0], dtype=np.int64)
+
+    def probe_lists(self, q: npt.ArrayLike, nprobe: int) -> Int64Array:
+        """The ``nprobe`` nearest lists of a probe, nearest first.
+
+        Parameters
+        ----------
+        q
+            float [d] (one probe) or [n, d].
+        nprobe
+            1 <= nprobe <= nlist.
+
+        Returns
+        -------
+        numpy.ndarray
+            int64 [nprobe] for a 1-D probe, int64 [n, nprobe] otherwise.
+        """
+        if not isinstance(nprobe, int) or not 1 <= nprobe <= self.nlist:
+            raise InvalidArgument(
+                f"nprobe must be between 1 and nlist={self.nlist}, got {nprobe!r}"
+            )
+        arr = np.asarray(q)
+        single = arr.ndim == 1
+        qs = _as_float32_matrix(arr[None, :] if single else arr, self.dim, "probe")
+        _, ids = self._get_index().search(qs, nprobe)
+        out = np.asarray(ids, dtype=np.int64)
+        return out[0] if single else out
+
+    # -- labels -----------------------------------------------------------------
+
+    def _check_id(self, list_id: int) -> int:
+        try:
+            value = int(list_id)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(
+                f"a list id must be an integer, got {type(list_id).__name__}"
+            ) from exc
+        if value != list_id or not 0 <= value < self.nlist:
+            raise InvalidArgument(f"list id {list_id!r} is out of range [0, {self.nlist})")
+        return value
+
+    def label(self, list_id: int) -> str:
+        """The opaque label of a list: 32 hex characters.
+
+        HMAC-SHA256(label_key, f"{version}:{list_id}") truncated to 16 bytes.
+        """
+        msg = f"{self.version}:{self._check_id(list_id)}".encode("ascii")
+        return hmac.new(self.label_key, msg, hashlib.sha256).digest()[:LABEL_BYTES].hex()
+
+    def labels(self, list_ids: Iterable[int] | npt.NDArray[np.integer[Any]]) -> list[str]:
+        """:meth:`label` of each id, in order."""
+        return [self.label(int(i)) for i in np.asarray(list(list_ids)).ravel()]
+
+    def decoy_labels(
+        self, exclude: Iterable[int], count: int, rng: np.random.Generator | None = None
+    ) -> list[str]:
+        """Labels of ``count`` other lists chosen uniformly at random.
+
+        Parameters
+        ----------
+        exclude
+            List ids never chosen (the real lists of the query).
+        count
+            Number of decoys, at most ``nlist - len(set(exclude))``.
+        rng
+            Random generator, for reproducible tests. The default draws from
+            the operating system's CSPRNG (:mod:`secrets`), which is what
+            production should use: a server that could predict the decoys
+            could tell them apart.
+
+        Returns
+        -------
+        list of str
+            ``count`` distinct labels, none of an excluded list.
+
+        Notes
+        -----
+        See the module docstring for what decoys hide and what they do not.
+        Send real and decoy labels in an order that does not tell them apart
+        (:meth:`query_labels` sorts them).
+        """
+        excluded = {self._check_id(i) for i in exclude}
+        candidates = [i for i in range(self.nlist) if i not in excluded]
+        if not isinstance(count, int) or not 0 <= count <= len(candidates):
+            raise InvalidArgument(
+                f"cannot pick {count!r} decoys: only {len(candidates)} lists are not excluded"
+            )
+        if rng is None:
+            chosen = secrets.SystemRandom().sample(candidates, count)
+        else:
+            chosen = [int(i) for i in rng.choice(candidates, size=count, replace=False)]
+        return self.labels(chosen)
+
+    def query_labels(
+        self,
+        list_ids: Iterable[int],
+        *,
+        decoys: int = 0,
+        rng: np.random.Generator | None = None,
+    ) -> list[str]:
+        """Labels to send with a query: the real lists plus ``decoys`` decoys, sorted.
+
+        Labels are pseudorandom, so sorted order says nothing about which
+        are real.
+        """
+        real = [self._check_id(i) for i in np.asarray(list(list_ids)).ravel()]
+        return sorted(set(self.labels(real)) | set(self.decoy_labels(real, decoys, rng)))
+
+    # -- persistence ------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict. It holds the secret label key: seal it."""
+        cents = np.ascontiguousarray(self.centroids, dtype="<f4")
+        return {
+            "format": FORMAT,
+            "version": self.version,
+            "label_key": base64.b64encode(self.label_key).decode("ascii"),
+            "centroids": {
+                "dtype": "<f4",
+                "shape": [int(s) for s in cents.shape],
+                "data": base64.b64encode(cents.tobytes()).decode("ascii"),
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Router:
+        """Inverse of :meth:`to_dict`.
+
+        Raises
+        ------
+        InvalidArgument
+            Not a router dict of this format, or inconsistent fields.
+        """
+        try:
+            if data["format"] != FORMAT:
+                raise InvalidArgument(
+                    f"not a router of format {FORMAT!r} (got {data['format']!r}); upgrade veilface?"
+                )
+            cents = data["centroids"]
+            shape = tuple(int(s) for s in cents["shape"])
+            if cents["dtype"] != "<f4" or len(shape) != 2:
+                raise InvalidArgument("router centroids must be little-endian float32 [nlist, d]")
+            raw = base64.b64decode(cents["data"], validate=True)
+            label_key = base64.b64decode(data["label_key"], validate=True)
+            version = data["version"]
+        except (KeyError, TypeError, binascii.Error) as exc:
+            raise InvalidArgument(f"router dict is malformed ({type(exc).__name__})") from exc
+        if len(raw) != 4 * shape[0] * shape[1]:
+            raise InvalidArgument("router centroid data does not match its shape")
+        centroids = np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+        return cls(centroids, version, label_key)
+
+
+__all__ = ["LABEL_BYTES", "LABEL_KEY_BYTES", "Router"]

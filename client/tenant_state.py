@@ -1,0 +1,437 @@
+"""Everything a tenant keeps, in one file encrypted at rest.
+
+The file is JSON::
+
+    {"format": "veilface-tenant/1", "tenant_id": ..., "key_id": ...,
+     "param_set": ..., "dim": ..., "presel_dims": ..., "created_at": ...,
+     "sealed": <veilface.crypto.keystore sealed blob>}
+
+The clear header says which tenant and key the file belongs to (so tools can
+list files without the passphrase) and is the AAD of the sealed part: it
+cannot be edited without the file failing to open. The sealed part holds the
+CKKS secret key, the label and handle keys, the mixing seed, the router, the
+threshold and the centering vector.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from veilface.client.handles import KEY_BYTES as HANDLE_KEY_BYTES
+from veilface.client.handles import HandleCodec
+from veilface.client.routing import LABEL_KEY_BYTES, Router
+from veilface.crypto.keys import TenantKeys
+from veilface.crypto.keystore import SCRYPT_N, open_blob, seal_blob
+from veilface.crypto.params import DEFAULT_PARAM_SET, get_param_set
+from veilface.errors import InvalidArgument, KeystoreError, VeilfaceError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "veilface-tenant/1"
+DEFAULT_THRESHOLD = 0.5
+_HEADER_FIELDS = ("format", "tenant_id", "key_id", "param_set", "dim", "presel_dims", "created_at")
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def _canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _b64e(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+@dataclass(eq=False)
+class TenantState:
+    """A tenant's keys, router and decision threshold.
+
+    Attributes
+    ----------
+    tenant_id, key_id
+        Which tenant, and which of its keys (key rotation enrolls under a
+        new ``key_id`` while the old one keeps serving).
+    param_set, dim, presel_dims
+        CKKS parameter set name, template dimension, preselection window
+        (0: the layout's default).
+    secret_key
+        SEAL secret key bytes (``TenantKeys.secret_key_bytes()``).
+    label_key, handle_key
+        32-byte HMAC key of the list labels; 64-byte AES-SIV key of the
+        subject handles.
+    mixing_seed
+        Seed of the random orthogonal matrix applied to templates and probes.
+    router
+        The IVF router, once trained.
+    threshold
+        Cosine similarity at or above which an identification is accepted.
+    center
+        float64 [dim] centering vector of the templates (fixed once per key
+        by the SDK's calibration), or None before calibration.
+    created_at
+        ISO 8601 UTC time of creation.
+
+    The secret fields are left out of ``repr``.
+    """
+
+    tenant_id: str
+    key_id: str
+    param_set: str
+    dim: int
+    presel_dims: int
+    secret_key: bytes = field(repr=False)
+    label_key: bytes = field(repr=False)
+    handle_key: bytes = field(repr=False)
+    mixing_seed: int = field(repr=False)
+    router: Router | None = None
+    threshold: float = DEFAULT_THRESHOLD
+    created_at: str = ""
+    center: FloatArray | None = field(default=None, repr=False)
+    _keys: TenantKeys | None = field(default=None, init=False, repr=False)
+    _mixing: FloatArray | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("tenant_id", "key_id"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise InvalidArgument(f"{name} must be a non-empty string")
+        get_param_set(self.param_set)
+        if not isinstance(self.dim, int) or self.dim < 2:
+            raise InvalidArgument(f"template dimension must be an integer >= 2, got {self.dim!r}")
+        if not isinstance(self.presel_dims, int) or self.presel_dims < 0:
+            raise InvalidArgument(f"presel_dims must be an integer >= 0, got {self.presel_dims!r}")
+        if len(self.label_key) != LABEL_KEY_BYTES:
+            raise InvalidArgument(f"the label key must be {LABEL_KEY_BYTES} bytes")
+        if len(self.handle_key) != HANDLE_KEY_BYTES:
+            raise InvalidArgument(f"the handle key must be {HANDLE_KEY_BYTES} bytes")
+        if not self.secret_key:
+            raise InvalidArgument("the secret key is empty")
+        if not -1.0 <= float(self.threshold) <= 1.0:
+            raise InvalidArgument(f"threshold is a cosine in [-1, 1], got {self.threshold!r}")
+        if self.router is not None:
+            self._check_router(self.router)
+        self._check_center()
+        if not self.created_at:
+            self.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    def _check_center(self) -> None:
+        if self.center is None:
+            return
+        center = np.asarray(self.center, dtype=np.float64)
+        if center.shape != (self.dim,) or not np.isfinite(center).all():
+            raise InvalidArgument(f"the centering vector must be finite float64 [{self.dim}]")
+        self.center = center
+
+    def _check_router(self, router: Router) -> None:
+        if router.dim != self.dim:
+            raise InvalidArgument(
+                f"the router was trained on dimension {router.dim}, the tenant uses {self.dim}"
+            )
+        if router.label_key != self.label_key:
+            raise InvalidArgument("the router's label key is not this tenant's label key")
+
+    # -- creation -----------------------------------------------------------------
+
+    @classmethod
+    def new(
+        cls,
+        tenant_id: str,
+        *,
+        dim: int = 128,
+        param_set: str = DEFAULT_PARAM_SET,
+        key_id: str = "k1",
+        presel_dims: int = 0,
+    ) -> TenantState:
+        """Fresh keys for a tenant: CKKS secret key, label and handle keys, mixing seed.
+
+        Raises
+        ------
+        InvalidArgument
+            Unknown parameter set, or a dimension / preselection window the
+            layout cannot hold.
+        """
+        keys = TenantKeys.generate(dim, param_set=param_set, presel_dims=presel_dims)
+        state = cls(
+            tenant_id=tenant_id,
+            key_id=key_id,
+            param_set=param_set,
+            dim=dim,
+            presel_dims=presel_dims,
+            secret_key=keys.secret_key_bytes(),
+            label_key=secrets.token_bytes(LABEL_KEY_BYTES),
+            handle_key=HandleCodec.new_key(),
+            mixing_seed=secrets.randbits(128),
+        )
+        state._keys = keys
+        logger.info("created tenant state for %s (key %s, %s)", tenant_id, key_id, param_set)
+        return state
+
+    # -- derived objects ------------------------------------------------------------
+
+    def keys(self) -> TenantKeys:
+        """The CKKS keys (loaded once from :attr:`secret_key`, then cached)."""
+        if self._keys is None:
+            self._keys = TenantKeys.from_secret_bytes(
+                self.secret_key,
+                dim=self.dim,
+                param_set=self.param_set,
+                presel_dims=self.presel_dims,
+            )
+        return self._keys
+
+    def handles(self) -> HandleCodec:
+        """The subject-handle codec of this tenant."""
+        return HandleCodec(self.handle_key)
+
+    def mixing_matrix(self) -> FloatArray:
+        """A random orthogonal matrix Q, float64 [dim, dim], fixed by :attr:`mixing_seed`.
+
+        Templates and probes are multiplied by Q (``x @ Q.T``) before
+        encryption. Q preserves inner products (cosine scores are unchanged)
+        and spreads each template's energy evenly over the coordinates, so
+        that the preselection window holds an equal, representative share
+        of every template, whatever the embedding model's coordinate order.
+
+        Q is the Q factor of a seeded Gaussian matrix, with column signs
+        fixed so that R has a positive diagonal (Haar-distributed). The
+        array is cached and read-only.
+        """
+        if self._mixing is None:
+            rng = np.random.default_rng(self.mixing_seed)
+            q, r = np.linalg.qr(rng.standard_normal((self.dim, self.dim)))
+            signs = np.sign(np.diag(r))
+            signs[signs == 0] = 1.0
+            q = q * signs[None, :]
+            q.setflags(write=False)
+            self._mixing = q
+        return self._mixing
+
+    def train_router(
+        self, templates: npt.ArrayLike, *, nlist: int, seed: int = 0, niter: int = 20
+    ) -> Router:
+        """Train (or re-train) the router on templates and keep it.
+
+        The version is one more than the current router's, so every list
+        label changes: re-enroll the gallery under the new router.
+        """
+        version = 1 if self.router is None else self.router.version + 1
+        router = Router.train(
+            templates,
+            nlist=nlist,
+            label_key=self.label_key,
+            version=version,
+            seed=seed,
+            niter=niter,
+        )
+        self.router = router
+        return router
+
+    # -- persistence ------------------------------------------------------------------
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "tenant_id": self.tenant_id,
+            "key_id": self.key_id,
+            "param_set": self.param_set,
+            "dim": self.dim,
+            "presel_dims": self.presel_dims,
+            "created_at": self.created_at,
+        }
+
+    def _secret_payload(self) -> bytes:
+        self._check_center()
+        return _canonical_json(
+            {
+                "secret_key": _b64e(self.secret_key),
+                "label_key": _b64e(self.label_key),
+                "handle_key": _b64e(self.handle_key),
+                "mixing_seed": self.mixing_seed,
+                "router": None if self.router is None else self.router.to_dict(),
+                "threshold": float(self.threshold),
+                "center": None if self.center is None else [float(v) for v in self.center],
+            }
+        )
+
+    def save(
+        self,
+        path: Path,
+        *,
+        passphrase: str | None = None,
+        key_file: Path | None = None,
+        scrypt_n: int = SCRYPT_N,
+    ) -> None:
+        """Write the state to ``path`` atomically, sealed, with mode 0600.
+
+        Parameters
+        ----------
+        path
+            Destination; an existing file is replaced atomically.
+        passphrase, key_file
+            Exactly one (see :func:`veilface.crypto.keystore.seal_blob`).
+        scrypt_n
+            scrypt cost for a passphrase (lower it only in tests).
+
+        Raises
+        ------
+        InvalidArgument, KeystoreError
+            Bad secret arguments, unreadable key file.
+        OSError
+            The file cannot be written.
+        """
+        path = Path(path)
+        header = self._header()
+        sealed = seal_blob(
+            self._secret_payload(),
+            aad=_canonical_json(header),
+            passphrase=passphrase,
+            key_file=key_file,
+            scrypt_n=scrypt_n,
+        )
+        data = json.dumps({**header, "sealed": sealed}, indent=2, sort_keys=True).encode() + b"\n"
+        directory = path.parent if str(path.parent) else Path(".")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        try:  # make the rename itself durable
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            logger.debug("could not fsync directory %s", directory)
+        logger.info("saved tenant state for %s (key %s) to %s", self.tenant_id, self.key_id, path)
+
+    @classmethod
+    def load(
+        cls, path: Path, *, passphrase: str | None = None, key_file: Path | None = None
+    ) -> TenantState:
+        """Read and open a file written by :meth:`save`.
+
+        Raises
+        ------
+        KeystoreError
+            Missing, unreadable, truncated or foreign file; wrong passphrase
+            or key file; any edit to the header or the sealed part.
+        InvalidArgument
+            Neither or both of ``passphrase`` and ``key_file``.
+        """
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise KeystoreError(
+                f"cannot read tenant file {str(path)!r} ({exc.strerror or type(exc).__name__})"
+            ) from exc
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise KeystoreError(
+                f"{str(path)!r} is not a veilface tenant file (not JSON, or truncated)"
+            ) from exc
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            found = doc.get("format") if isinstance(doc, dict) else None
+            raise KeystoreError(
+                f"{str(path)!r} is not a veilface tenant file of format {FORMAT!r} "
+                f"(found {str(found)[:40]!r})"
+            )
+        missing = [k for k in (*_HEADER_FIELDS, "sealed") if k not in doc]
+        if missing:
+            raise KeystoreError(f"tenant file {str(path)!r} lacks fields {missing}; it is corrupt")
+        header = {k: doc[k] for k in _HEADER_FIELDS}
+        payload = open_blob(
+            doc["sealed"], aad=_canonical_json(header), passphrase=passphrase, key_file=key_file
+        )
+        try:
+            secret = json.loads(payload)
+            router_doc = secret["router"]
+            state = cls(
+                tenant_id=header["tenant_id"],
+                key_id=header["key_id"],
+                param_set=header["param_set"],
+                dim=header["dim"],
+                presel_dims=header["presel_dims"],
+                secret_key=base64.b64decode(secret["secret_key"], validate=True),
+                label_key=base64.b64decode(secret["label_key"], validate=True),
+                handle_key=base64.b64decode(secret["handle_key"], validate=True),
+                mixing_seed=int(secret["mixing_seed"]),
+                router=None if router_doc is None else Router.from_dict(router_doc),
+                threshold=float(secret["threshold"]),
+                created_at=header["created_at"],
+                center=None if secret["center"] is None else np.asarray(secret["center"]),
+            )
+        except (VeilfaceError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+            # Authenticated, so written by a veilface that disagrees with this one.
+            raise KeystoreError(
+                f"tenant file {str(path)!r} opened but its contents are not understood "
+                f"({type(exc).__name__}); was it written by another veilface version?"
+            ) from exc
+        logger.info("loaded tenant state for %s (key %s)", state.tenant_id, state.key_id)
+        return state
+
+
+def resolve_secret(
+    passphrase_env: str | None, key_file: Path | None
+) -> tuple[str | None, Path | None]:
+    """The ``(passphrase, key_file)`` pair to pass to :meth:`TenantState.load`/``save``.
+
+    Parameters
+    ----------
+    passphrase_env
+        Name of an environment variable holding the passphrase (the CLI's
+        ``--passphrase-env``); the passphrase itself never goes on a
+        command line.
+    key_file
+        Path of a key file.
+
+    Returns
+    -------
+    tuple
+        ``(passphrase, None)`` or ``(None, key_file)``.
+
+    Raises
+    ------
+    InvalidArgument
+        Neither or both given.
+    KeystoreError
+        The environment variable is unset or empty.
+    """
+    if key_file is not None and passphrase_env is None:
+        return None, Path(key_file)
+    if passphrase_env is None or key_file is not None:
+        raise InvalidArgument(
+            "give exactly one way to unlock the tenant secrets: the name of an environment "
+            "variable holding the passphrase, or a key file"
+        )
+    value = os.environ.get(passphrase_env)
+    if not value:
+        raise KeystoreError(
+            f"environment variable {passphrase_env!r} is unset or empty; "
+            "export the passphrase in it, or use a key file"
+        )
+    return value, None
+
+
+__all__ = ["DEFAULT_THRESHOLD", "FORMAT", "TenantState", "resolve_secret"]
