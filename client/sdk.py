@@ -99,6 +99,7 @@ class VeilClient:
     state : the tenant's keys, routing and thresholds (:class:`TenantState`)
     token : the tenant's API token
     root_cert : PEM root certificate to verify the server (TLS); None for plaintext
+    encrypt_workers : processes that encrypt in parallel (0 or 1: in this process)
     """
 
     def __init__(
@@ -109,9 +110,10 @@ class VeilClient:
         token: str,
         root_cert: Path | None = None,
         timeout_s: float = 300.0,
+        encrypt_workers: int = 2,
     ) -> None:
         self.state = state
-        self.crypto = TenantCrypto(state.keys())
+        self.crypto = TenantCrypto(state.keys(), workers=encrypt_workers)
         self.layout = self.crypto.layout
         self._mix = state.mixing_matrix()
         self._handles = state.handles()
@@ -119,6 +121,7 @@ class VeilClient:
 
     def close(self) -> None:
         self.transport.close()
+        self.crypto.close()
 
     def __enter__(self) -> VeilClient:
         return self
@@ -128,8 +131,8 @@ class VeilClient:
 
     # -- preparation ----------------------------------------------------
 
-    def prepare(self, embeddings: npt.ArrayLike) -> FloatArray:
-        """Normalize and mix templates: float64 [n, dim] (or [dim] → [1, dim])."""
+    def normalize(self, embeddings: npt.ArrayLike) -> FloatArray:
+        """Check and L2-normalize embeddings: float64 [n, dim] (a [dim] input gives [1, dim])."""
         x = np.asarray(embeddings, dtype=np.float64)
         if x.ndim == 1:
             x = x[None, :]
@@ -142,13 +145,47 @@ class VeilClient:
         norms = np.linalg.norm(x, axis=1, keepdims=True)
         if (norms < 1e-12).any():
             raise InvalidArgument("an embedding has zero norm")
-        return np.asarray((x / norms) @ self._mix.T, dtype=np.float64)
+        return np.asarray(x / norms, dtype=np.float64)
 
-    def _labels_for(self, x: FloatArray) -> list[str]:
+    @property
+    def center(self) -> FloatArray:
+        """The tenant's centering vector ``mu`` (zeros until calibrated)."""
+        c = getattr(self.state, "center", None)
+        return np.zeros(self.state.dim) if c is None else np.asarray(c, dtype=np.float64)
+
+    def calibrate(self, embeddings: npt.ArrayLike) -> None:
+        """Fix the centering vector from the tenant's own templates (once per key).
+
+        Templates are stored as ``mix @ (x - mu)`` and scores come back as
+        ``(x - mu) . p``; the client adds ``mu . p``, the same for every
+        template, so the final cosine is exact. Centering removes the
+        direction all faces share, which otherwise dominates the
+        preselection window. It must not change once templates are enrolled
+        under the key.
+        """
+        if getattr(self.state, "center", None) is not None:
+            raise FailedPrecondition("the centering vector is already fixed for this key")
+        self.state.center = self.normalize(embeddings).mean(axis=0)
+
+    def _freeze_center(self) -> None:
+        if getattr(self.state, "center", None) is None:
+            self.state.center = np.zeros(self.state.dim)
+
+    def prepare(self, embeddings: npt.ArrayLike) -> FloatArray:
+        """Templates as stored: mixed, centered, normalized. float64 [n, dim]."""
+        return np.asarray((self.normalize(embeddings) - self.center) @ self._mix.T, dtype=np.float64)
+
+    def prepare_probe(self, embedding: npt.ArrayLike) -> tuple[FloatArray, float]:
+        """A probe as encrypted (mixed, normalized) and its offset ``mu . p``."""
+        p = self.normalize(embedding)[0]
+        return np.asarray(self._mix @ p, dtype=np.float64), float(self.center @ p)
+
+    def _labels_for(self, xn: FloatArray) -> list[str]:
+        """Routing labels of normalized (unmixed, uncentered) templates."""
         router = self.state.router
         if router is None:
-            return [""] * len(x)
-        return router.labels(router.assign(x.astype(np.float32)).tolist())
+            return [""] * len(xn)
+        return router.labels(router.assign((xn @ self._mix.T).astype(np.float32)).tolist())
 
     # -- tenant ---------------------------------------------------------
 
@@ -176,7 +213,7 @@ class VeilClient:
         Bins enrolled under an earlier routing keep their labels; re-pack or
         re-enroll them to move them to the new lists (docs/protocol.md).
         """
-        x = self.prepare(embeddings).astype(np.float32)
+        x = (self.normalize(embeddings) @ self._mix.T).astype(np.float32)
         version = (self.state.router.version + 1) if self.state.router else 1
         self.state.router = Router.train(
             x, nlist=nlist, label_key=self.state.label_key, version=version, seed=seed
@@ -187,9 +224,11 @@ class VeilClient:
 
     def enroll(self, subject_id: str, embedding: npt.ArrayLike) -> EnrollReceipt:
         """Enroll one template on its own (PFIP flexible enrollment); durable on return."""
-        x = self.prepare(embedding)
+        self._freeze_center()
+        xn = self.normalize(embedding)
+        x = self.prepare(xn)
         handle = self._handles.encode(subject_id)
-        label = self._labels_for(x)[0]
+        label = self._labels_for(xn)[0]
         res = self.transport.call(
             self.transport.enrollment.ReserveSlots,
             pb.ReserveSlotsRequest(
@@ -210,11 +249,12 @@ class VeilClient:
         return EnrollReceipt(subject_id, handle, resp.bin_id, resp.slots[0])
 
     def _bulk_chunks(
-        self, subject_ids: Sequence[str], x: FloatArray, progress: bool
+        self, subject_ids: Sequence[str], xn: FloatArray, progress: bool
     ) -> Iterator[pb.BulkEnrollChunk]:
         from tqdm import tqdm
 
-        labels = self._labels_for(x)
+        labels = self._labels_for(xn)
+        x = self.prepare(xn)
         order: dict[str, list[int]] = {}
         for i, lab in enumerate(labels):
             order.setdefault(lab, []).append(i)
@@ -242,13 +282,15 @@ class VeilClient:
         self, subject_ids: Sequence[str], embeddings: npt.ArrayLike, *, progress: bool = False
     ) -> BulkReceipt:
         """Bulk import: pack whole bins client-side and stream them (all-or-nothing)."""
-        x = self.prepare(embeddings)
-        if len(subject_ids) != len(x):
+        xn = self.normalize(embeddings)
+        if len(subject_ids) != len(xn):
             raise InvalidArgument("one subject id per embedding is required")
         if len(set(subject_ids)) != len(subject_ids):
             raise InvalidArgument("subject ids must be distinct")
+        if getattr(self.state, "center", None) is None:
+            self.calibrate(xn)  # first templates of this key: fix the center from them
         resp = self.transport.call(
-            self.transport.enrollment.BulkEnroll, self._bulk_chunks(subject_ids, x, progress)
+            self.transport.enrollment.BulkEnroll, self._bulk_chunks(subject_ids, xn, progress)
         )
         return BulkReceipt(resp.bins, resp.subjects)
 
@@ -263,7 +305,8 @@ class VeilClient:
         nprobe: int = 8,
         decoys: int = 0,
         threshold: float | None = None,
-        rng: np.random.Generator | None = None,
+        rng: object | None = None,
+        top_n: int = 5,
     ) -> Identification:
         """1:N search: preselect on the first coordinates, re-rank the top ``k``, decide.
 
@@ -271,26 +314,25 @@ class VeilClient:
         ----------
         embedding : float array [dim]
         mode : ``strict`` (every bin) or ``routed`` (the ``nprobe`` nearest lists)
-        k : candidates kept after preselection
+        k : candidates kept after preselection; their bins are scored in full
+        top_n : candidates returned (with handles), best first
         decoys : extra random lists searched in routed mode, to blur which are real
         threshold : cosine threshold for ``match`` (default: the tenant's)
         """
         t0 = time.perf_counter()
         stats = QueryStats()
-        x = self.prepare(embedding)
-        probe = self.crypto.encrypt_probe(x[0])
+        xn = self.normalize(embedding)
+        x, offset = self.prepare_probe(xn)
+        probe = self.crypto.encrypt_probe(x)
         stats.encrypt_ms = (time.perf_counter() - t0) * 1e3
         labels: list[str] = []
         if mode == "routed":
             router = self.state.router
             if router is None:
                 raise FailedPrecondition("routed mode needs trained routing (train_routing)")
-            lists = router.probe_lists(x[0].astype(np.float32), min(nprobe, len(router.centroids)))
-            labels = router.labels(np.asarray(lists).reshape(-1).tolist())
-            if decoys:
-                labels += router.decoy_labels(
-                    np.asarray(lists).reshape(-1).tolist(), decoys, rng or np.random.default_rng()
-                )
+            lists = router.probe_lists(x.astype(np.float32), min(nprobe, router.nlist))
+            # real and decoy labels together, sorted, decoys from the OS CSPRNG
+            labels = router.query_labels(np.asarray(lists).reshape(-1).tolist(), decoys=decoys, rng=rng)
         elif mode != "strict":
             raise InvalidArgument("mode must be 'strict' or 'routed'")
         req = pb.PreselectRequest(
@@ -345,38 +387,63 @@ class VeilClient:
         stats.bins_reranked = len(rest.bins)
 
         td = time.perf_counter()
-        candidates: list[Candidate] = []
+        # Every slot of a re-ranked bin now has its full score.
+        f_bins, f_slots, f_scores = [], [], []
+        known: dict[tuple[int, int], str] = {}
         for b in rest.bins:
-            rest_scores = self.crypto.decrypt_scores(b.scores)
-            for slot, handle in zip(b.slots, b.handles, strict=True):
-                if not handle:
-                    continue  # deleted meanwhile
-                full = float(presel[b.bin_id][slot] + rest_scores[slot])
-                candidates.append(Candidate(self._handles.decode(handle), handle, full))
+            full = presel[b.bin_id] + self.crypto.decrypt_scores(b.scores) + offset
+            occ = np.flatnonzero(_bits(b.occupancy, cap))
+            f_bins.append(np.full(occ.size, b.bin_id))
+            f_slots.append(occ)
+            f_scores.append(full[occ])
+            known.update({(b.bin_id, int(s)): h for s, h in zip(b.slots, b.handles, strict=True)})
         stats.decrypt_ms += (time.perf_counter() - td) * 1e3
-        candidates.sort(key=lambda c: -c.score)
+        if not f_scores or sum(f.size for f in f_scores) == 0:
+            stats.total_ms = (time.perf_counter() - t0) * 1e3
+            return Identification(None, float("-inf"), False, [], stats)
+        fb, fs, fv = np.concatenate(f_bins), np.concatenate(f_slots), np.concatenate(f_scores)
+        best = np.argsort(-fv)[:top_n]
+        missing: dict[int, list[int]] = {}
+        for i in best:
+            if (int(fb[i]), int(fs[i])) not in known:
+                missing.setdefault(int(fb[i]), []).append(int(fs[i]))
+        if missing:
+            req3 = pb.ResolveHandlesRequest(
+                tenant_id=self.state.tenant_id,
+                slots=[pb.CandidateSlots(bin_id=b, slots=s) for b, s in missing.items()],
+            )
+            res3 = self.transport.call(self.transport.identification.ResolveHandles, req3)
+            stats.bytes_up += req3.ByteSize()
+            stats.bytes_down += res3.ByteSize()
+            for b in res3.bins:
+                known.update({(b.bin_id, int(s)): h for s, h in zip(b.slots, b.handles, strict=True)})
+        candidates = [
+            Candidate(self._handles.decode(h), h, float(fv[i]))
+            for i in best
+            if (h := known.get((int(fb[i]), int(fs[i])), ""))
+        ]
         stats.total_ms = (time.perf_counter() - t0) * 1e3
         if not candidates:
             return Identification(None, float("-inf"), False, [], stats)
-        best = candidates[0]
+        top = candidates[0]
         thr = self.state.threshold if threshold is None else threshold
-        return Identification(best.subject_id, best.score, best.score >= thr, candidates, stats)
+        return Identification(top.subject_id, top.score, top.score >= thr, candidates, stats)
 
     def verify(
         self, subject_id: str, embedding: npt.ArrayLike, *, threshold: float | None = None
     ) -> Verification:
         """1:1 against a claimed subject; the tenant decrypts and applies its threshold."""
-        x = self.prepare(embedding)
+        x, offset = self.prepare_probe(embedding)
         resp = self.transport.call(
             self.transport.identification.Verify,
             pb.VerifyRequest(
                 tenant_id=self.state.tenant_id,
                 handle=self._handles.encode(subject_id),
                 key_id=self.state.key_id,
-                probe_ciphertexts=self.crypto.encrypt_probe(x[0]),
+                probe_ciphertexts=self.crypto.encrypt_probe(x),
             ),
         )
-        score = float(self.crypto.decrypt_scores(resp.scores)[resp.slot])
+        score = float(self.crypto.decrypt_scores(resp.scores)[resp.slot] + offset)
         thr = self.state.threshold if threshold is None else threshold
         return Verification(subject_id, score, score >= thr)
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import tenseal.sealapi as seal
 
 from veilface.crypto import seal_io
-from veilface.crypto.ciphertext_checks import load_many
+from veilface.crypto.ciphertext_checks import load_checked, load_many
 from veilface.crypto.public_context import PublicContext
 
 Bin = list[seal.Ciphertext]
@@ -38,6 +38,19 @@ class BinKernel:
         return load_many(
             self._ctx, blobs, expected=self.layout.n_ciphertexts, scale=self._scale, what="bin"
         )
+
+    def load_some(self, blobs: Sequence[bytes], start: int, stop: int) -> Bin:
+        """Load and validate ciphertexts ``start:stop`` of a bin contribution."""
+        if len(blobs) != self.layout.n_ciphertexts:
+            from veilface.errors import InvalidCiphertext
+
+            raise InvalidCiphertext(
+                f"expected {self.layout.n_ciphertexts} bin ciphertexts, got {len(blobs)}"
+            )
+        return [
+            load_checked(self._ctx, blobs[i], scale=self._scale, what=f"bin ciphertext {i}")
+            for i in range(start, stop)
+        ]
 
     def load_probe(self, blobs: Sequence[bytes]) -> Bin:
         return load_many(self._ctx, blobs, expected=self.layout.g1, scale=self._scale, what="probe")

@@ -15,6 +15,7 @@ import tenseal.sealapi as seal
 
 from veilface.crypto import seal_io
 from veilface.crypto.ciphertext_checks import load_checked
+from veilface.crypto.encrypt_pool import EncryptPool
 from veilface.crypto.keys import TenantKeys
 
 FloatArray = npt.NDArray[np.float64]
@@ -23,7 +24,8 @@ FloatArray = npt.NDArray[np.float64]
 class TenantCrypto:
     """Encrypt bin contributions and probes; decrypt score ciphertexts."""
 
-    def __init__(self, keys: TenantKeys) -> None:
+    def __init__(self, keys: TenantKeys, *, workers: int = 0) -> None:
+        """``workers`` > 1 spreads encryption over that many processes."""
         self.keys = keys
         self.layout = keys.layout
         self._ctx = keys.context
@@ -31,8 +33,18 @@ class TenantCrypto:
         self._encoder = seal.CKKSEncoder(self._ctx)
         self._encryptor = seal.Encryptor(self._ctx, keys.secret_key)
         self._decryptor = seal.Decryptor(self._ctx, keys.secret_key)
+        self._pool: EncryptPool | None = None
+        if workers > 1:
+            self._pool = EncryptPool(keys.param_set.name, keys.secret_key_bytes(), workers)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def _encrypt_rows(self, rows: FloatArray) -> list[bytes]:
+        if self._pool is not None and len(rows) >= 8:
+            return self._pool.encrypt_rows(rows)
         out = []
         pt = seal.Plaintext()
         for row in rows:

@@ -31,7 +31,7 @@ class ServerSettings:
     max_candidate_bins: int = 256
     max_reserve: int = 2048
     reservation_ttl_s: float = 120.0
-    compact_after_deltas: int = 1
+    compact_delay_s: float = 2.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod

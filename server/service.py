@@ -13,6 +13,7 @@ import hashlib
 import logging
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -76,6 +77,7 @@ class BulkChunk:
 @dataclass
 class _Compactions:
     scheduled: set[int] = field(default_factory=set)
+    last_write: dict[int, float] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -204,7 +206,7 @@ class GalleryService:
             raise InvalidArgument(f"the reservation holds {len(res.slots)} slots; send as many handles")
         self._check_count(ciphertexts, view.layout.n_ciphertexts, "contribution")
         owner = self.pool.owner(res.bin_id)
-        token = await self.pool.call(owner, worker.validate, tenant_id, key_id, list(ciphertexts), res.bin_id)
+        token = await self._validate_split(tenant_id, key_id, list(ciphertexts), res.bin_id)
         try:
             version = await asyncio.to_thread(
                 self.store.commit_enroll, res, list(handles), pack_blobs(ciphertexts)
@@ -360,6 +362,21 @@ class GalleryService:
             )
         return out
 
+    async def resolve_handles(
+        self, tenant_id: str, slots: Sequence[tuple[int, Sequence[int]]]
+    ) -> list[tuple[int, list[int], list[str]]]:
+        if len(slots) > self.settings.max_candidate_bins:
+            raise ResourceExhausted(f"at most {self.settings.max_candidate_bins} bins per call")
+        out = []
+        for bin_id, wanted in slots:
+            info = await asyncio.to_thread(self.store.bin_info, tenant_id, int(bin_id))
+            if len(wanted) > 4096:
+                raise ResourceExhausted("at most 4096 slots per bin")
+            ws = [int(s) for s in wanted]
+            handles = await asyncio.to_thread(self.store.handles_for, info.bin_id, ws)
+            out.append((info.bin_id, ws, handles))
+        return out
+
     async def verify(
         self, tenant_id: str, key_id: str, handle: str, probe: Sequence[bytes]
     ) -> tuple[int, bytes]:
@@ -398,12 +415,40 @@ class GalleryService:
             if (blob := results.get(b.bin_id)) is not None
         ]
 
+    async def _validate_split(
+        self, tenant_id: str, key_id: str, blobs: list[bytes], bin_id: int
+    ) -> str:
+        """Validate a contribution on every worker at once; the owner keeps it."""
+        owner = self.pool.owner(bin_id)
+        n, w = len(blobs), self.pool.n
+        if w == 1:
+            return await self.pool.call(owner, worker.validate, tenant_id, key_id, blobs, bin_id)
+        bounds = [(i * n // w, (i + 1) * n // w) for i in range(w)]
+        calls = []
+        for i, (start, stop) in enumerate(bounds):
+            if i == owner:
+                calls.append(
+                    self.pool.call(i, worker.validate, tenant_id, key_id, blobs, bin_id, (start, stop))
+                )
+            else:
+                calls.append(self.pool.call(i, worker.check_part, tenant_id, key_id, blobs, start, stop))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        token = results[owner]
+        for r in results:
+            if isinstance(r, BaseException):
+                if isinstance(token, str):
+                    await self.pool.call(owner, worker.discard, token)
+                raise r
+        assert isinstance(token, str)
+        return token
+
     @staticmethod
     def _check_count(items: Sequence[bytes], expected: int, what: str) -> None:
         if len(items) != expected:
             raise InvalidArgument(f"a {what} is {expected} ciphertexts for this key, got {len(items)}")
 
     def _schedule_compaction(self, bin_id: int) -> None:
+        self._compactions.last_write[bin_id] = time.monotonic()
         if bin_id in self._compactions.scheduled:
             return
         self._compactions.scheduled.add(bin_id)
@@ -412,7 +457,13 @@ class GalleryService:
         task.add_done_callback(self._compactions.tasks.discard)
 
     async def _compact(self, bin_id: int) -> None:
-        await asyncio.sleep(0.5)  # coalesce a burst of enrollments into one rewrite
+        # Wait until the bin has been quiet for compact_delay_s, so that a burst
+        # of enrollments costs one rewrite of the bin and never delays them.
+        while True:
+            idle = time.monotonic() - self._compactions.last_write.get(bin_id, 0.0)
+            if idle >= self.settings.compact_delay_s:
+                break
+            await asyncio.sleep(self.settings.compact_delay_s - idle)
         self._compactions.scheduled.discard(bin_id)
         try:
             current = await self.pool.call(self.pool.owner(bin_id), worker.current, bin_id)

@@ -194,6 +194,18 @@ class IdentificationServicer(pb_grpc.IdentificationServicer):
         )
         return pb.VerifyResponse(key_id=request.key_id, slot=slot, scores=scores)
 
+    @mapped
+    async def ResolveHandles(
+        self, request: pb.ResolveHandlesRequest, context: Ctx
+    ) -> pb.ResolveHandlesResponse:
+        require_tenant(request.tenant_id)
+        found = await self.service.resolve_handles(
+            request.tenant_id, [(c.bin_id, list(c.slots)) for c in request.slots]
+        )
+        return pb.ResolveHandlesResponse(
+            bins=[pb.BinScores(bin_id=b, slots=s, handles=h) for b, s, h in found]
+        )
+
 
 __all__: list[Any] = [
     "EnrollmentServicer",

@@ -35,7 +35,7 @@ class _WorkerState:
         self.reader = BinReader(db_path)
         self.kernels: dict[tuple[str, str], BinKernel] = {}
         self.bins: OrderedDict[int, _CachedBin] = OrderedDict()
-        self.pending: dict[str, tuple[int, BinKernel, Bin]] = {}
+        self.pending: dict[str, tuple[int, BinKernel, Bin, list[bytes] | None]] = {}
 
     def kernel(self, tenant_id: str, key_id: str) -> BinKernel:
         k = self.kernels.get((tenant_id, key_id))
@@ -48,6 +48,11 @@ class _WorkerState:
     def bin(self, bin_id: int, min_version: int = 0) -> _CachedBin:
         """The bin at ``min_version`` or newer (``-1``: whatever the database has now)."""
         cached = self.bins.get(bin_id)
+        if cached is not None and min_version < 0:
+            current = self.reader.version(bin_id)
+            if current is None:
+                raise NotFound(f"no bin {bin_id}")
+            min_version = current
         if cached is not None and 0 <= min_version <= cached.version:
             self.bins.move_to_end(bin_id)
             return cached
@@ -94,14 +99,32 @@ def ping() -> bool:
     return True
 
 
-def validate(tenant_id: str, key_id: str, blobs: Sequence[bytes], bin_id: int) -> str:
-    """Load and check a contribution; keep it until the store commits it."""
+def validate(
+    tenant_id: str, key_id: str, blobs: Sequence[bytes], bin_id: int, part: tuple[int, int] | None = None
+) -> str:
+    """Load and check a contribution; keep it until the store commits it.
+
+    With ``part=(start, stop)`` only those ciphertexts are checked and kept
+    (another worker checks the rest in parallel); :func:`commit` loads the
+    missing ones after the write is acknowledged.
+    """
     state = _s()
     kernel = state.kernel(tenant_id, key_id)
-    cts = kernel.load_bin(blobs)
+    if part is None:
+        cts: list[object] = list(kernel.load_bin(blobs))
+    else:
+        start, stop = part
+        cts = [None] * len(blobs)
+        cts[start:stop] = kernel.load_some(blobs, start, stop)
     token = secrets.token_hex(8)
-    state.pending[token] = (bin_id, kernel, cts)
+    state.pending[token] = (bin_id, kernel, cts, list(blobs) if part else None)  # type: ignore[assignment]
     return token
+
+
+def check_part(tenant_id: str, key_id: str, blobs: Sequence[bytes], start: int, stop: int) -> None:
+    """Validate some ciphertexts of a contribution and drop them."""
+    kernel = _s().kernel(tenant_id, key_id)
+    kernel.load_some(blobs, start, stop)
 
 
 def validate_probe(tenant_id: str, key_id: str, blobs: Sequence[bytes]) -> int:
@@ -114,7 +137,13 @@ def commit(token: str, new_version: int) -> None:
     item = state.pending.pop(token, None)
     if item is None:
         return
-    bin_id, kernel, cts = item
+    bin_id, kernel, cts, blobs = item  # type: ignore[misc]
+    if blobs is not None:  # fill in the part another worker validated
+        missing = [i for i, ct in enumerate(cts) if ct is None]
+        if missing:
+            loaded = kernel.load_some(blobs, missing[0], missing[-1] + 1)
+            for i, ct in zip(range(missing[0], missing[-1] + 1), loaded):
+                cts[i] = ct
     cached = state.bins.get(bin_id)
     if new_version == 1 and cached is None:
         state.bins[bin_id] = _CachedBin(1, cts)

@@ -502,6 +502,10 @@ class BinReader:
     def load(self, bin_id: int) -> BinData:
         return load_bin_data(self._conn, bin_id)
 
+    def version(self, bin_id: int) -> int | None:
+        row = self._conn.execute("SELECT version FROM bins WHERE bin_id=?", (bin_id,)).fetchone()
+        return None if row is None else int(row[0])
+
     def key_context(self, tenant_id: str, key_id: str) -> tuple[bytes, str]:
         row = self._conn.execute(
             "SELECT public_context, fingerprint FROM keys WHERE tenant_id=? AND key_id=?",

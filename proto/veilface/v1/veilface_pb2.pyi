@@ -207,6 +207,20 @@ class DeleteSubjectResponse(_message.Message):
     bin_version: int
     def __init__(self, bin_id: _Optional[int] = ..., bin_version: _Optional[int] = ...) -> None: ...
 
+class ResolveHandlesRequest(_message.Message):
+    __slots__ = ("tenant_id", "slots")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    slots: _containers.RepeatedCompositeFieldContainer[CandidateSlots]
+    def __init__(self, tenant_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[CandidateSlots, _Mapping]]] = ...) -> None: ...
+
+class ResolveHandlesResponse(_message.Message):
+    __slots__ = ("bins",)
+    BINS_FIELD_NUMBER: _ClassVar[int]
+    bins: _containers.RepeatedCompositeFieldContainer[BinScores]
+    def __init__(self, bins: _Optional[_Iterable[_Union[BinScores, _Mapping]]] = ...) -> None: ...
+
 class PreselectRequest(_message.Message):
     __slots__ = ("tenant_id", "key_id", "mode", "labels", "probe_ciphertexts")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -483,6 +483,11 @@ class IdentificationStub(object):
                 request_serializer=veilface_dot_v1_dot_veilface__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=veilface_dot_v1_dot_veilface__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.ResolveHandles = channel.unary_unary(
+                '/veilface.v1.Identification/ResolveHandles',
+                request_serializer=veilface_dot_v1_dot_veilface__pb2.ResolveHandlesRequest.SerializeToString,
+                response_deserializer=veilface_dot_v1_dot_veilface__pb2.ResolveHandlesResponse.FromString,
+                _registered_method=True)
 
 
 class IdentificationServicer(object):
@@ -501,8 +506,8 @@ class IdentificationServicer(object):
 
     def ScoreCandidates(self, request, context):
         """Stage 2: the remaining coordinates over the bins holding the tenant's
-        candidates; adds up with stage 1 to the full score. Returns the handles of
-        the requested candidate slots.
+        candidates; adds up with stage 1 to the full score of every slot of those
+        bins. Returns the handles of the requested candidate slots.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -510,6 +515,13 @@ class IdentificationServicer(object):
 
     def Verify(self, request, context):
         """1:1: the full score over the bin holding the claimed subject.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveHandles(self, request, context):
+        """Handles of slots the tenant picked after decrypting full scores.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -532,6 +544,11 @@ def add_IdentificationServicer_to_server(servicer, server):
                     servicer.Verify,
                     request_deserializer=veilface_dot_v1_dot_veilface__pb2.VerifyRequest.FromString,
                     response_serializer=veilface_dot_v1_dot_veilface__pb2.VerifyResponse.SerializeToString,
+            ),
+            'ResolveHandles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveHandles,
+                    request_deserializer=veilface_dot_v1_dot_veilface__pb2.ResolveHandlesRequest.FromString,
+                    response_serializer=veilface_dot_v1_dot_veilface__pb2.ResolveHandlesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -617,6 +634,33 @@ class Identification(object):
             '/veilface.v1.Identification/Verify',
             veilface_dot_v1_dot_veilface__pb2.VerifyRequest.SerializeToString,
             veilface_dot_v1_dot_veilface__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveHandles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veilface.v1.Identification/ResolveHandles',
+            veilface_dot_v1_dot_veilface__pb2.ResolveHandlesRequest.SerializeToString,
+            veilface_dot_v1_dot_veilface__pb2.ResolveHandlesResponse.FromString,
             options,
             channel_credentials,
             insecure,
