@@ -355,7 +355,7 @@ class VeilClient:
         presel: dict[int, FloatArray] = {}
         cand_bins, cand_slots, cand_scores = [], [], []
         for b in pre.bins:
-            scores = self.crypto.decrypt_scores(b.scores)
+            scores = self._decrypt(b)
             presel[b.bin_id] = scores
             occ = np.flatnonzero(_bits(b.occupancy, cap))
             cand_bins.append(np.full(occ.size, b.bin_id))
@@ -377,10 +377,15 @@ class VeilClient:
             tenant_id=self.state.tenant_id,
             key_id=self.state.key_id,
             candidates=[pb.CandidateSlots(bin_id=b, slots=s) for b, s in groups.items()],
-            probe_ciphertexts=probe,
+            query_id=pre.query_id,  # the server still holds the probe
         )
         t2 = time.perf_counter()
-        rest = self.transport.call(self.transport.identification.ScoreCandidates, req2)
+        try:
+            rest = self.transport.call(self.transport.identification.ScoreCandidates, req2)
+        except NotFound:  # the server forgot the probe (restart, expiry): send it again
+            req2.query_id = ""
+            req2.probe_ciphertexts.extend(probe)
+            rest = self.transport.call(self.transport.identification.ScoreCandidates, req2)
         stats.rerank_ms = (time.perf_counter() - t2) * 1e3
         stats.bytes_up += req2.ByteSize()
         stats.bytes_down += rest.ByteSize()
@@ -391,7 +396,7 @@ class VeilClient:
         f_bins, f_slots, f_scores = [], [], []
         known: dict[tuple[int, int], str] = {}
         for b in rest.bins:
-            full = presel[b.bin_id] + self.crypto.decrypt_scores(b.scores) + offset
+            full = presel[b.bin_id] + self._decrypt(b) + offset
             occ = np.flatnonzero(_bits(b.occupancy, cap))
             f_bins.append(np.full(occ.size, b.bin_id))
             f_slots.append(occ)
@@ -428,6 +433,12 @@ class VeilClient:
         top = candidates[0]
         thr = self.state.threshold if threshold is None else threshold
         return Identification(top.subject_id, top.score, top.score >= thr, candidates, stats)
+
+    def _decrypt(self, b: pb.BinScores) -> FloatArray:
+        """A bin's scores: one ciphertext, or parts scored by several workers."""
+        if b.score_parts:
+            return np.sum([self.crypto.decrypt_scores(p) for p in b.score_parts], axis=0)
+        return self.crypto.decrypt_scores(b.scores)
 
     def verify(
         self, subject_id: str, embedding: npt.ArrayLike, *, threshold: float | None = None

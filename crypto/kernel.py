@@ -74,13 +74,17 @@ class BinKernel:
     # -- scoring --------------------------------------------------------
 
     def score(self, bin_cts: Bin, probe: Bin, stage: str) -> seal.Ciphertext:
+        return self.score_giants(bin_cts, probe, self.layout.giants(stage))
+
+    def score_giants(self, bin_cts: Bin, probe: Bin, giants: range) -> seal.Ciphertext:
         """Encrypted scores of every slot of the bin for a stage.
 
         Parameters
         ----------
         bin_cts : the bin's ``d_pad`` diagonal ciphertexts
         probe : the ``g1`` baby-step probe ciphertexts
-        stage : ``presel`` (first giant steps), ``rest`` or ``full``
+        stage : ``presel`` (first giant steps), ``rest`` or ``full``; or
+            ``giants``: any sub-range of giant steps (partial sums add up)
 
         Returns
         -------
@@ -91,7 +95,9 @@ class BinKernel:
         g1 = self.layout.g1
         total: seal.Ciphertext | None = None
         tmp = seal.Ciphertext()
-        for a in self.layout.giants(stage):
+        if len(giants) == 0:
+            raise ValueError("no giant step to score")
+        for a in giants:
             part = seal.Ciphertext()
             ev.multiply(bin_cts[a * g1], probe[0], part)
             for b in range(1, g1):

@@ -32,6 +32,8 @@ class ServerSettings:
     max_reserve: int = 2048
     reservation_ttl_s: float = 120.0
     compact_delay_s: float = 2.0
+    query_ttl_s: float = 120.0
+    max_cached_queries: int = 1024
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod

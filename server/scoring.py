@@ -47,22 +47,42 @@ class WorkerPool:
         key_id: str,
         bins: Sequence[tuple[int, int]],
         probe: Sequence[bytes],
-        stage: str,
-    ) -> dict[int, bytes | None]:
-        """Score bins on their owners in parallel; returns bin_id -> score ciphertext."""
-        groups: dict[int, list[tuple[int, int]]] = {}
-        for b in bins:
-            groups.setdefault(self.owner(b[0]), []).append(b)
+        giants: range,
+        *,
+        query_id: str = "",
+        split: bool = True,
+    ) -> dict[int, list[bytes]]:
+        """Score bins in parallel; returns bin_id -> score ciphertexts to add up.
+
+        With fewer bins than workers, each bin's giant steps are split across
+        all workers (every worker can load any bin; its owner keeps it warm),
+        so a small gallery still uses every core. Otherwise each worker scores
+        the bins it owns.
+        """
+        units: dict[int, list[tuple[int, int, int, int]]] = {}
+        if split and len(bins) < self.n and len(giants) >= 2:
+            parts = min(self.n, len(giants))
+            for bin_id, version in bins:
+                for i in range(parts):
+                    lo = giants.start + i * len(giants) // parts
+                    hi = giants.start + (i + 1) * len(giants) // parts
+                    units.setdefault((self.owner(bin_id) + i) % self.n, []).append((bin_id, version, lo, hi))
+        else:
+            for bin_id, version in bins:
+                units.setdefault(self.owner(bin_id), []).append(
+                    (bin_id, version, giants.start, giants.stop)
+                )
         results = await asyncio.gather(
             *(
-                self.call(i, worker.score, tenant_id, key_id, group, list(probe), stage)
-                for i, group in groups.items()
+                self.call(i, worker.score, tenant_id, key_id, group, list(probe), query_id)
+                for i, group in units.items()
             )
         )
-        out: dict[int, bytes | None] = {}
-        for group, res in zip(groups.values(), results, strict=True):
-            for (bin_id, _), blob in zip(group, res, strict=True):
-                out[bin_id] = blob
+        out: dict[int, list[bytes]] = {}
+        for group, res in zip(units.values(), results, strict=True):
+            for unit, blob in zip(group, res, strict=True):
+                if blob is not None:
+                    out.setdefault(unit[0], []).append(blob)
         return out
 
     def shutdown(self) -> None:

@@ -14,6 +14,7 @@ import logging
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -56,10 +57,12 @@ class KeyView:
 
 @dataclass(frozen=True)
 class BinScore:
+    """Encrypted scores of one bin: the sum of ``parts`` (one per worker that scored it)."""
+
     bin_id: int
     version: int
     occupancy: bytes
-    scores: bytes
+    parts: tuple[bytes, ...]
     slots: tuple[int, ...] = ()
     handles: tuple[str, ...] = ()
 
@@ -125,6 +128,8 @@ class GalleryService:
         self.settings = settings
         self._layouts: dict[tuple[str, str], KeyView] = {}
         self._compactions = _Compactions()
+        # Probes of recent queries, so that re-ranking need not resend them.
+        self._probes: OrderedDict[str, tuple[str, str, list[bytes], float]] = OrderedDict()
 
     # -- tenants and keys -----------------------------------------------
 
@@ -305,7 +310,7 @@ class GalleryService:
         mode: str,
         labels: Sequence[str],
         probe: Sequence[bytes],
-    ) -> tuple[list[BinScore], int]:
+    ) -> tuple[list[BinScore], int, str]:
         view = await self.key(tenant_id, key_id)
         self._check_count(probe, view.layout.g1, "probe")
         if mode == "strict":
@@ -327,9 +332,25 @@ class GalleryService:
                 f"the query would score {len(bins)} bins; the limit is "
                 f"{self.settings.max_bins_per_request} (use routed mode)"
             )
-        return await self._score(tenant_id, key_id, view, bins, probe, "presel"), sum(
-            len(b.occupied) for b in bins
-        )
+        query_id = secrets.token_urlsafe(12)
+        scored = await self._score(tenant_id, key_id, view, bins, probe, "presel", query_id)
+        self._remember_probe(query_id, tenant_id, key_id, list(probe))
+        return scored, sum(len(b.occupied) for b in bins), query_id
+
+    def _remember_probe(self, query_id: str, tenant_id: str, key_id: str, probe: list[bytes]) -> None:
+        now = time.monotonic()
+        self._probes[query_id] = (tenant_id, key_id, probe, now + self.settings.query_ttl_s)
+        while self._probes and (
+            len(self._probes) > self.settings.max_cached_queries
+            or next(iter(self._probes.values()))[3] < now
+        ):
+            self._probes.popitem(last=False)
+
+    def _recall_probe(self, query_id: str, tenant_id: str, key_id: str) -> list[bytes]:
+        entry = self._probes.get(query_id)
+        if entry is None or entry[3] < time.monotonic() or entry[:2] != (tenant_id, key_id):
+            raise NotFound("unknown or expired query id; send the probe again")
+        return entry[2]
 
     async def score_candidates(
         self,
@@ -337,8 +358,11 @@ class GalleryService:
         key_id: str,
         candidates: Sequence[tuple[int, Sequence[int]]],
         probe: Sequence[bytes],
+        query_id: str = "",
     ) -> list[BinScore]:
         view = await self.key(tenant_id, key_id)
+        if not probe and query_id:
+            probe = self._recall_probe(query_id, tenant_id, key_id)
         self._check_count(probe, view.layout.g1, "probe")
         if not candidates:
             raise InvalidArgument("no candidates given")
@@ -352,13 +376,13 @@ class GalleryService:
             view.layout.check_slots(slots)
             infos.append(info)
             wanted[info.bin_id] = [int(s) for s in slots]
-        scored = await self._score(tenant_id, key_id, view, infos, probe, "rest")
+        scored = await self._score(tenant_id, key_id, view, infos, probe, "rest", query_id)
         out = []
         for bs in scored:
             slots = wanted[bs.bin_id]
             handles = await asyncio.to_thread(self.store.handles_for, bs.bin_id, slots)
             out.append(
-                BinScore(bs.bin_id, bs.version, bs.occupancy, bs.scores, tuple(slots), tuple(handles))
+                BinScore(bs.bin_id, bs.version, bs.occupancy, bs.parts, tuple(slots), tuple(handles))
             )
         return out
 
@@ -387,10 +411,10 @@ class GalleryService:
         view = await self.key(tenant_id, key_id)
         self._check_count(probe, view.layout.g1, "probe")
         info = await asyncio.to_thread(self.store.bin_info, tenant_id, ref.bin_id)
-        scored = await self._score(tenant_id, key_id, view, [info], probe, "full")
+        scored = await self._score(tenant_id, key_id, view, [info], probe, "full", split=False)
         if not scored:
             raise NotFound("the subject's bin holds no ciphertext")
-        return ref.slot, scored[0].scores
+        return ref.slot, scored[0].parts[0]
 
     # -- helpers ----------------------------------------------------------
 
@@ -402,17 +426,26 @@ class GalleryService:
         bins: Sequence[BinInfo],
         probe: Sequence[bytes],
         stage: str,
+        query_id: str = "",
+        *,
+        split: bool = True,
     ) -> list[BinScore]:
         if not bins:
             return []
         results = await self.pool.score(
-            tenant_id, key_id, [(b.bin_id, b.version) for b in bins], probe, stage
+            tenant_id,
+            key_id,
+            [(b.bin_id, b.version) for b in bins],
+            probe,
+            view.layout.giants(stage),
+            query_id=query_id,
+            split=split,
         )
         cap = view.layout.capacity
         return [
-            BinScore(b.bin_id, b.version, occupancy_bitmap(b.occupied, cap), blob)
+            BinScore(b.bin_id, b.version, occupancy_bitmap(b.occupied, cap), tuple(parts))
             for b in bins
-            if (blob := results.get(b.bin_id)) is not None
+            if (parts := results.get(b.bin_id))
         ]
 
     async def _validate_split(

@@ -46,14 +46,18 @@ def key_info_to_proto(view: KeyView) -> pb.KeyInfo:
 
 
 def bin_scores_to_proto(bs: BinScore) -> pb.BinScores:
-    return pb.BinScores(
+    msg = pb.BinScores(
         bin_id=bs.bin_id,
         bin_version=bs.version,
         occupancy=bs.occupancy,
-        scores=bs.scores,
         slots=list(bs.slots),
         handles=list(bs.handles),
     )
+    if len(bs.parts) == 1:
+        msg.scores = bs.parts[0]
+    else:
+        msg.score_parts.extend(bs.parts)
+    return msg
 
 
 class TenantsServicer(pb_grpc.TenantsServicer):
@@ -170,10 +174,14 @@ class IdentificationServicer(pb_grpc.IdentificationServicer):
         mode = _MODES.get(request.mode)
         if mode is None:
             raise InvalidArgument("search mode must be SEARCH_MODE_STRICT or SEARCH_MODE_ROUTED")
-        scores, searched = await self.service.preselect(
+        scores, searched, query_id = await self.service.preselect(
             request.tenant_id, request.key_id, mode, list(request.labels), list(request.probe_ciphertexts)
         )
-        return pb.ScoresResponse(bins=[bin_scores_to_proto(b) for b in scores], searched_templates=searched)
+        return pb.ScoresResponse(
+            bins=[bin_scores_to_proto(b) for b in scores],
+            searched_templates=searched,
+            query_id=query_id,
+        )
 
     @mapped
     async def ScoreCandidates(self, request: pb.ScoreCandidatesRequest, context: Ctx) -> pb.ScoresResponse:
@@ -183,6 +191,7 @@ class IdentificationServicer(pb_grpc.IdentificationServicer):
             request.key_id,
             [(c.bin_id, list(c.slots)) for c in request.candidates],
             list(request.probe_ciphertexts),
+            request.query_id,
         )
         return pb.ScoresResponse(bins=[bin_scores_to_proto(b) for b in scores])
 

@@ -36,6 +36,7 @@ class _WorkerState:
         self.kernels: dict[tuple[str, str], BinKernel] = {}
         self.bins: OrderedDict[int, _CachedBin] = OrderedDict()
         self.pending: dict[str, tuple[int, BinKernel, Bin, list[bytes] | None]] = {}
+        self.probes: OrderedDict[tuple[str, str, str], Bin] = OrderedDict()
 
     def kernel(self, tenant_id: str, key_id: str) -> BinKernel:
         k = self.kernels.get((tenant_id, key_id))
@@ -169,21 +170,32 @@ def forget(bin_ids: Sequence[int]) -> None:
 def score(
     tenant_id: str,
     key_id: str,
-    bins: Sequence[tuple[int, int]],
+    units: Sequence[tuple[int, int, int, int]],
     probe_blobs: Sequence[bytes],
-    stage: str,
+    query_id: str = "",
 ) -> list[bytes | None]:
-    """Score each ``(bin_id, version)``; ``None`` for a bin with no ciphertext."""
+    """Score work units ``(bin_id, version, first_giant, stop_giant)``.
+
+    Returns one ciphertext per unit (``None`` for a bin with no ciphertext
+    yet). The loaded probe is kept under ``query_id`` so the re-ranking
+    stage of the same query does not deserialize it again.
+    """
     state = _s()
     kernel = state.kernel(tenant_id, key_id)
-    probe = kernel.load_probe(probe_blobs)
+    probe = state.probes.get((tenant_id, key_id, query_id)) if query_id else None
+    if probe is None:
+        probe = kernel.load_probe(probe_blobs)
+        if query_id:
+            state.probes[(tenant_id, key_id, query_id)] = probe
+            while len(state.probes) > 16:
+                state.probes.popitem(last=False)
     out: list[bytes | None] = []
-    for bin_id, version in bins:
+    for bin_id, version, g0, g1 in units:
         cached = state.bin(bin_id, version)
         if cached.cts is None:
             out.append(None)
             continue
-        out.append(seal_io.to_bytes(kernel.score(cached.cts, probe, stage)))
+        out.append(seal_io.to_bytes(kernel.score_giants(cached.cts, probe, range(g0, g1))))
     return out
 
 

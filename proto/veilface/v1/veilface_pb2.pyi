@@ -244,40 +244,46 @@ class CandidateSlots(_message.Message):
     def __init__(self, bin_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ScoreCandidatesRequest(_message.Message):
-    __slots__ = ("tenant_id", "key_id", "candidates", "probe_ciphertexts")
+    __slots__ = ("tenant_id", "key_id", "candidates", "probe_ciphertexts", "query_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     PROBE_CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     key_id: str
     candidates: _containers.RepeatedCompositeFieldContainer[CandidateSlots]
     probe_ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[CandidateSlots, _Mapping]]] = ..., probe_ciphertexts: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    query_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[CandidateSlots, _Mapping]]] = ..., probe_ciphertexts: _Optional[_Iterable[bytes]] = ..., query_id: _Optional[str] = ...) -> None: ...
 
 class BinScores(_message.Message):
-    __slots__ = ("bin_id", "bin_version", "occupancy", "scores", "slots", "handles")
+    __slots__ = ("bin_id", "bin_version", "occupancy", "scores", "slots", "handles", "score_parts")
     BIN_ID_FIELD_NUMBER: _ClassVar[int]
     BIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     OCCUPANCY_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     HANDLES_FIELD_NUMBER: _ClassVar[int]
+    SCORE_PARTS_FIELD_NUMBER: _ClassVar[int]
     bin_id: int
     bin_version: int
     occupancy: bytes
     scores: bytes
     slots: _containers.RepeatedScalarFieldContainer[int]
     handles: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, bin_id: _Optional[int] = ..., bin_version: _Optional[int] = ..., occupancy: _Optional[bytes] = ..., scores: _Optional[bytes] = ..., slots: _Optional[_Iterable[int]] = ..., handles: _Optional[_Iterable[str]] = ...) -> None: ...
+    score_parts: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, bin_id: _Optional[int] = ..., bin_version: _Optional[int] = ..., occupancy: _Optional[bytes] = ..., scores: _Optional[bytes] = ..., slots: _Optional[_Iterable[int]] = ..., handles: _Optional[_Iterable[str]] = ..., score_parts: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ScoresResponse(_message.Message):
-    __slots__ = ("bins", "searched_templates")
+    __slots__ = ("bins", "searched_templates", "query_id")
     BINS_FIELD_NUMBER: _ClassVar[int]
     SEARCHED_TEMPLATES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     bins: _containers.RepeatedCompositeFieldContainer[BinScores]
     searched_templates: int
-    def __init__(self, bins: _Optional[_Iterable[_Union[BinScores, _Mapping]]] = ..., searched_templates: _Optional[int] = ...) -> None: ...
+    query_id: str
+    def __init__(self, bins: _Optional[_Iterable[_Union[BinScores, _Mapping]]] = ..., searched_templates: _Optional[int] = ..., query_id: _Optional[str] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("tenant_id", "handle", "probe_ciphertexts", "key_id")
