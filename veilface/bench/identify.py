@@ -138,7 +138,7 @@ def run_identify_bench(cfg: BenchConfig) -> dict[str, Any]:
                 result["enroll_single_n"] = len(single_ms)
                 result["enroll_single_p50_ms"] = _pct(single_ms, 50)
                 result["enroll_single_p95_ms"] = _pct(single_ms, 95)
-                time.sleep(1.0)  # let compaction fold the single enrollments in
+                time.sleep(3.5)  # let compaction (2 s after the last write) fold the deltas in
 
                 desc = client.describe()
                 key = desc.keys[0]
