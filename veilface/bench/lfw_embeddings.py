@@ -24,8 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -198,13 +198,15 @@ def save_npz(path: str | os.PathLike[str], result: dict[str, Any]) -> Path:
         "paths": np.asarray(result["paths"], dtype=str),
         "meta": np.array(json.dumps(summary(result), sort_keys=True)),
     }
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    # A sibling temporary file (created with the umask's permissions, unlike
+    # mkstemp's 0600), renamed over the target once complete.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "xb") as fh:
             np.savez(fh, **arrays)  # type: ignore[arg-type]
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return target
 
