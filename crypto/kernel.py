@@ -52,6 +52,10 @@ class BinKernel:
             for i in range(start, stop)
         ]
 
+    def load_checked_each(self, blobs: Sequence[bytes]) -> Bin:
+        """Load and validate ciphertexts of a bin's format, whatever their number."""
+        return [load_checked(self._ctx, b, scale=self._scale, what="bin ciphertext") for b in blobs]
+
     def load_probe(self, blobs: Sequence[bytes]) -> Bin:
         return load_many(self._ctx, blobs, expected=self.layout.g1, scale=self._scale, what="probe")
 

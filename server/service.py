@@ -15,7 +15,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 
 from veilface.crypto.layout import DiagonalLayout
@@ -219,7 +219,10 @@ class GalleryService:
         except BaseException:
             await self.pool.call(owner, worker.discard, token)
             raise
-        await self.pool.call(owner, worker.commit, token, version)
+        # Durable now: acknowledge at once. Folding the contribution into the
+        # owner's in-memory bin is queued on that worker before any later
+        # request for the bin, so nothing can score the bin without it.
+        self._background(self.pool.call(owner, worker.commit, token, version), "fold-in")
         self._schedule_compaction(res.bin_id)
         return res, version
 
@@ -464,7 +467,7 @@ class GalleryService:
                     self.pool.call(i, worker.validate, tenant_id, key_id, blobs, bin_id, (start, stop))
                 )
             else:
-                calls.append(self.pool.call(i, worker.check_part, tenant_id, key_id, blobs, start, stop))
+                calls.append(self.pool.call(i, worker.check_part, tenant_id, key_id, blobs[start:stop]))
         results = await asyncio.gather(*calls, return_exceptions=True)
         token = results[owner]
         for r in results:
@@ -479,6 +482,17 @@ class GalleryService:
     def _check_count(items: Sequence[bytes], expected: int, what: str) -> None:
         if len(items) != expected:
             raise InvalidArgument(f"a {what} is {expected} ciphertexts for this key, got {len(items)}")
+
+    def _background(self, fut: Awaitable[object], what: str) -> None:
+        async def run() -> None:
+            try:
+                await fut
+            except Exception:
+                log.exception("background %s failed", what)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._compactions.tasks.add(task)
+        task.add_done_callback(self._compactions.tasks.discard)
 
     def _schedule_compaction(self, bin_id: int) -> None:
         self._compactions.last_write[bin_id] = time.monotonic()

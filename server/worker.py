@@ -122,10 +122,10 @@ def validate(
     return token
 
 
-def check_part(tenant_id: str, key_id: str, blobs: Sequence[bytes], start: int, stop: int) -> None:
-    """Validate some ciphertexts of a contribution and drop them."""
+def check_part(tenant_id: str, key_id: str, blobs: Sequence[bytes]) -> None:
+    """Validate a share of a contribution's ciphertexts and drop them."""
     kernel = _s().kernel(tenant_id, key_id)
-    kernel.load_some(blobs, start, stop)
+    kernel.load_checked_each(blobs)
 
 
 def validate_probe(tenant_id: str, key_id: str, blobs: Sequence[bytes]) -> int:

@@ -22,9 +22,16 @@ import numpy.typing as npt
 @dataclass(frozen=True)
 class SyntheticFaces:
     dim: int = 128
-    impostor_mean: float = 0.80
-    genuine_mean: float = 0.94
-    noise_spread: float = 0.35  # sigma of log(s)
+    # Fitted to dlib on LFW (3,681 photos of 1,264 people): genuine cosine
+    # 0.952 +- 0.020, impostor 0.834 +- 0.034 (docs/benchmarks.md).
+    impostor_mean: float = 0.826  # + ~0.008 from the group structure below
+    genuine_mean: float = 0.952
+    noise_spread: float = 0.25  # sigma of log(s)
+    # Population structure: identity centres share one of `groups` directions
+    # with weight `group_weight` (real faces cluster by sex, age, ancestry,
+    # capture conditions); it widens the impostor distribution as in dlib's.
+    groups: int = 8
+    group_weight: float = 0.5
 
     def _coeffs(self) -> tuple[float, float, float]:
         a2 = self.impostor_mean
@@ -42,6 +49,11 @@ class SyntheticFaces:
         common = np.random.default_rng(1234).normal(size=d)
         common /= np.linalg.norm(common)
         ids = rng.normal(scale=1 / np.sqrt(d), size=(n_ids, d))
+        if self.groups > 0 and self.group_weight > 0:
+            centres = np.random.default_rng(4321).normal(scale=1 / np.sqrt(d), size=(self.groups, d))
+            which = rng.integers(0, self.groups, size=n_ids)
+            w = self.group_weight
+            ids = np.sqrt(1 - w) * ids + np.sqrt(w) * centres[which]
         noise = rng.normal(scale=1 / np.sqrt(d), size=(n_ids, per_id, d))
         strength = np.exp(rng.normal(scale=self.noise_spread, size=(n_ids, per_id, 1)))
         strength /= np.sqrt(np.exp(2 * self.noise_spread**2))  # E[s^2] = 1
