@@ -235,17 +235,21 @@ class VeilClient:
                 tenant_id=self.state.tenant_id, key_id=self.state.key_id, label=label, count=1
             ),
         )
-        cts = self.crypto.encrypt_contribution(x, list(res.slots))
-        resp = self.transport.call(
-            self.transport.enrollment.Enroll,
-            pb.EnrollRequest(
-                tenant_id=self.state.tenant_id,
-                key_id=self.state.key_id,
-                reservation_id=res.reservation_id,
-                handles=[handle],
-                ciphertexts=cts,
-            ),
-        )
+        def messages() -> Iterator[pb.EnrollRequest]:
+            # Encrypt chunk k+1 while chunk k is on the wire and being checked.
+            for i, cts in enumerate(self.crypto.encrypt_contribution_chunks(x, list(res.slots))):
+                if i == 0:
+                    yield pb.EnrollRequest(
+                        tenant_id=self.state.tenant_id,
+                        key_id=self.state.key_id,
+                        reservation_id=res.reservation_id,
+                        handles=[handle],
+                        ciphertexts=cts,
+                    )
+                else:
+                    yield pb.EnrollRequest(ciphertexts=cts)
+
+        resp = self.transport.call(self.transport.enrollment.Enroll, messages())
         return EnrollReceipt(subject_id, handle, resp.bin_id, resp.slots[0])
 
     def _bulk_chunks(

@@ -7,7 +7,7 @@ upload is half the size of a public-key encryption, for the same security.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -62,6 +62,14 @@ class TenantCrypto:
         bulk import packs up to ``slots`` templates in one contribution.
         """
         return self._encrypt_rows(self.layout.pack(templates, slot_idx))
+
+    def encrypt_contribution_chunks(
+        self, templates: npt.ArrayLike, slot_idx: npt.ArrayLike, *, chunk: int = 32
+    ) -> Iterator[list[bytes]]:
+        """:meth:`encrypt_contribution` in order, ``chunk`` ciphertexts at a time (for streaming)."""
+        rows = self.layout.pack(templates, slot_idx)
+        for start in range(0, len(rows), chunk):
+            yield self._encrypt_rows(rows[start : start + chunk])
 
     def encrypt_probe(self, probe: npt.ArrayLike) -> list[bytes]:
         """The ``g1`` baby-step rotations of the probe, each a fresh ciphertext."""

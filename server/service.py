@@ -200,8 +200,9 @@ class GalleryService:
         key_id: str,
         reservation_id: str,
         handles: Sequence[str],
-        ciphertexts: Sequence[bytes],
+        chunks: AsyncIterator[Sequence[bytes]],
     ) -> tuple[Reservation, int]:
+        """Validate a contribution as its ciphertexts stream in, then make it durable."""
         view = await self.key(tenant_id, key_id)
         res = await asyncio.to_thread(self.store.get_reservation, tenant_id, reservation_id)
         if res.key_id != key_id:
@@ -209,20 +210,32 @@ class GalleryService:
         check_handles(handles)
         if len(handles) != len(res.slots):
             raise InvalidArgument(f"the reservation holds {len(res.slots)} slots; send as many handles")
-        self._check_count(ciphertexts, view.layout.n_ciphertexts, "contribution")
-        owner = self.pool.owner(res.bin_id)
-        token = await self._validate_split(tenant_id, key_id, list(ciphertexts), res.bin_id)
+        expected = view.layout.n_ciphertexts
+        blobs: list[bytes] = []
+        checks: list[asyncio.Future[None]] = []
         try:
-            version = await asyncio.to_thread(
-                self.store.commit_enroll, res, list(handles), pack_blobs(ciphertexts)
-            )
+            async for chunk in chunks:
+                if len(blobs) + len(chunk) > expected:
+                    raise InvalidArgument(f"a contribution is {expected} ciphertexts for this key")
+                blobs.extend(chunk)
+                # Each chunk is checked by the next worker while more arrive.
+                worker_idx = len(checks) % self.pool.n
+                checks.append(
+                    asyncio.ensure_future(
+                        self.pool.call(worker_idx, worker.check_part, tenant_id, key_id, list(chunk))
+                    )
+                )
+            self._check_count(blobs, expected, "contribution")
+            await asyncio.gather(*checks)
         except BaseException:
-            await self.pool.call(owner, worker.discard, token)
+            for c in checks:
+                c.cancel()
+            await asyncio.gather(*checks, return_exceptions=True)
             raise
-        # Durable now: acknowledge at once. Folding the contribution into the
-        # owner's in-memory bin is queued on that worker before any later
-        # request for the bin, so nothing can score the bin without it.
-        self._background(self.pool.call(owner, worker.commit, token, version), "fold-in")
+        version = await asyncio.to_thread(self.store.commit_enroll, res, list(handles), pack_blobs(blobs))
+        # Durable now: acknowledge. The owner folds the new delta into its
+        # in-memory bin when the bin is next scored or compacted (whichever
+        # comes first), so a burst of enrollments never waits for it.
         self._schedule_compaction(res.bin_id)
         return res, version
 
@@ -450,33 +463,6 @@ class GalleryService:
             for b in bins
             if (parts := results.get(b.bin_id))
         ]
-
-    async def _validate_split(
-        self, tenant_id: str, key_id: str, blobs: list[bytes], bin_id: int
-    ) -> str:
-        """Validate a contribution on every worker at once; the owner keeps it."""
-        owner = self.pool.owner(bin_id)
-        n, w = len(blobs), self.pool.n
-        if w == 1:
-            return await self.pool.call(owner, worker.validate, tenant_id, key_id, blobs, bin_id)
-        bounds = [(i * n // w, (i + 1) * n // w) for i in range(w)]
-        calls = []
-        for i, (start, stop) in enumerate(bounds):
-            if i == owner:
-                calls.append(
-                    self.pool.call(i, worker.validate, tenant_id, key_id, blobs, bin_id, (start, stop))
-                )
-            else:
-                calls.append(self.pool.call(i, worker.check_part, tenant_id, key_id, blobs[start:stop]))
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        token = results[owner]
-        for r in results:
-            if isinstance(r, BaseException):
-                if isinstance(token, str):
-                    await self.pool.call(owner, worker.discard, token)
-                raise r
-        assert isinstance(token, str)
-        return token
 
     @staticmethod
     def _check_count(items: Sequence[bytes], expected: int, what: str) -> None:

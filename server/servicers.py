@@ -105,14 +105,23 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
         )
 
     @mapped
-    async def Enroll(self, request: pb.EnrollRequest, context: Ctx) -> pb.EnrollResponse:
-        require_tenant(request.tenant_id)
+    async def Enroll(
+        self, request_iterator: AsyncIterator[pb.EnrollRequest], context: Ctx
+    ) -> pb.EnrollResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            raise InvalidArgument("empty enrollment stream")
+        require_tenant(first.tenant_id)
+
+        async def chunks() -> AsyncIterator[list[bytes]]:
+            yield list(first.ciphertexts)
+            async for msg in request_iterator:
+                if msg.reservation_id or msg.handles:
+                    raise InvalidArgument("only the first message names the reservation and handles")
+                yield list(msg.ciphertexts)
+
         res, version = await self.service.enroll(
-            request.tenant_id,
-            request.key_id,
-            request.reservation_id,
-            list(request.handles),
-            list(request.ciphertexts),
+            first.tenant_id, first.key_id, first.reservation_id, list(first.handles), chunks()
         )
         return pb.EnrollResponse(bin_id=res.bin_id, slots=list(res.slots), bin_version=version)
 

@@ -146,6 +146,8 @@ def commit(token: str, new_version: int) -> None:
             for i, ct in zip(range(missing[0], missing[-1] + 1), loaded):
                 cts[i] = ct
     cached = state.bins.get(bin_id)
+    if cached is not None and cached.version >= new_version:
+        return  # a query already reloaded the bin with this contribution
     if new_version == 1 and cached is None:
         state.bins[bin_id] = _CachedBin(1, cts)
     elif cached is not None and cached.version == new_version - 1:

@@ -60,11 +60,25 @@ def test_malformed_and_foreign_ciphertexts(small_server, faces) -> None:  # type
         with pytest.raises(InvalidArgument):
             tr.call(
                 tr.enrollment.Enroll,
-                pb.EnrollRequest(
-                    tenant_id="bad-ct", key_id="k1", reservation_id=res.reservation_id,
-                    handles=["h-bad"], ciphertexts=bad,
-                ),
+                iter([
+                    pb.EnrollRequest(
+                        tenant_id="bad-ct", key_id="k1", reservation_id=res.reservation_id,
+                        handles=["h-bad"], ciphertexts=bad[:64],
+                    ),
+                    pb.EnrollRequest(ciphertexts=bad[64:]),
+                ]),
             )
+        # too many ciphertexts, and a second message that tries to switch reservation
+        good = c.crypto.encrypt_contribution(c.prepare(gallery[21]), list(res.slots))
+        for msgs in (
+            [pb.EnrollRequest(tenant_id="bad-ct", key_id="k1", reservation_id=res.reservation_id,
+                              handles=["h-bad"], ciphertexts=good), pb.EnrollRequest(ciphertexts=good[:1])],
+            [pb.EnrollRequest(tenant_id="bad-ct", key_id="k1", reservation_id=res.reservation_id,
+                              handles=["h-bad"], ciphertexts=good[:10]),
+             pb.EnrollRequest(reservation_id="other", ciphertexts=good[10:])],
+        ):
+            with pytest.raises(InvalidArgument):
+                tr.call(tr.enrollment.Enroll, iter(msgs))
         # wrong template dimension on the client side
         with pytest.raises(InvalidArgument):
             c.identify(np.ones(64))
@@ -93,7 +107,7 @@ def test_unknown_tenant_key_subject_and_mode(small_server, faces) -> None:  # ty
         with pytest.raises(NotFound):
             tr.call(
                 tr.enrollment.Enroll,
-                pb.EnrollRequest(tenant_id="unk", key_id="k1", reservation_id="forged", handles=["x"]),
+                iter([pb.EnrollRequest(tenant_id="unk", key_id="k1", reservation_id="forged", handles=["x"])]),
             )
         with pytest.raises(InvalidArgument):
             tr.call(tr.tenants.RegisterKey, pb.RegisterKeyRequest(tenant_id="unk", key_id="k2", public_context=b"nope"))

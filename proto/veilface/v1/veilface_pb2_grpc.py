@@ -211,7 +211,7 @@ class EnrollmentStub(object):
                 request_serializer=veilface_dot_v1_dot_veilface__pb2.ReserveSlotsRequest.SerializeToString,
                 response_deserializer=veilface_dot_v1_dot_veilface__pb2.ReserveSlotsResponse.FromString,
                 _registered_method=True)
-        self.Enroll = channel.unary_unary(
+        self.Enroll = channel.stream_unary(
                 '/veilface.v1.Enrollment/Enroll',
                 request_serializer=veilface_dot_v1_dot_veilface__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=veilface_dot_v1_dot_veilface__pb2.EnrollResponse.FromString,
@@ -246,9 +246,13 @@ class EnrollmentServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Enroll(self, request, context):
+    def Enroll(self, request_iterator, context):
         """Add one contribution (templates encrypted at their reserved slots, zero
         elsewhere) into the bin homomorphically. Acknowledged once durable.
+        Client-streaming so that the tenant's encryption of the next ciphertexts
+        overlaps the server's validation of the previous ones: the first message
+        names the reservation and handles, every message carries ciphertexts in
+        order, n_ciphertexts in all. A cut stream writes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -288,7 +292,7 @@ def add_EnrollmentServicer_to_server(servicer, server):
                     request_deserializer=veilface_dot_v1_dot_veilface__pb2.ReserveSlotsRequest.FromString,
                     response_serializer=veilface_dot_v1_dot_veilface__pb2.ReserveSlotsResponse.SerializeToString,
             ),
-            'Enroll': grpc.unary_unary_rpc_method_handler(
+            'Enroll': grpc.stream_unary_rpc_method_handler(
                     servicer.Enroll,
                     request_deserializer=veilface_dot_v1_dot_veilface__pb2.EnrollRequest.FromString,
                     response_serializer=veilface_dot_v1_dot_veilface__pb2.EnrollResponse.SerializeToString,
@@ -349,7 +353,7 @@ class Enrollment(object):
             _registered_method=True)
 
     @staticmethod
-    def Enroll(request,
+    def Enroll(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -359,8 +363,8 @@ class Enrollment(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/veilface.v1.Enrollment/Enroll',
             veilface_dot_v1_dot_veilface__pb2.EnrollRequest.SerializeToString,
