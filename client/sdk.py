@@ -166,6 +166,19 @@ class VeilClient:
         if getattr(self.state, "center", None) is not None:
             raise FailedPrecondition("the centering vector is already fixed for this key")
         self.state.center = self.normalize(embeddings).mean(axis=0)
+        self.register_center()
+
+    def register_center(self) -> None:
+        """Send the encrypted centering vector (the server adds ``(x - mu) . mu`` at re-ranking)."""
+        mixed = self._mix @ self.center
+        self.transport.call(
+            self.transport.tenants.RegisterCenter,
+            pb.RegisterCenterRequest(
+                tenant_id=self.state.tenant_id,
+                key_id=self.state.key_id,
+                center_ciphertexts=self.crypto.encrypt_probe(mixed),
+            ),
+        )
 
     def _freeze_center(self) -> None:
         if getattr(self.state, "center", None) is None:
@@ -175,10 +188,18 @@ class VeilClient:
         """Templates as stored: mixed, centered, normalized. float64 [n, dim]."""
         return np.asarray((self.normalize(embeddings) - self.center) @ self._mix.T, dtype=np.float64)
 
-    def prepare_probe(self, embedding: npt.ArrayLike) -> tuple[FloatArray, float]:
-        """A probe as encrypted (mixed, normalized) and its offset ``mu . p``."""
+    def prepare_probe(
+        self, embedding: npt.ArrayLike, *, centered: bool = False
+    ) -> tuple[FloatArray, float]:
+        """A probe as encrypted (mixed, normalized) and its offset ``mu . p``.
+
+        ``centered=True`` sends ``p - mu`` (identification): preselection then
+        compares centered vectors, and the server adds ``(x - mu) . mu`` when
+        it re-ranks, so that the full score is still ``(x - mu) . p``.
+        """
         p = self.normalize(embedding)[0]
-        return np.asarray(self._mix @ p, dtype=np.float64), float(self.center @ p)
+        q = p - self.center if centered else p
+        return np.asarray(self._mix @ q, dtype=np.float64), float(self.center @ p)
 
     def _labels_for(self, xn: FloatArray) -> list[str]:
         """Routing labels of normalized (unmixed, uncentered) templates."""
@@ -190,6 +211,7 @@ class VeilClient:
     # -- tenant ---------------------------------------------------------
 
     def register_key(self) -> pb.KeyInfo:
+        """Register the public context (and the center, if already fixed)."""
         keys = self.state.keys()
         resp = self.transport.call(
             self.transport.tenants.RegisterKey,
@@ -199,6 +221,8 @@ class VeilClient:
                 public_context=keys.public_context_bytes(),
             ),
         )
+        if getattr(self.state, "center", None) is not None and not resp.key.has_center:
+            self.register_center()
         return resp.key
 
     def describe(self) -> pb.DescribeTenantResponse:
@@ -326,15 +350,16 @@ class VeilClient:
         t0 = time.perf_counter()
         stats = QueryStats()
         xn = self.normalize(embedding)
-        x, offset = self.prepare_probe(xn)
+        x, offset = self.prepare_probe(xn, centered=True)
         probe = self.crypto.encrypt_probe(x)
+        x_route = self._mix @ xn[0]
         stats.encrypt_ms = (time.perf_counter() - t0) * 1e3
         labels: list[str] = []
         if mode == "routed":
             router = self.state.router
             if router is None:
                 raise FailedPrecondition("routed mode needs trained routing (train_routing)")
-            lists = router.probe_lists(x.astype(np.float32), min(nprobe, router.nlist))
+            lists = router.probe_lists(x_route.astype(np.float32), min(nprobe, router.nlist))
             # real and decoy labels together, sorted, decoys from the OS CSPRNG
             labels = router.query_labels(np.asarray(lists).reshape(-1).tolist(), decoys=decoys, rng=rng)
         elif mode != "strict":

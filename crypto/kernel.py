@@ -71,6 +71,10 @@ class BinKernel:
         for acc, ct in zip(bin_cts, contribution, strict=True):
             self._evaluator.add_inplace(acc, ct)
 
+    def add_scores(self, acc: seal.Ciphertext, other: seal.Ciphertext) -> None:
+        """Add two score ciphertexts in place (same scale, both relinearized)."""
+        self._evaluator.add_inplace(acc, other)
+
     @staticmethod
     def serialize(cts: Sequence[seal.Ciphertext]) -> list[bytes]:
         return [seal_io.to_bytes(ct) for ct in cts]

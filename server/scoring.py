@@ -51,6 +51,7 @@ class WorkerPool:
         *,
         query_id: str = "",
         split: bool = True,
+        add_center: bool = False,
     ) -> dict[int, list[bytes]]:
         """Score bins in parallel; returns bin_id -> score ciphertexts to add up.
 
@@ -59,18 +60,20 @@ class WorkerPool:
         so a small gallery still uses every core. Otherwise each worker scores
         the bins it owns.
         """
-        units: dict[int, list[tuple[int, int, int, int]]] = {}
+        units: dict[int, list[tuple[int, int, int, int, bool]]] = {}
         if split and len(bins) < self.n and len(giants) >= 2:
             parts = min(self.n, len(giants))
             for bin_id, version in bins:
                 for i in range(parts):
                     lo = giants.start + i * len(giants) // parts
                     hi = giants.start + (i + 1) * len(giants) // parts
-                    units.setdefault((self.owner(bin_id) + i) % self.n, []).append((bin_id, version, lo, hi))
+                    units.setdefault((self.owner(bin_id) + i) % self.n, []).append(
+                        (bin_id, version, lo, hi, add_center and i == 0)
+                    )
         else:
             for bin_id, version in bins:
                 units.setdefault(self.owner(bin_id), []).append(
-                    (bin_id, version, giants.start, giants.stop)
+                    (bin_id, version, giants.start, giants.stop, add_center)
                 )
         results = await asyncio.gather(
             *(
@@ -84,6 +87,9 @@ class WorkerPool:
                 if blob is not None:
                     out.setdefault(unit[0], []).append(blob)
         return out
+
+    async def broadcast(self, fn: Callable[..., T], *args: Any) -> list[T]:
+        return list(await asyncio.gather(*(self.call(i, fn, *args) for i in range(self.n))))
 
     def shutdown(self) -> None:
         for ex in self._execs:

@@ -156,6 +156,15 @@ class GalleryService:
         log.info("tenant %s registered key %s (%s)", tenant_id, key_id, public.fingerprint)
         return await self.key(tenant_id, key_id)
 
+    async def register_center(self, tenant_id: str, key_id: str, center: Sequence[bytes]) -> KeyView:
+        view = await self.key(tenant_id, key_id)
+        self._check_count(center, view.layout.g1, "center")
+        await self.pool.call(0, worker.validate_probe, tenant_id, key_id, list(center))
+        await asyncio.to_thread(self.store.set_center, tenant_id, key_id, pack_blobs(center))
+        self._layouts.pop((tenant_id, key_id), None)
+        await self.pool.broadcast(worker.forget_key, tenant_id, key_id)
+        return await self.key(tenant_id, key_id)
+
     async def key(self, tenant_id: str, key_id: str) -> KeyView:
         check_key_id(key_id)
         view = self._layouts.get((tenant_id, key_id))
@@ -286,7 +295,20 @@ class GalleryService:
             raise
         for bin_id, owner, token in staged:
             await self.pool.call(owner, worker.commit, token, 1)
+        self._warm_centers(tenant_of_call, [b for b, _, _ in staged])
         return bins, subjects
+
+    def _warm_centers(self, tenant_id: str, bin_ids: Sequence[int]) -> None:
+        """Precompute the bins' scores against the key's center, off the query path."""
+        by_owner: dict[int, list[int]] = {}
+        for b in bin_ids:
+            by_owner.setdefault(self.pool.owner(b), []).append(b)
+        for owner, group in by_owner.items():
+            self._background(self._warm(owner, tenant_id, group), "center precompute")
+
+    async def _warm(self, owner: int, tenant_id: str, bin_ids: list[int]) -> None:
+        key_id = await asyncio.to_thread(self.store.bin_key, bin_ids[0])
+        await self.pool.call(owner, worker.precompute_centers, tenant_id, key_id, bin_ids)
 
     async def fetch_subject_bin(self, tenant_id: str, handle: str) -> tuple[str, BinInfo, int, bytes]:
         check_handles([handle])
@@ -392,7 +414,9 @@ class GalleryService:
             view.layout.check_slots(slots)
             infos.append(info)
             wanted[info.bin_id] = [int(s) for s in slots]
-        scored = await self._score(tenant_id, key_id, view, infos, probe, "rest", query_id)
+        scored = await self._score(
+            tenant_id, key_id, view, infos, probe, "rest", query_id, add_center=True
+        )
         out = []
         for bs in scored:
             slots = wanted[bs.bin_id]
@@ -445,6 +469,7 @@ class GalleryService:
         query_id: str = "",
         *,
         split: bool = True,
+        add_center: bool = False,
     ) -> list[BinScore]:
         if not bins:
             return []
@@ -456,6 +481,7 @@ class GalleryService:
             view.layout.giants(stage),
             query_id=query_id,
             split=split,
+            add_center=add_center,
         )
         cap = view.layout.capacity
         return [
@@ -503,6 +529,11 @@ class GalleryService:
             if current is not None:
                 version, blob = current
                 await asyncio.to_thread(self.store.compact, bin_id, blob, version)
+                key_id = await asyncio.to_thread(self.store.bin_key, bin_id)
+                tenant_id = await asyncio.to_thread(self.store.bin_tenant, bin_id)
+                await self.pool.call(
+                    self.pool.owner(bin_id), worker.precompute_centers, tenant_id, key_id, [bin_id]
+                )
         except Exception:  # compaction is an optimisation; the deltas stay valid
             log.exception("compaction of bin %d failed", bin_id)
 

@@ -35,6 +35,7 @@ def key_info_to_proto(view: KeyView) -> pb.KeyInfo:
         probe_ciphertexts=lay.g1,
         capacity=lay.capacity,
         fingerprint=rec.fingerprint,
+        has_center=rec.center_probe is not None,
     )
     if view.stats is not None:
         info.subjects, info.bins, info.stored_bytes = (
@@ -76,6 +77,14 @@ class TenantsServicer(pb_grpc.TenantsServicer):
     async def RegisterKey(self, request: pb.RegisterKeyRequest, context: Ctx) -> pb.RegisterKeyResponse:
         require_tenant(request.tenant_id)
         view = await self.service.register_key(request.tenant_id, request.key_id, request.public_context)
+        return pb.RegisterKeyResponse(key=key_info_to_proto(view))
+
+    @mapped
+    async def RegisterCenter(self, request: pb.RegisterCenterRequest, context: Ctx) -> pb.RegisterKeyResponse:
+        require_tenant(request.tenant_id)
+        view = await self.service.register_center(
+            request.tenant_id, request.key_id, list(request.center_ciphertexts)
+        )
         return pb.RegisterKeyResponse(key=key_info_to_proto(view))
 
     @mapped

@@ -37,14 +37,32 @@ class _WorkerState:
         self.bins: OrderedDict[int, _CachedBin] = OrderedDict()
         self.pending: dict[str, tuple[int, BinKernel, Bin, list[bytes] | None]] = {}
         self.probes: OrderedDict[tuple[str, str, str], Bin] = OrderedDict()
+        self.centers: dict[tuple[str, str], Bin | None] = {}
+        self.center_cache: dict[int, tuple[int, object]] = {}
 
     def kernel(self, tenant_id: str, key_id: str) -> BinKernel:
         k = self.kernels.get((tenant_id, key_id))
         if k is None:
-            blob, _ = self.reader.key_context(tenant_id, key_id)
+            blob, _, center = self.reader.key_context(tenant_id, key_id)
             k = BinKernel(PublicContext.from_bytes(blob))
             self.kernels[(tenant_id, key_id)] = k
+            self.centers[(tenant_id, key_id)] = (
+                k.load_probe(unpack_blobs(center)) if center is not None else None
+            )
         return k
+
+    def center_scores(self, tenant_id: str, key_id: str, bin_id: int, cached: _CachedBin) -> object:
+        """The bin's full scores against the key's centering vector, cached per version."""
+        hit = self.center_cache.get(bin_id)
+        if hit is not None and hit[0] == cached.version:
+            return hit[1]
+        kernel = self.kernel(tenant_id, key_id)
+        center = self.centers.get((tenant_id, key_id))
+        if center is None or cached.cts is None:
+            return None
+        ct = kernel.score(cached.cts, center, "full")
+        self.center_cache[bin_id] = (cached.version, ct)
+        return ct
 
     def bin(self, bin_id: int, min_version: int = 0) -> _CachedBin:
         """The bin at ``min_version`` or newer (``-1``: whatever the database has now)."""
@@ -172,15 +190,17 @@ def forget(bin_ids: Sequence[int]) -> None:
 def score(
     tenant_id: str,
     key_id: str,
-    units: Sequence[tuple[int, int, int, int]],
+    units: Sequence[tuple[int, int, int, int, bool]],
     probe_blobs: Sequence[bytes],
     query_id: str = "",
 ) -> list[bytes | None]:
-    """Score work units ``(bin_id, version, first_giant, stop_giant)``.
+    """Score work units ``(bin_id, version, first_giant, stop_giant, add_center)``.
 
     Returns one ciphertext per unit (``None`` for a bin with no ciphertext
-    yet). The loaded probe is kept under ``query_id`` so the re-ranking
-    stage of the same query does not deserialize it again.
+    yet). With ``add_center`` the bin's scores against the key's centering
+    vector are added (re-ranking of centered probes). The loaded probe is
+    kept under ``query_id`` so the re-ranking stage of the same query does
+    not deserialize it again.
     """
     state = _s()
     kernel = state.kernel(tenant_id, key_id)
@@ -192,13 +212,39 @@ def score(
             while len(state.probes) > 16:
                 state.probes.popitem(last=False)
     out: list[bytes | None] = []
-    for bin_id, version, g0, g1 in units:
+    for bin_id, version, g0, g1, add_center in units:
         cached = state.bin(bin_id, version)
         if cached.cts is None:
             out.append(None)
             continue
-        out.append(seal_io.to_bytes(kernel.score_giants(cached.cts, probe, range(g0, g1))))
+        ct = kernel.score_giants(cached.cts, probe, range(g0, g1))
+        if add_center:
+            centered = state.center_scores(tenant_id, key_id, bin_id, cached)
+            if centered is not None:
+                kernel.add_scores(ct, centered)
+        out.append(seal_io.to_bytes(ct))
     return out
+
+
+def precompute_centers(tenant_id: str, key_id: str, bin_ids: Sequence[int]) -> int:
+    """Warm the centering scores of bins after they change (runs in the background)."""
+    state = _s()
+    done = 0
+    for bin_id in bin_ids:
+        try:
+            cached = state.bin(bin_id, -1)
+        except NotFound:
+            continue
+        done += state.center_scores(tenant_id, key_id, bin_id, cached) is not None
+    return done
+
+
+def forget_key(tenant_id: str, key_id: str) -> None:
+    """The key's center changed: drop what was derived from it."""
+    state = _s()
+    state.kernels.pop((tenant_id, key_id), None)
+    state.centers.pop((tenant_id, key_id), None)
+    state.center_cache.clear()
 
 
 def current(bin_id: int) -> tuple[int, bytes] | None:

@@ -14,6 +14,7 @@ class KeyRecord:
     presel_dims: int
     public_context: bytes
     fingerprint: str
+    center_probe: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS keys (
     public_context BLOB NOT NULL,
     fingerprint TEXT NOT NULL,
     created_at REAL NOT NULL,
+    center_probe BLOB,
     PRIMARY KEY (tenant_id, key_id)
 );
 CREATE TABLE IF NOT EXISTS bins (
@@ -92,7 +93,7 @@ CREATE TABLE IF NOT EXISTS reservations (
 );
 """
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -197,7 +198,7 @@ class SQLiteStore:
                     )
                 return record
             c.execute(
-                "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
                 (
                     record.tenant_id,
                     record.key_id,
@@ -213,14 +214,34 @@ class SQLiteStore:
 
     def get_key(self, tenant_id: str, key_id: str) -> KeyRecord:
         rows = self._q(
-            "SELECT param_set, dim, presel_dims, public_context, fingerprint FROM keys "
+            "SELECT param_set, dim, presel_dims, public_context, fingerprint, center_probe FROM keys "
             "WHERE tenant_id=? AND key_id=?",
             (tenant_id, key_id),
         )
         if not rows:
             raise NotFound(f"tenant {tenant_id!r} has no key {key_id!r}; register it first")
-        ps, dim, presel, ctx, fp = rows[0]
-        return KeyRecord(tenant_id, key_id, ps, dim, presel, ctx, fp)
+        ps, dim, presel, ctx, fp, center = rows[0]
+        return KeyRecord(tenant_id, key_id, ps, dim, presel, ctx, fp, center)
+
+    def set_center(self, tenant_id: str, key_id: str, blob: bytes) -> None:
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT center_probe FROM keys WHERE tenant_id=? AND key_id=?", (tenant_id, key_id)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"tenant {tenant_id!r} has no key {key_id!r}; register it first")
+            (bins,) = c.execute(
+                "SELECT COUNT(*) FROM bins WHERE tenant_id=? AND key_id=? AND version > 0",
+                (tenant_id, key_id),
+            ).fetchone()
+            if row[0] is not None and bins:
+                raise FailedPrecondition(
+                    "the key's center is fixed once templates are enrolled; rotate to a new key"
+                )
+            c.execute(
+                "UPDATE keys SET center_probe=? WHERE tenant_id=? AND key_id=?",
+                (blob, tenant_id, key_id),
+            )
 
     def list_keys(self, tenant_id: str) -> list[tuple[KeyRecord, KeyStats]]:
         out = []
@@ -414,6 +435,18 @@ class SQLiteStore:
         slots = tuple(s for (s,) in self._q("SELECT slot FROM subjects WHERE bin_id=? ORDER BY slot", (bin_id,)))
         return BinInfo(bin_id, rows[0][0], rows[0][1], slots)
 
+    def bin_key(self, bin_id: int) -> str:
+        rows = self._q("SELECT key_id FROM bins WHERE bin_id=?", (bin_id,))
+        if not rows:
+            raise NotFound(f"no bin {bin_id}")
+        return str(rows[0][0])
+
+    def bin_tenant(self, bin_id: int) -> str:
+        rows = self._q("SELECT tenant_id FROM bins WHERE bin_id=?", (bin_id,))
+        if not rows:
+            raise NotFound(f"no bin {bin_id}")
+        return str(rows[0][0])
+
     def handles_for(self, bin_id: int, slots: Sequence[int]) -> list[str]:
         found = dict(self._q("SELECT slot, handle FROM subjects WHERE bin_id=?", (bin_id,)))
         return [found.get(s, "") for s in slots]
@@ -506,14 +539,14 @@ class BinReader:
         row = self._conn.execute("SELECT version FROM bins WHERE bin_id=?", (bin_id,)).fetchone()
         return None if row is None else int(row[0])
 
-    def key_context(self, tenant_id: str, key_id: str) -> tuple[bytes, str]:
+    def key_context(self, tenant_id: str, key_id: str) -> tuple[bytes, str, bytes | None]:
         row = self._conn.execute(
-            "SELECT public_context, fingerprint FROM keys WHERE tenant_id=? AND key_id=?",
+            "SELECT public_context, fingerprint, center_probe FROM keys WHERE tenant_id=? AND key_id=?",
             (tenant_id, key_id),
         ).fetchone()
         if row is None:
             raise NotFound(f"tenant {tenant_id!r} has no key {key_id!r}")
-        return bytes(row[0]), str(row[1])
+        return bytes(row[0]), str(row[1]), (bytes(row[2]) if row[2] is not None else None)
 
     def close(self) -> None:
         self._conn.close()

@@ -36,6 +36,7 @@ class BenchConfig:
     workers: int = 2
     seed: int = 0
     progress: bool = True
+    presel_dims: int = 0  # 0: the layout's default
 
 
 def _data(cfg: BenchConfig) -> tuple[npt.NDArray[np.float32], list[str], npt.NDArray[np.float32], list[str], str]:
@@ -112,7 +113,7 @@ def run_identify_bench(cfg: BenchConfig) -> dict[str, Any]:
             admin = Transport(srv.target, token=srv.admin_token)
             token = admin.call(admin.tenants.CreateTenant, pb.CreateTenantRequest(tenant_id="bench")).api_token
             admin.close()
-            state = TenantState.new("bench", dim=dim)
+            state = TenantState.new("bench", dim=dim, presel_dims=cfg.presel_dims)
             with VeilClient(srv.target, state, token=token) as client:
                 client.register_key()
                 if cfg.mode == "routed":
@@ -142,11 +143,14 @@ def run_identify_bench(cfg: BenchConfig) -> dict[str, Any]:
 
                 desc = client.describe()
                 key = desc.keys[0]
+                result["presel_dims"] = key.presel_dims
                 result["bytes_per_template"] = key.stored_bytes / max(1, key.subjects)
                 result["bins"] = key.bins
 
-                # warm-up: the workers deserialize their bins on first use
-                client.identify(probes[0], mode=cfg.mode, k=cfg.k, nprobe=cfg.nprobe)
+                # warm-up: the workers deserialize their bins on first use and
+                # finish precomputing the bins' scores against the center
+                for p in probes[:3]:
+                    client.identify(p, mode=cfg.mode, k=cfg.k, nprobe=cfg.nprobe)
 
                 lat, pre_ms, rr_ms, enc_ms, qbytes, hits, enc_correct, plain_correct, plain_ms = (
                     [], [], [], [], [], 0, 0, 0, [],

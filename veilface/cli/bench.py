@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--k", type=int, default=32, help="candidates after preselection")
     p.add_argument("--single", type=int, default=20, help="templates enrolled one by one")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--presel-dims", type=int, default=0, help="coordinates scored by preselection")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--no-progress", action="store_true")
@@ -45,6 +46,7 @@ def identify(args: argparse.Namespace) -> int:
         workers=args.workers,
         seed=args.seed,
         progress=not args.no_progress,
+        presel_dims=args.presel_dims,
     )
     result = run_identify_bench(cfg)
     print(format_table(result))

@@ -17,6 +17,16 @@ SEARCH_MODE_UNSPECIFIED: SearchMode
 SEARCH_MODE_STRICT: SearchMode
 SEARCH_MODE_ROUTED: SearchMode
 
+class RegisterCenterRequest(_message.Message):
+    __slots__ = ("tenant_id", "key_id", "center_ciphertexts")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    CENTER_CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    key_id: str
+    center_ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., center_ciphertexts: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class CreateTenantRequest(_message.Message):
     __slots__ = ("tenant_id",)
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -42,7 +52,7 @@ class RegisterKeyRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., public_context: _Optional[bytes] = ...) -> None: ...
 
 class KeyInfo(_message.Message):
-    __slots__ = ("key_id", "param_set", "dim", "presel_dims", "n_ciphertexts", "probe_ciphertexts", "capacity", "fingerprint", "subjects", "bins", "stored_bytes")
+    __slots__ = ("key_id", "param_set", "dim", "presel_dims", "n_ciphertexts", "probe_ciphertexts", "capacity", "fingerprint", "subjects", "bins", "stored_bytes", "has_center")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     PARAM_SET_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +64,7 @@ class KeyInfo(_message.Message):
     SUBJECTS_FIELD_NUMBER: _ClassVar[int]
     BINS_FIELD_NUMBER: _ClassVar[int]
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HAS_CENTER_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     param_set: str
     dim: int
@@ -65,7 +76,8 @@ class KeyInfo(_message.Message):
     subjects: int
     bins: int
     stored_bytes: int
-    def __init__(self, key_id: _Optional[str] = ..., param_set: _Optional[str] = ..., dim: _Optional[int] = ..., presel_dims: _Optional[int] = ..., n_ciphertexts: _Optional[int] = ..., probe_ciphertexts: _Optional[int] = ..., capacity: _Optional[int] = ..., fingerprint: _Optional[str] = ..., subjects: _Optional[int] = ..., bins: _Optional[int] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
+    has_center: bool
+    def __init__(self, key_id: _Optional[str] = ..., param_set: _Optional[str] = ..., dim: _Optional[int] = ..., presel_dims: _Optional[int] = ..., n_ciphertexts: _Optional[int] = ..., probe_ciphertexts: _Optional[int] = ..., capacity: _Optional[int] = ..., fingerprint: _Optional[str] = ..., subjects: _Optional[int] = ..., bins: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., has_center: bool = ...) -> None: ...
 
 class RegisterKeyResponse(_message.Message):
     __slots__ = ("key",)

@@ -52,6 +52,11 @@ class TenantsStub(object):
                 request_serializer=veilface_dot_v1_dot_veilface__pb2.DescribeTenantRequest.SerializeToString,
                 response_deserializer=veilface_dot_v1_dot_veilface__pb2.DescribeTenantResponse.FromString,
                 _registered_method=True)
+        self.RegisterCenter = channel.unary_unary(
+                '/veilface.v1.Tenants/RegisterCenter',
+                request_serializer=veilface_dot_v1_dot_veilface__pb2.RegisterCenterRequest.SerializeToString,
+                response_deserializer=veilface_dot_v1_dot_veilface__pb2.RegisterKeyResponse.FromString,
+                _registered_method=True)
 
 
 class TenantsServicer(object):
@@ -82,6 +87,17 @@ class TenantsServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterCenter(self, request, context):
+        """Register the encrypted centering vector of a key (probe layout). The
+        tenant stores templates as x - mu and sends centered probes p - mu; the
+        server adds the bin's scores against mu when it re-ranks, so full scores
+        stay exact while preselection compares centered vectors. Allowed once,
+        or again while the key has no bins.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TenantsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +115,11 @@ def add_TenantsServicer_to_server(servicer, server):
                     servicer.DescribeTenant,
                     request_deserializer=veilface_dot_v1_dot_veilface__pb2.DescribeTenantRequest.FromString,
                     response_serializer=veilface_dot_v1_dot_veilface__pb2.DescribeTenantResponse.SerializeToString,
+            ),
+            'RegisterCenter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterCenter,
+                    request_deserializer=veilface_dot_v1_dot_veilface__pb2.RegisterCenterRequest.FromString,
+                    response_serializer=veilface_dot_v1_dot_veilface__pb2.RegisterKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +205,33 @@ class Tenants(object):
             '/veilface.v1.Tenants/DescribeTenant',
             veilface_dot_v1_dot_veilface__pb2.DescribeTenantRequest.SerializeToString,
             veilface_dot_v1_dot_veilface__pb2.DescribeTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterCenter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veilface.v1.Tenants/RegisterCenter',
+            veilface_dot_v1_dot_veilface__pb2.RegisterCenterRequest.SerializeToString,
+            veilface_dot_v1_dot_veilface__pb2.RegisterKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,
