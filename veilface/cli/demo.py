@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             token = admin.call(admin.tenants.CreateTenant, pb.CreateTenantRequest(tenant_id="demo")).api_token
             admin.close()
             state = TenantState.new("demo", dim=gal.shape[1])
+            state.threshold = 0.92  # dlib-calibrated cosine threshold (docs/benchmarks.md)
             state_path = Path(tmp) / "tenant.vfk"
             state.save(state_path, passphrase=os.environ.get("VEILFACE_PASSPHRASE", "demo passphrase"))
             print(f"2. tenant 'demo' created; CKKS keys generated, secret key sealed in {state_path.name}")
