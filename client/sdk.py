@@ -343,6 +343,7 @@ class VeilClient:
         embedding : float array [dim]
         mode : ``strict`` (every bin) or ``routed`` (the ``nprobe`` nearest lists)
         k : candidates kept after preselection; their bins are scored in full
+            (0: score every searched bin in full, exact but with no saving)
         top_n : candidates returned (with handles), best first
         decoys : extra random lists searched in routed mode, to blur which are real
         threshold : cosine threshold for ``match`` (default: the tenant's)
@@ -397,8 +398,12 @@ class VeilClient:
         all_bins = np.concatenate(cand_bins)
         all_slots = np.concatenate(cand_slots)
         all_scores = np.concatenate(cand_scores)
-        top = np.argsort(-all_scores)[: max(1, k)]
         groups: dict[int, list[int]] = {}
+        if k <= 0:  # exhaustive: every searched bin is scored in full
+            top = np.argsort(-all_scores)[:top_n]
+            groups = {b.bin_id: [] for b in pre.bins}
+        else:
+            top = np.argsort(-all_scores)[:k]
         for i in top:
             groups.setdefault(int(all_bins[i]), []).append(int(all_slots[i]))
 
