@@ -289,11 +289,11 @@ class GalleryService:
             bins, subjects = await asyncio.to_thread(self.store.activate_stream, stream_id)
         except BaseException:
             await asyncio.shield(asyncio.to_thread(self.store.abort_stream, stream_id))
-            for bin_id, owner, token in staged:
+            for _, owner, token in staged:
                 if token:
                     await self.pool.call(owner, worker.discard, token)
             raise
-        for bin_id, owner, token in staged:
+        for _, owner, token in staged:
             await self.pool.call(owner, worker.commit, token, 1)
         self._warm_centers(tenant_of_call, [b for b, _, _ in staged])
         return bins, subjects

@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
-from veilface.client.transport import Transport
+from veilface.client.transport import RemoteError, Transport
 from veilface.errors import (
     InvalidArgument,
     NotFound,
@@ -16,7 +16,7 @@ from veilface.errors import (
 )
 from veilface.proto.v1 import veilface_pb2 as pb
 from veilface.server.launcher import LocalServer
-from tests.server.conftest import create_tenant, make_client
+from tests.server.conftest import make_client
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_malformed_and_foreign_ciphertexts(small_server, faces) -> None:  # type
             "too few": good[:-1],
             "empty": [],
         }
-        for name, probe in cases.items():
+        for probe in cases.values():
             req = pb.PreselectRequest(
                 tenant_id="bad-ct", key_id="k1", mode=pb.SEARCH_MODE_STRICT, probe_ciphertexts=probe
             )
@@ -179,7 +179,7 @@ def test_bulk_stream_cut_in_the_middle_leaves_nothing(small_server, faces) -> No
                 )
             raise RuntimeError("client dies mid-stream")
 
-        with pytest.raises(Exception):
+        with pytest.raises(RemoteError):  # CANCELLED/UNKNOWN: the client's iterator raised
             c.transport.call(c.transport.enrollment.BulkEnroll, chunks())
         desc = c.describe().keys[0]
         assert desc.subjects == 5 and desc.bins == 1
