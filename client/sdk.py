@@ -231,12 +231,24 @@ class VeilClient:
             pb.DescribeTenantRequest(tenant_id=self.state.tenant_id),
         )
 
-    def train_routing(self, embeddings: npt.ArrayLike, *, nlist: int, seed: int = 0) -> Router:
-        """(Re)train the IVF lists on the tenant's own templates.
+    def train_routing(
+        self, embeddings: npt.ArrayLike, *, nlist: int, seed: int = 0, force: bool = False
+    ) -> Router:
+        """Train the IVF lists on the tenant's own templates, before enrolling under them.
 
-        Bins enrolled under an earlier routing keep their labels; re-pack or
-        re-enroll them to move them to the new lists (docs/protocol.md).
+        Bins keep the label of the list they were enrolled under, so
+        retraining once the key holds subjects would make routed queries miss
+        them: it is refused unless ``force=True`` (then re-enroll the gallery,
+        e.g. under a new key id, before querying in routed mode).
         """
+        if not force and self.state.router is not None:
+            keys = {k.key_id: k for k in self.describe().keys}
+            held = keys.get(self.state.key_id)
+            if held is not None and held.subjects > 0:
+                raise FailedPrecondition(
+                    f"key {self.state.key_id!r} already holds {held.subjects} subjects routed "
+                    "by the current lists; re-enroll under a new key to retrain (or force=True)"
+                )
         x = (self.normalize(embeddings) @ self._mix.T).astype(np.float32)
         version = (self.state.router.version + 1) if self.state.router else 1
         self.state.router = Router.train(
