@@ -64,7 +64,7 @@ class TenantCrypto:
         return self._encrypt_rows(self.layout.pack(templates, slot_idx))
 
     def encrypt_contribution_chunks(
-        self, templates: npt.ArrayLike, slot_idx: npt.ArrayLike, *, chunk: int = 32
+        self, templates: npt.ArrayLike, slot_idx: npt.ArrayLike, *, chunk: int = 64
     ) -> Iterator[list[bytes]]:
         """:meth:`encrypt_contribution` in order, ``chunk`` ciphertexts at a time (for streaming)."""
         rows = self.layout.pack(templates, slot_idx)
