@@ -223,13 +223,15 @@ class VeilClient:
         )
         if getattr(self.state, "center", None) is not None and not resp.key.has_center:
             self.register_center()
-        return resp.key
+        key: pb.KeyInfo = resp.key
+        return key
 
     def describe(self) -> pb.DescribeTenantResponse:
-        return self.transport.call(
+        resp: pb.DescribeTenantResponse = self.transport.call(
             self.transport.tenants.DescribeTenant,
             pb.DescribeTenantRequest(tenant_id=self.state.tenant_id),
         )
+        return resp
 
     def train_routing(
         self, embeddings: npt.ArrayLike, *, nlist: int, seed: int = 0, force: bool = False
@@ -345,7 +347,7 @@ class VeilClient:
         nprobe: int = 8,
         decoys: int = 0,
         threshold: float | None = None,
-        rng: object | None = None,
+        rng: np.random.Generator | None = None,
         top_n: int = 5,
     ) -> Identification:
         """1:N search: preselect on the first coordinates, re-rank the top ``k``, decide.
@@ -476,14 +478,15 @@ class VeilClient:
         stats.total_ms = (time.perf_counter() - t0) * 1e3
         if not candidates:
             return Identification(None, float("-inf"), False, [], stats)
-        top = candidates[0]
+        first = candidates[0]
         thr = self.state.threshold if threshold is None else threshold
-        return Identification(top.subject_id, top.score, top.score >= thr, candidates, stats)
+        return Identification(first.subject_id, first.score, first.score >= thr, candidates, stats)
 
     def _decrypt(self, b: pb.BinScores) -> FloatArray:
         """A bin's scores: one ciphertext, or parts scored by several workers."""
         if b.score_parts:
-            return np.sum([self.crypto.decrypt_scores(p) for p in b.score_parts], axis=0)
+            parts = [self.crypto.decrypt_scores(p) for p in b.score_parts]
+            return np.asarray(np.sum(parts, axis=0), dtype=np.float64)
         return self.crypto.decrypt_scores(b.scores)
 
     def verify(

@@ -8,7 +8,7 @@ calls :class:`GalleryService`, converts back. Errors are mapped by
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -19,7 +19,7 @@ from veilface.server.auth import TokenIndex, require_admin, require_tenant
 from veilface.server.errors_map import mapped
 from veilface.server.service import BinScore, BulkChunk, GalleryService, KeyView, hash_token
 
-Ctx = grpc.aio.ServicerContext
+Ctx: TypeAlias = grpc.aio.ServicerContext
 
 _MODES = {pb.SEARCH_MODE_STRICT: "strict", pb.SEARCH_MODE_ROUTED: "routed"}
 

@@ -136,7 +136,7 @@ def validate(
         cts = [None] * len(blobs)
         cts[start:stop] = kernel.load_some(blobs, start, stop)
     token = secrets.token_hex(8)
-    state.pending[token] = (bin_id, kernel, cts, list(blobs) if part else None)  # type: ignore[assignment]
+    state.pending[token] = (bin_id, kernel, cts, list(blobs) if part else None)
     return token
 
 
@@ -156,7 +156,7 @@ def commit(token: str, new_version: int) -> None:
     item = state.pending.pop(token, None)
     if item is None:
         return
-    bin_id, kernel, cts, blobs = item  # type: ignore[misc]
+    bin_id, kernel, cts, blobs = item
     if blobs is not None:  # fill in the part another worker validated
         missing = [i for i, ct in enumerate(cts) if ct is None]
         if missing:

@@ -43,7 +43,7 @@ def secret_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def token(args: argparse.Namespace) -> str:
     if args.token_file is not None:
-        return args.token_file.read_text().strip()
+        return str(args.token_file.read_text().strip())
     value = os.environ.get(args.token_env)
     if not value:
         raise InvalidArgument(f"set the API token in ${args.token_env} or pass --token-file")

@@ -43,7 +43,10 @@ def _photos(root: Path, people: int) -> tuple[np.ndarray, list[str], np.ndarray,
             a, b = pipe.embed(photos[0]).vector, pipe.embed(photos[1]).vector
         except FaceError:
             continue
-        gal.append(a), gl.append(person.name), pro.append(b), pl.append(person.name)
+        gal.append(a)
+        gl.append(person.name)
+        pro.append(b)
+        pl.append(person.name)
         if len(gal) >= people:
             break
     return np.array(gal), gl, np.array(pro), pl

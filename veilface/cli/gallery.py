@@ -121,7 +121,7 @@ def _probe(args: argparse.Namespace) -> np.ndarray:
     emb, _ = _load_npz(args.embeddings)
     if not 0 <= args.row < len(emb):
         raise InvalidArgument(f"--row must be in [0, {len(emb)})")
-    return emb[args.row]
+    return np.asarray(emb[args.row])
 
 
 def identify(args: argparse.Namespace) -> int:
