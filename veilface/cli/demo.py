@@ -106,8 +106,6 @@ def run(args: argparse.Namespace) -> int:
                         f"5. identify ({mode}): {correct}/{n_probe} probes matched their own subject, "
                         f"median {np.median(times):.0f} ms"
                     )
-                    if mode == "strict":
-                        print(f"   e.g. probe of {probe_names[0]} -> {r.subject_id if n_probe == 1 else client.identify(probes[0]).subject_id}")
                 g = client.verify(names[0], probes[0])
                 i = client.verify(names[1], probes[0])
                 print(
@@ -116,11 +114,16 @@ def run(args: argparse.Namespace) -> int:
                 )
                 client.delete(names[0])
                 after = client.identify(probes[0])
-                print(f"7. deleted {names[0]}; its probe now returns {after.subject_id} (cosine {after.score:.3f})")
+                print(
+                    f"7. deleted {names[0]}; its probe now finds {after.subject_id} at cosine "
+                    f"{after.score:.3f} -> {'match' if after.match else 'no match'} "
+                    f"(threshold {state.threshold})"
+                )
                 desc = client.describe().keys[0]
                 print(
-                    f"8. server holds {desc.subjects} subjects in {desc.bins} bins, "
-                    f"{desc.stored_bytes / max(1, desc.subjects) / 1024:.1f} KiB per template at rest"
+                    f"8. server holds {desc.subjects} subjects in {desc.bins} bins of {info.capacity} "
+                    f"slots ({desc.stored_bytes / 2**20:.1f} MiB of ciphertexts; bins are sized for "
+                    f"large galleries, so a tiny one pays for empty slots)"
                 )
     print("done: the server never saw a template, a probe or a score in clear.")
     return 0
