@@ -26,7 +26,17 @@ _EXPORTS: dict[str, str] = {
     "pad_error_rates": "metrics",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "PADErrorRates",
+    "RetrievalMetrics",
+    "acer",
+    "auc",
+    "average_forgetting",
+    "eer_threshold",
+    "evaluate_retrieval",
+    "hter",
+    "pad_error_rates",
+]
 
 
 def __getattr__(name: str) -> Any:

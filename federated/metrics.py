@@ -157,7 +157,9 @@ def evaluate_retrieval(
     """
     dist = np.asarray(distmat, dtype=np.float64)
     if dist.ndim != 2:
-        raise InvalidArgument(f"distmat must be 2-D (num_query, num_gallery), got shape {dist.shape}")
+        raise InvalidArgument(
+            f"distmat must be 2-D (num_query, num_gallery), got shape {dist.shape}"
+        )
     num_q, num_g = dist.shape
     if num_q == 0 or num_g == 0:
         raise InvalidArgument(f"distmat must be non-empty, got shape {dist.shape}")
@@ -196,10 +198,16 @@ def evaluate_retrieval(
         all_inp.append(num_rel / (positions[-1] + 1.0))
 
     if not all_cmc:
-        raise InvalidArgument("no query has a true match in the gallery: check the query/gallery split")
+        raise InvalidArgument(
+            "no query has a true match in the gallery: check the query/gallery split"
+        )
     skipped = num_q - len(all_cmc)
     if skipped:
-        logger.info("retrieval: %d of %d queries have no match in the gallery and are skipped", skipped, num_q)
+        logger.info(
+            "retrieval: %d of %d queries have no match in the gallery and are skipped",
+            skipped,
+            num_q,
+        )
     # each per-query curve is 1 from its first match on, so Rank-k beyond the
     # gallery size is already saturated
     curve = np.mean(np.stack(all_cmc), axis=0)
@@ -220,22 +228,30 @@ def evaluate_retrieval(
 # --------------------------------------------------------------------------
 
 
-def _scores_labels(scores: ArrayLike, labels: ArrayLike) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+def _scores_labels(
+    scores: ArrayLike, labels: ArrayLike
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
     s = np.asarray(scores, dtype=np.float64)
     lab = np.asarray(labels)
     if s.ndim != 1 or lab.shape != s.shape:
-        raise InvalidArgument(f"scores and labels must be 1-D of equal length, got {s.shape} and {lab.shape}")
+        raise InvalidArgument(
+            f"scores and labels must be 1-D of equal length, got {s.shape} and {lab.shape}"
+        )
     if not np.all(np.isfinite(s)):
         raise InvalidArgument("scores contain NaN or infinite values")
     if lab.size and not np.all((lab == 0) | (lab == 1)):
         raise InvalidArgument("labels must be 1 (bona fide) or 0 (attack)")
     live = lab.astype(bool)
     if not live.any() or live.all():
-        raise InvalidArgument("scores must include both bona fide (label 1) and attack (label 0) presentations")
+        raise InvalidArgument(
+            "scores must include both bona fide (label 1) and attack (label 0) presentations"
+        )
     return s, live
 
 
-def _far_frr(s: npt.NDArray[np.float64], live: npt.NDArray[np.bool_], threshold: float) -> tuple[float, float]:
+def _far_frr(
+    s: npt.NDArray[np.float64], live: npt.NDArray[np.bool_], threshold: float
+) -> tuple[float, float]:
     accepted = s >= threshold
     far = float(np.mean(accepted[~live]))  # attacks accepted as bona fide
     frr = float(np.mean(~accepted[live]))  # bona fide rejected
@@ -470,6 +486,6 @@ def average_forgetting(
     g = sign * m  # now higher is better in every case
     values = []
     for j in range(t - 1):
-        ref = g[j:t - 1, j].max() if reference == "best" else g[j, j]
+        ref = g[j : t - 1, j].max() if reference == "best" else g[j, j]
         values.append(ref - g[t - 1, j])
     return float(np.mean(values))

@@ -143,7 +143,9 @@ def test_average_forgetting_accuracy_and_hter() -> None:
     # task0: 0.3 - min(0.1, 0.2) = 0.2; task1: 0.1 - 0.05 = 0.05
     assert average_forgetting(hters, higher_is_better=False) == pytest.approx(0.125)
     # improvement is negative forgetting (backward transfer)
-    assert average_forgetting([[0.5, nan], [0.7, 0.9]], reference="after_learning") == pytest.approx(-0.2)
+    assert average_forgetting(
+        [[0.5, nan], [0.7, 0.9]], reference="after_learning"
+    ) == pytest.approx(-0.2)
     assert average_forgetting([[0.4]]) == 0.0
     with pytest.raises(InvalidArgument, match="square"):
         average_forgetting([[0.1, 0.2]])
