@@ -1,11 +1,15 @@
 """Federated training across camera sites (Flower). Independent of the service.
 
-Submodules are imported on first use of a name, so ``import
+Public names are imported from their submodule on first use, so ``import
 veilface.federated`` loads neither torch nor flwr:
 
 - :mod:`veilface.federated.metrics` (numpy): ReID retrieval metrics
   (Rank-k, mAP, mINP) and PAD metrics (HTER, APCER/BPCER/ACER, AUC, EER
   threshold, average forgetting).
+- :mod:`veilface.federated.datasets_vireid` (stdlib + numpy): SYSU-MM01,
+  RegDB and LLCM indexes with layout validation, query/gallery protocols.
+- :mod:`veilface.federated.models_vireid` (torch): two-stream MobileNetV2
+  ReID encoder, GeM, BN-neck, local identity classifier, ImageNet loader.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
-    # metrics
     "PADErrorRates": "metrics",
     "RetrievalMetrics": "metrics",
     "acer": "metrics",
@@ -24,18 +27,74 @@ _EXPORTS: dict[str, str] = {
     "evaluate_retrieval": "metrics",
     "hter": "metrics",
     "pad_error_rates": "metrics",
+    "DatasetLayoutError": "datasets_vireid",
+    "LLCM_LAYOUT": "datasets_vireid",
+    "LabelMismatchError": "datasets_vireid",
+    "Modality": "datasets_vireid",
+    "REGDB_LAYOUT": "datasets_vireid",
+    "ReIDSample": "datasets_vireid",
+    "ReIDSplits": "datasets_vireid",
+    "SYSU_INFRARED_CAMERAS": "datasets_vireid",
+    "SYSU_LAYOUT": "datasets_vireid",
+    "SYSU_VISIBLE_CAMERAS": "datasets_vireid",
+    "load_llcm": "datasets_vireid",
+    "load_regdb": "datasets_vireid",
+    "load_sysu_mm01": "datasets_vireid",
+    "relabel": "datasets_vireid",
+    "sample_arrays": "datasets_vireid",
+    "split_query_gallery": "datasets_vireid",
+    "sysu_query_gallery": "datasets_vireid",
+    "BNNeck": "models_vireid",
+    "CheckpointError": "models_vireid",
+    "GeM": "models_vireid",
+    "IMAGENET_MEAN": "models_vireid",
+    "IMAGENET_STD": "models_vireid",
+    "IdentityClassifier": "models_vireid",
+    "MODALITIES": "models_vireid",
+    "MobileNetV2": "models_vireid",
+    "ReIDOutput": "models_vireid",
+    "TwoStreamReID": "models_vireid",
+    "load_imagenet_backbone": "models_vireid",
 }
 
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LLCM_LAYOUT",
+    "MODALITIES",
+    "REGDB_LAYOUT",
+    "SYSU_INFRARED_CAMERAS",
+    "SYSU_LAYOUT",
+    "SYSU_VISIBLE_CAMERAS",
+    "BNNeck",
+    "CheckpointError",
+    "DatasetLayoutError",
+    "GeM",
+    "IdentityClassifier",
+    "LabelMismatchError",
+    "MobileNetV2",
+    "Modality",
     "PADErrorRates",
+    "ReIDOutput",
+    "ReIDSample",
+    "ReIDSplits",
     "RetrievalMetrics",
+    "TwoStreamReID",
     "acer",
     "auc",
     "average_forgetting",
     "eer_threshold",
     "evaluate_retrieval",
     "hter",
+    "load_imagenet_backbone",
+    "load_llcm",
+    "load_regdb",
+    "load_sysu_mm01",
     "pad_error_rates",
+    "relabel",
+    "sample_arrays",
+    "split_query_gallery",
+    "sysu_query_gallery",
 ]
 
 
@@ -49,4 +108,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+    return sorted(set(globals()) | set(__all__))

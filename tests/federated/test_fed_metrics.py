@@ -75,7 +75,7 @@ def test_retrieval_bad_input() -> None:
     with pytest.raises(InvalidArgument, match="NaN"):
         evaluate_retrieval(np.full((3, 5), np.nan), Q_PIDS, G_PIDS, Q_CAMS, G_CAMS)
     with pytest.raises(InvalidArgument, match="protocol"):
-        evaluate_retrieval(DIST, Q_PIDS, G_PIDS, Q_CAMS, G_CAMS, protocol="market")  # type: ignore[arg-type]
+        evaluate_retrieval(DIST, Q_PIDS, G_PIDS, Q_CAMS, G_CAMS, protocol="market")
     with pytest.raises(InvalidArgument, match="integers"):
         evaluate_retrieval(DIST, [1.5, 2.0, 3.0], G_PIDS, Q_CAMS, G_CAMS)
 

@@ -96,7 +96,7 @@ def test_sysu_query_gallery_protocol(sysu: Path) -> None:
     assert len(draws) > 1
     assert sysu_query_gallery(test, trial=3)[1] == sysu_query_gallery(test, trial=3)[1]
     with pytest.raises(InvalidArgument):
-        sysu_query_gallery(test, mode="outdoor")  # type: ignore[arg-type]
+        sysu_query_gallery(test, mode="outdoor")
 
 
 def test_sysu_missing_camera_folder(sysu: Path) -> None:
