@@ -30,7 +30,7 @@ import logging
 import secrets
 import types
 from collections.abc import Mapping, Sequence
-from typing import Final, final
+from typing import Final, cast, final
 
 import numpy as np
 import numpy.typing as npt
@@ -221,7 +221,8 @@ class ProtectedImage:
             and view.shape == shape
             and not view.flags.writeable
             and len(data) == shape[0] * shape[1] * shape[2]
-            and view.base is data
+            # numpy's stubs type .base as ndarray | None; here it is the bytes buffer
+            and cast(object, view.base) is data
         )
         if ok:
             actual = hashlib.sha256(data).hexdigest()

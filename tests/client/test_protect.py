@@ -354,8 +354,8 @@ def test_deidentified_lfw_faces_no_longer_match(
 
 
 @pytest.mark.data
-def test_real_detector_refuses_a_faceless_photo(dlib_pipeline: FacePipeline) -> None:
+def test_default_detector_refuses_a_faceless_photo(lfw_dir: Path) -> None:
     sky = np.zeros((200, 200, 3), np.uint8)
     sky[:] = (110, 160, 230)
     with pytest.raises(NoFaceFound):
-        deidentify(sky, pipeline=dlib_pipeline)
+        deidentify(sky)  # the default (dlib) pipeline
