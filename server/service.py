@@ -128,6 +128,9 @@ class GalleryService:
         self.settings = settings
         self._layouts: dict[tuple[str, str], KeyView] = {}
         self._compactions = _Compactions()
+        # Occupied slots per bin, keyed by bin version (every change of a bin's
+        # subjects bumps its version), so queries do not re-read 100k rows.
+        self._occupancy: dict[int, tuple[int, tuple[int, ...]]] = {}
         # Probes of recent queries, so that re-ranking need not resend them.
         self._probes: OrderedDict[str, tuple[str, str, list[bytes], float]] = OrderedDict()
 
@@ -370,10 +373,24 @@ class GalleryService:
                 f"the query would score {len(bins)} bins; the limit is "
                 f"{self.settings.max_bins_per_request} (use routed mode)"
             )
+        bins = await self._with_occupancy(bins)
         query_id = secrets.token_urlsafe(12)
         scored = await self._score(tenant_id, key_id, view, bins, probe, "presel", query_id)
         self._remember_probe(query_id, tenant_id, key_id, list(probe))
         return scored, sum(len(b.occupied) for b in bins), query_id
+
+    async def _with_occupancy(self, bins: Sequence[BinInfo]) -> list[BinInfo]:
+        missing = [
+            b.bin_id
+            for b in bins
+            if (hit := self._occupancy.get(b.bin_id)) is None or hit[0] != b.version
+        ]
+        if missing:
+            fresh = await asyncio.to_thread(self.store.occupancy, missing)
+            versions = {b.bin_id: b.version for b in bins}
+            for bin_id, slots in fresh.items():
+                self._occupancy[bin_id] = (versions[bin_id], slots)
+        return [BinInfo(b.bin_id, b.version, b.label, self._occupancy[b.bin_id][1]) for b in bins]
 
     def _remember_probe(self, query_id: str, tenant_id: str, key_id: str, probe: list[bytes]) -> None:
         now = time.monotonic()
@@ -408,12 +425,13 @@ class GalleryService:
             raise ResourceExhausted(
                 f"candidates span {len(candidates)} bins; at most {self.settings.max_candidate_bins}"
             )
-        infos, wanted = [], {}
+        wanted: dict[int, list[int]] = {}
         for bin_id, slots in candidates:
-            info = await asyncio.to_thread(self.store.bin_info, tenant_id, int(bin_id))
             view.layout.check_slots(slots)
-            infos.append(info)
-            wanted[info.bin_id] = [int(s) for s in slots]
+            wanted[int(bin_id)] = [int(s) for s in slots]
+        infos = await self._with_occupancy(
+            await asyncio.to_thread(self.store.bin_infos, tenant_id, list(wanted))
+        )
         scored = await self._score(
             tenant_id, key_id, view, infos, probe, "rest", query_id, add_center=True
         )
@@ -433,7 +451,9 @@ class GalleryService:
             raise ResourceExhausted(f"at most {self.settings.max_candidate_bins} bins per call")
         out = []
         for bin_id, wanted in slots:
-            info = await asyncio.to_thread(self.store.bin_info, tenant_id, int(bin_id))
+            info = await asyncio.to_thread(
+                self.store.bin_info, tenant_id, int(bin_id), with_occupancy=False
+            )
             if len(wanted) > 4096:
                 raise ResourceExhausted("at most 4096 slots per bin")
             ws = [int(s) for s in wanted]
@@ -450,7 +470,7 @@ class GalleryService:
             raise FailedPrecondition(f"the subject is enrolled under key {ref.key_id!r}")
         view = await self.key(tenant_id, key_id)
         self._check_count(probe, view.layout.g1, "probe")
-        info = await asyncio.to_thread(self.store.bin_info, tenant_id, ref.bin_id)
+        info = await asyncio.to_thread(self.store.bin_info, tenant_id, ref.bin_id, with_occupancy=False)
         scored = await self._score(tenant_id, key_id, view, [info], probe, "full", split=False)
         if not scored:
             raise NotFound("the subject's bin holds no ciphertext")

@@ -403,6 +403,7 @@ class SQLiteStore:
     # -- reading -------------------------------------------------------
 
     def list_bins(self, tenant_id: str, key_id: str, labels: Sequence[str] | None) -> list[BinInfo]:
+        """Active bins holding ciphertexts, without their occupancy (see :meth:`occupancy`)."""
         sql = (
             "SELECT bin_id, version, label FROM bins WHERE tenant_id=? AND key_id=? "
             "AND state='active' AND version > 0"
@@ -413,27 +414,44 @@ class SQLiteStore:
                 return []
             sql += f" AND label IN ({','.join('?' * len(labels))})"
             args += list(labels)
-        rows = self._q(sql + " ORDER BY bin_id", args)
-        occupied: dict[int, list[int]] = {r[0]: [] for r in rows}
-        if rows:
-            for bin_id, slot in self._q(
-                "SELECT s.bin_id, s.slot FROM subjects s JOIN bins b ON s.bin_id=b.bin_id "
-                "WHERE b.tenant_id=? AND b.key_id=? AND b.state='active'",
-                (tenant_id, key_id),
-            ):
-                if bin_id in occupied:
-                    occupied[bin_id].append(slot)
-        return [BinInfo(b, v, lab, tuple(sorted(occupied[b]))) for b, v, lab in rows]
+        return [BinInfo(b, v, lab, ()) for b, v, lab in self._q(sql + " ORDER BY bin_id", args)]
 
-    def bin_info(self, tenant_id: str, bin_id: int) -> BinInfo:
+    def occupancy(self, bin_ids: Sequence[int]) -> dict[int, tuple[int, ...]]:
+        """Occupied slots of each bin (one indexed query per 500 bins)."""
+        out: dict[int, list[int]] = {b: [] for b in bin_ids}
+        ids = list(bin_ids)
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            for bin_id, slot in self._q(
+                f"SELECT bin_id, slot FROM subjects WHERE bin_id IN ({','.join('?' * len(part))})",
+                part,
+            ):
+                out[bin_id].append(slot)
+        return {b: tuple(sorted(v)) for b, v in out.items()}
+
+    def bin_info(self, tenant_id: str, bin_id: int, *, with_occupancy: bool = True) -> BinInfo:
         rows = self._q(
             "SELECT version, label FROM bins WHERE bin_id=? AND tenant_id=? AND state='active'",
             (bin_id, tenant_id),
         )
         if not rows:
             raise NotFound(f"tenant has no bin {bin_id}")
-        slots = tuple(s for (s,) in self._q("SELECT slot FROM subjects WHERE bin_id=? ORDER BY slot", (bin_id,)))
+        slots = self.occupancy([bin_id])[bin_id] if with_occupancy else ()
         return BinInfo(bin_id, rows[0][0], rows[0][1], slots)
+
+    def bin_infos(self, tenant_id: str, bin_ids: Sequence[int]) -> list[BinInfo]:
+        """Several bins of a tenant (without occupancy); NotFound if any is not the tenant's."""
+        ids = [int(b) for b in bin_ids]
+        rows = self._q(
+            f"SELECT bin_id, version, label FROM bins WHERE tenant_id=? AND state='active' "
+            f"AND bin_id IN ({','.join('?' * len(ids))})",
+            [tenant_id, *ids],
+        )
+        found = {b: BinInfo(b, v, lab, ()) for b, v, lab in rows}
+        missing = [b for b in ids if b not in found]
+        if missing:
+            raise NotFound(f"tenant has no bin {missing[0]}")
+        return [found[b] for b in ids]
 
     def bin_key(self, bin_id: int) -> str:
         rows = self._q("SELECT key_id FROM bins WHERE bin_id=?", (bin_id,))
@@ -448,7 +466,16 @@ class SQLiteStore:
         return str(rows[0][0])
 
     def handles_for(self, bin_id: int, slots: Sequence[int]) -> list[str]:
-        found = dict(self._q("SELECT slot, handle FROM subjects WHERE bin_id=?", (bin_id,)))
+        found: dict[int, str] = {}
+        wanted = list(slots)
+        for start in range(0, len(wanted), 500):
+            part = wanted[start : start + 500]
+            found.update(
+                self._q(
+                    f"SELECT slot, handle FROM subjects WHERE bin_id=? AND slot IN ({','.join('?' * len(part))})",
+                    [bin_id, *part],
+                )
+            )
         return [found.get(s, "") for s in slots]
 
     def subject(self, tenant_id: str, handle: str) -> SubjectRef:
