@@ -139,7 +139,16 @@ def run_identify_bench(cfg: BenchConfig) -> dict[str, Any]:
                 result["enroll_single_n"] = len(single_ms)
                 result["enroll_single_p50_ms"] = _pct(single_ms, 50)
                 result["enroll_single_p95_ms"] = _pct(single_ms, 95)
-                time.sleep(3.5)  # let compaction (2 s after the last write) fold the deltas in
+                # Let compaction (2 s after a bin's last write) fold the single
+                # enrollments' deltas into their bins before measuring storage.
+                time.sleep(3.0)
+                last = -1
+                for _ in range(60):
+                    stored = client.describe().keys[0].stored_bytes
+                    if stored == last:
+                        break
+                    last = stored
+                    time.sleep(1.0)
 
                 desc = client.describe()
                 key = desc.keys[0]
