@@ -349,6 +349,7 @@ class VeilClient:
         threshold: float | None = None,
         rng: np.random.Generator | None = None,
         top_n: int = 5,
+        rerank_all_above: float = 0.75,
     ) -> Identification:
         """1:N search: preselect on the first coordinates, re-rank the top ``k``, decide.
 
@@ -359,6 +360,8 @@ class VeilClient:
         k : candidates kept after preselection; their bins are scored in full
             (0: score every searched bin in full, exact but with no saving)
         top_n : candidates returned (with handles), best first
+        rerank_all_above : when the candidates' bins are at least this share of
+            the searched bins, every searched bin is re-ranked
         decoys : extra random lists searched in routed mode, to blur which are real
         threshold : cosine threshold for ``match`` (default: the tenant's)
         """
@@ -420,6 +423,11 @@ class VeilClient:
             top = np.argsort(-all_scores)[:k]
         for i in top:
             groups.setdefault(int(all_bins[i]), []).append(int(all_slots[i]))
+        if len(groups) >= rerank_all_above * len(pre.bins):
+            # The candidates already span most searched bins: scoring the rest
+            # too costs little more and makes the search exact over them.
+            for b in pre.bins:
+                groups.setdefault(b.bin_id, [])
 
         req2 = pb.ScoreCandidatesRequest(
             tenant_id=self.state.tenant_id,

@@ -164,6 +164,13 @@ def run_identify_bench(cfg: BenchConfig) -> dict[str, Any]:
                 lat, pre_ms, rr_ms, enc_ms, qbytes, hits, enc_correct, plain_correct, plain_ms = (
                     [], [], [], [], [], 0, 0, 0, [],
                 )
+                route_hits, bins_pre, bins_rr = 0, [], []
+                router = client.state.router
+                gal_lists = (
+                    router.assign((client.normalize(gal) @ client._mix.T).astype(np.float32))
+                    if router is not None
+                    else None
+                )
                 for p, lab in tqdm(
                     list(zip(probes, probe_labels, strict=True)),
                     desc=f"identify ({cfg.mode})",
@@ -175,6 +182,14 @@ def run_identify_bench(cfg: BenchConfig) -> dict[str, Any]:
                     plain_ms.append((time.perf_counter() - t) * 1e3)
                     plain_top = gal_labels[int(top[0, 0])]
                     r = client.identify(p, mode=cfg.mode, k=cfg.k, nprobe=cfg.nprobe)
+                    if gal_lists is not None and router is not None:
+                        probed = router.probe_lists(
+                            (client._mix @ q[0].astype(np.float64)).astype(np.float32),
+                            min(cfg.nprobe, router.nlist),
+                        )
+                        route_hits += int(gal_lists[int(top[0, 0])] in set(np.ravel(probed).tolist()))
+                    bins_pre.append(r.stats.bins_preselected)
+                    bins_rr.append(r.stats.bins_reranked)
                     lat.append(r.stats.total_ms)
                     pre_ms.append(r.stats.preselect_ms)
                     rr_ms.append(r.stats.rerank_ms)
@@ -195,7 +210,11 @@ def run_identify_bench(cfg: BenchConfig) -> dict[str, Any]:
                     rank1_encrypted=enc_correct / n,
                     rank1_plaintext=plain_correct / n,
                     query_bytes=float(np.mean(qbytes)) if qbytes else float("nan"),
+                    bins_preselected_mean=float(np.mean(bins_pre)) if bins_pre else 0.0,
+                    bins_reranked_mean=float(np.mean(bins_rr)) if bins_rr else 0.0,
                 )
+                if gal_lists is not None:
+                    result["routing_recall"] = route_hits / n
                 result["slowdown_vs_plaintext"] = result["p50_ms"] / max(result["plaintext_p50_ms"], 1e-9)
     return result
 
@@ -208,6 +227,8 @@ def format_table(result: dict[str, Any]) -> str:
         ("  preselect / rerank p50 (ms)", f"{result['preselect_p50_ms']:.1f} / {result['rerank_p50_ms']:.1f}"),
         ("plaintext FAISS p50 (ms)", f"{result['plaintext_p50_ms']:.3f}"),
         ("hit rate (vs plaintext top-1)", f"{result['hit_rate']:.4f}"),
+        ("routing recall (true list probed)", f"{result.get('routing_recall', float('nan')):.4f}"),
+        ("bins preselected / re-ranked", f"{result['bins_preselected_mean']:.1f} / {result['bins_reranked_mean']:.1f}"),
         ("rank-1 encrypted / plaintext", f"{result['rank1_encrypted']:.4f} / {result['rank1_plaintext']:.4f}"),
         ("bytes per template at rest", f"{result['bytes_per_template']:.0f}"),
         ("query bytes (both ways)", f"{result['query_bytes']:.0f}"),
