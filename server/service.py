@@ -280,8 +280,8 @@ class GalleryService:
                 )
                 owner = self.pool.owner(bin_id)
                 try:
-                    token = await self.pool.call(
-                        owner, worker.validate, chunk.tenant_id, chunk.key_id, list(chunk.ciphertexts), bin_id
+                    token = await self._validate_bin(
+                        chunk.tenant_id, chunk.key_id, list(chunk.ciphertexts), bin_id
                     )
                 except BaseException:
                     staged.append((bin_id, owner, ""))
@@ -296,10 +296,29 @@ class GalleryService:
                 if token:
                     await self.pool.call(owner, worker.discard, token)
             raise
-        for _, owner, token in staged:
-            await self.pool.call(owner, worker.commit, token, 1)
+        for _, owner, token in staged:  # queued on the owners before any later request
+            self._background(self.pool.call(owner, worker.commit, token, 1), "bin fold-in")
         self._warm_centers(tenant_of_call, [b for b, _, _ in staged])
         return bins, subjects
+
+    async def _validate_bin(self, tenant_id: str, key_id: str, blobs: list[bytes], bin_id: int) -> str:
+        """Validate a bin's ciphertexts on two workers at once; the owner keeps its half."""
+        owner = self.pool.owner(bin_id)
+        if self.pool.n == 1:
+            return await self.pool.call(owner, worker.validate, tenant_id, key_id, blobs, bin_id)
+        half = len(blobs) // 2
+        results = await asyncio.gather(
+            self.pool.call(owner, worker.validate, tenant_id, key_id, blobs, bin_id, (0, half)),
+            self.pool.call((owner + 1) % self.pool.n, worker.check_part, tenant_id, key_id, blobs[half:]),
+            return_exceptions=True,
+        )
+        token, other = results
+        if isinstance(token, BaseException):
+            raise token
+        if isinstance(other, BaseException):
+            await self.pool.call(owner, worker.discard, token)
+            raise other
+        return str(token)
 
     def _warm_centers(self, tenant_id: str, bin_ids: Sequence[int]) -> None:
         """Precompute the bins' scores against the key's center, off the query path."""
