@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from veilface.client.protect import ProtectedImage
 from veilface.client.routing import Router
 from veilface.client.tenant_state import TenantState
 from veilface.client.transport import Transport
@@ -515,8 +516,54 @@ class VeilClient:
         thr = self.state.threshold if threshold is None else threshold
         return Verification(subject_id, score, score >= thr)
 
+    # -- photos -----------------------------------------------------------
+
+    def upload_photo(self, subject_id: str, image: ProtectedImage) -> str:
+        """Keep a protected photo of an enrolled subject; returns its photo id.
+
+        Only a :class:`~veilface.client.protect.ProtectedImage` is accepted
+        (made by ``deidentify`` or another protector); it is sealed with the
+        tenant's key before it leaves, and deleted with the subject.
+        """
+        from veilface.client.photos import photo_key, seal_photo
+
+        handle = self._handles.encode(subject_id)
+        sealed, method = seal_photo(
+            image, key=photo_key(self.state.handle_key), tenant_id=self.state.tenant_id, handle=handle
+        )
+        resp = self.transport.call(
+            self.transport.photos.UploadPhoto,
+            pb.UploadPhotoRequest(
+                tenant_id=self.state.tenant_id, handle=handle, sealed_photo=sealed, protection=method
+            ),
+        )
+        return str(resp.photo_id)
+
+    def list_photos(self, subject_id: str) -> list[str]:
+        resp = self.transport.call(
+            self.transport.photos.ListPhotos,
+            pb.ListPhotosRequest(tenant_id=self.state.tenant_id, handle=self._handles.encode(subject_id)),
+        )
+        return list(resp.photo_ids)
+
+    def fetch_photo(self, photo_id: str) -> tuple[str, bytes, dict[str, object]]:
+        """(subject id, JPEG bytes, protection record) of a kept photo."""
+        from veilface.client.photos import open_photo, photo_key
+
+        resp = self.transport.call(
+            self.transport.photos.FetchPhoto,
+            pb.FetchPhotoRequest(tenant_id=self.state.tenant_id, photo_id=photo_id),
+        )
+        jpeg, meta = open_photo(
+            resp.sealed_photo,
+            key=photo_key(self.state.handle_key),
+            tenant_id=self.state.tenant_id,
+            handle=resp.handle,
+        )
+        return self._handles.decode(resp.handle), jpeg, meta
+
     def delete(self, subject_id: str, *, retries: int = 3) -> None:
-        """Delete a subject: re-pack its bin without it, then the server forgets the handle."""
+        """Delete a subject: re-pack its bin without it; the server forgets the handle and its photos."""
         handle = self._handles.encode(subject_id)
         for attempt in range(retries):
             got = self.transport.call(

@@ -67,6 +67,7 @@ class Transport:
         self.tenants = pb_grpc.TenantsStub(self.channel)
         self.enrollment = pb_grpc.EnrollmentStub(self.channel)
         self.identification = pb_grpc.IdentificationStub(self.channel)
+        self.photos = pb_grpc.PhotosStub(self.channel)
 
     def call(self, method: Callable[..., T], request: Any, *, timeout: float | None = None) -> T:
         try:

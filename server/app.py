@@ -20,12 +20,20 @@ from veilface.server.auth import AuthInterceptor, TokenIndex
 from veilface.server.config import ServerSettings
 from veilface.server.scoring import WorkerPool
 from veilface.server.service import GalleryService, hash_token
-from veilface.server.servicers import EnrollmentServicer, IdentificationServicer, TenantsServicer
+from veilface.server.servicers import (
+    EnrollmentServicer,
+    IdentificationServicer,
+    PhotosServicer,
+    TenantsServicer,
+)
 from veilface.server.store.sqlite_store import SQLiteStore
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[n].full_name for n in ("Tenants", "Enrollment", "Identification")]
+SERVICE_NAMES = [
+    pb.DESCRIPTOR.services_by_name[n].full_name
+    for n in ("Tenants", "Enrollment", "Identification", "Photos")
+]
 
 
 def load_admin_token(settings: ServerSettings) -> tuple[str, Path | None]:
@@ -78,6 +86,7 @@ async def start_server(settings: ServerSettings) -> RunningServer:
     pb_grpc.add_TenantsServicer_to_server(TenantsServicer(service, tokens), server)
     pb_grpc.add_EnrollmentServicer_to_server(EnrollmentServicer(service), server)
     pb_grpc.add_IdentificationServicer_to_server(IdentificationServicer(service), server)
+    pb_grpc.add_PhotosServicer_to_server(PhotosServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

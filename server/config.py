@@ -33,6 +33,7 @@ class ServerSettings:
     reservation_ttl_s: float = 120.0
     compact_delay_s: float = 2.0
     query_ttl_s: float = 120.0
+    max_photo_bytes: int = 10 * 1024 * 1024
     max_cached_queries: int = 1024
     extra: dict[str, str] = field(default_factory=dict)
 

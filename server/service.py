@@ -41,6 +41,9 @@ KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_HANDLE = 512
 MAX_LABEL = 128
 MAX_LABELS = 4096
+# What the SDK's protectors declare (veilface.client.protect); the server
+# cannot check it on a sealed blob, it records it.
+PROTECTIONS = frozenset({"blur", "pixelate", "mask", "adversarial"})
 
 
 def hash_token(token: str) -> str:
@@ -360,6 +363,27 @@ class GalleryService:
         await self.pool.call(owner, worker.forget, [bin_id])
         log.info("tenant %s deleted a subject; bin %d re-packed", tenant_id, bin_id)
         return new_version
+
+    # -- photos -----------------------------------------------------------
+
+    async def upload_photo(self, tenant_id: str, handle: str, sealed: bytes, protection: str) -> str:
+        check_handles([handle])
+        if not sealed:
+            raise InvalidArgument("empty photo")
+        if len(sealed) > self.settings.max_photo_bytes:
+            raise ResourceExhausted(f"photos are at most {self.settings.max_photo_bytes} bytes")
+        if protection not in PROTECTIONS:
+            raise InvalidArgument(f"protection must be one of {sorted(PROTECTIONS)}")
+        return await asyncio.to_thread(self.store.add_photo, tenant_id, handle, sealed, protection)
+
+    async def list_photos(self, tenant_id: str, handle: str) -> list[str]:
+        check_handles([handle])
+        return await asyncio.to_thread(self.store.list_photos, tenant_id, handle)
+
+    async def fetch_photo(self, tenant_id: str, photo_id: str) -> tuple[str, bytes, str]:
+        if not photo_id or len(photo_id) > 64:
+            raise InvalidArgument("bad photo id")
+        return await asyncio.to_thread(self.store.get_photo, tenant_id, photo_id)
 
     # -- identification -------------------------------------------------
 

@@ -182,6 +182,34 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
         return pb.DeleteSubjectResponse(bin_id=request.bin_id, bin_version=version)
 
 
+class PhotosServicer(pb_grpc.PhotosServicer):
+    def __init__(self, service: GalleryService) -> None:
+        self.service = service
+
+    @mapped
+    async def UploadPhoto(self, request: pb.UploadPhotoRequest, context: Ctx) -> pb.UploadPhotoResponse:
+        require_tenant(request.tenant_id)
+        photo_id = await self.service.upload_photo(
+            request.tenant_id, request.handle, request.sealed_photo, request.protection
+        )
+        return pb.UploadPhotoResponse(photo_id=photo_id)
+
+    @mapped
+    async def ListPhotos(self, request: pb.ListPhotosRequest, context: Ctx) -> pb.ListPhotosResponse:
+        require_tenant(request.tenant_id)
+        return pb.ListPhotosResponse(
+            photo_ids=await self.service.list_photos(request.tenant_id, request.handle)
+        )
+
+    @mapped
+    async def FetchPhoto(self, request: pb.FetchPhotoRequest, context: Ctx) -> pb.FetchPhotoResponse:
+        require_tenant(request.tenant_id)
+        handle, sealed, protection = await self.service.fetch_photo(request.tenant_id, request.photo_id)
+        return pb.FetchPhotoResponse(
+            photo_id=request.photo_id, handle=handle, sealed_photo=sealed, protection=protection
+        )
+
+
 class IdentificationServicer(pb_grpc.IdentificationServicer):
     def __init__(self, service: GalleryService) -> None:
         self.service = service
@@ -237,5 +265,6 @@ class IdentificationServicer(pb_grpc.IdentificationServicer):
 __all__: list[Any] = [
     "EnrollmentServicer",
     "IdentificationServicer",
+    "PhotosServicer",
     "TenantsServicer",
 ]

@@ -83,6 +83,16 @@ CREATE TABLE IF NOT EXISTS subjects (
     PRIMARY KEY (tenant_id, handle),
     UNIQUE (bin_id, slot)
 );
+-- Protected photos, sealed by the tenant; deleted with their subject.
+CREATE TABLE IF NOT EXISTS photos (
+    photo_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    handle TEXT NOT NULL,
+    sealed BLOB NOT NULL,
+    protection TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS photos_by_subject ON photos(tenant_id, handle);
 CREATE TABLE IF NOT EXISTS reservations (
     reservation_id TEXT PRIMARY KEY,
     tenant_id TEXT NOT NULL,
@@ -93,7 +103,7 @@ CREATE TABLE IF NOT EXISTS reservations (
 );
 """
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -524,7 +534,44 @@ class SQLiteStore:
             )
             c.execute("DELETE FROM bin_deltas WHERE bin_id=?", (bin_id,))
             c.execute("DELETE FROM subjects WHERE tenant_id=? AND handle=?", (tenant_id, handle))
+            c.execute("DELETE FROM photos WHERE tenant_id=? AND handle=?", (tenant_id, handle))
         return int(version)
+
+    # -- photos ----------------------------------------------------------
+
+    def add_photo(self, tenant_id: str, handle: str, sealed: bytes, protection: str) -> str:
+        photo_id = secrets.token_urlsafe(16)
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT 1 FROM subjects s JOIN bins b ON s.bin_id=b.bin_id "
+                "WHERE s.tenant_id=? AND s.handle=? AND b.state='active'",
+                (tenant_id, handle),
+            ).fetchone()
+            if row is None:
+                raise NotFound("unknown subject: enroll it before keeping its photos")
+            c.execute(
+                "INSERT INTO photos VALUES (?, ?, ?, ?, ?, ?)",
+                (photo_id, tenant_id, handle, sealed, protection, time.time()),
+            )
+        return photo_id
+
+    def list_photos(self, tenant_id: str, handle: str) -> list[str]:
+        return [
+            r[0]
+            for r in self._q(
+                "SELECT photo_id FROM photos WHERE tenant_id=? AND handle=? ORDER BY created_at",
+                (tenant_id, handle),
+            )
+        ]
+
+    def get_photo(self, tenant_id: str, photo_id: str) -> tuple[str, bytes, str]:
+        rows = self._q(
+            "SELECT handle, sealed, protection FROM photos WHERE tenant_id=? AND photo_id=?",
+            (tenant_id, photo_id),
+        )
+        if not rows:
+            raise NotFound("unknown photo")
+        return str(rows[0][0]), bytes(rows[0][1]), str(rows[0][2])
 
 
 def load_bin_data(conn: sqlite3.Connection, bin_id: int, lock: threading.RLock | None = None) -> BinData:

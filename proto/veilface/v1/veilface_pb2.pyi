@@ -99,6 +99,58 @@ class DescribeTenantResponse(_message.Message):
     keys: _containers.RepeatedCompositeFieldContainer[KeyInfo]
     def __init__(self, tenant_id: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ...) -> None: ...
 
+class UploadPhotoRequest(_message.Message):
+    __slots__ = ("tenant_id", "handle", "sealed_photo", "protection")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SEALED_PHOTO_FIELD_NUMBER: _ClassVar[int]
+    PROTECTION_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    handle: str
+    sealed_photo: bytes
+    protection: str
+    def __init__(self, tenant_id: _Optional[str] = ..., handle: _Optional[str] = ..., sealed_photo: _Optional[bytes] = ..., protection: _Optional[str] = ...) -> None: ...
+
+class UploadPhotoResponse(_message.Message):
+    __slots__ = ("photo_id",)
+    PHOTO_ID_FIELD_NUMBER: _ClassVar[int]
+    photo_id: str
+    def __init__(self, photo_id: _Optional[str] = ...) -> None: ...
+
+class ListPhotosRequest(_message.Message):
+    __slots__ = ("tenant_id", "handle")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    handle: str
+    def __init__(self, tenant_id: _Optional[str] = ..., handle: _Optional[str] = ...) -> None: ...
+
+class ListPhotosResponse(_message.Message):
+    __slots__ = ("photo_ids",)
+    PHOTO_IDS_FIELD_NUMBER: _ClassVar[int]
+    photo_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, photo_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FetchPhotoRequest(_message.Message):
+    __slots__ = ("tenant_id", "photo_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    PHOTO_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    photo_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., photo_id: _Optional[str] = ...) -> None: ...
+
+class FetchPhotoResponse(_message.Message):
+    __slots__ = ("photo_id", "handle", "sealed_photo", "protection")
+    PHOTO_ID_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SEALED_PHOTO_FIELD_NUMBER: _ClassVar[int]
+    PROTECTION_FIELD_NUMBER: _ClassVar[int]
+    photo_id: str
+    handle: str
+    sealed_photo: bytes
+    protection: str
+    def __init__(self, photo_id: _Optional[str] = ..., handle: _Optional[str] = ..., sealed_photo: _Optional[bytes] = ..., protection: _Optional[str] = ...) -> None: ...
+
 class ReserveSlotsRequest(_message.Message):
     __slots__ = ("tenant_id", "key_id", "label", "count")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -243,6 +243,185 @@ class Tenants(object):
             _registered_method=True)
 
 
+class PhotosStub(object):
+    """----------------------------------------------------------------- photos
+
+    Photos of a subject kept by the tenant (for example the photo of a
+    verification, for audit). The SDK only uploads images that went through a
+    protector on the device (veilface.client.protect) and encrypts them with
+    the tenant's key first: the server stores an opaque blob, scoped to the
+    tenant and the subject, and deletes it with the subject.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.UploadPhoto = channel.unary_unary(
+                '/veilface.v1.Photos/UploadPhoto',
+                request_serializer=veilface_dot_v1_dot_veilface__pb2.UploadPhotoRequest.SerializeToString,
+                response_deserializer=veilface_dot_v1_dot_veilface__pb2.UploadPhotoResponse.FromString,
+                _registered_method=True)
+        self.ListPhotos = channel.unary_unary(
+                '/veilface.v1.Photos/ListPhotos',
+                request_serializer=veilface_dot_v1_dot_veilface__pb2.ListPhotosRequest.SerializeToString,
+                response_deserializer=veilface_dot_v1_dot_veilface__pb2.ListPhotosResponse.FromString,
+                _registered_method=True)
+        self.FetchPhoto = channel.unary_unary(
+                '/veilface.v1.Photos/FetchPhoto',
+                request_serializer=veilface_dot_v1_dot_veilface__pb2.FetchPhotoRequest.SerializeToString,
+                response_deserializer=veilface_dot_v1_dot_veilface__pb2.FetchPhotoResponse.FromString,
+                _registered_method=True)
+
+
+class PhotosServicer(object):
+    """----------------------------------------------------------------- photos
+
+    Photos of a subject kept by the tenant (for example the photo of a
+    verification, for audit). The SDK only uploads images that went through a
+    protector on the device (veilface.client.protect) and encrypts them with
+    the tenant's key first: the server stores an opaque blob, scoped to the
+    tenant and the subject, and deletes it with the subject.
+    """
+
+    def UploadPhoto(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPhotos(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchPhoto(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PhotosServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'UploadPhoto': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadPhoto,
+                    request_deserializer=veilface_dot_v1_dot_veilface__pb2.UploadPhotoRequest.FromString,
+                    response_serializer=veilface_dot_v1_dot_veilface__pb2.UploadPhotoResponse.SerializeToString,
+            ),
+            'ListPhotos': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPhotos,
+                    request_deserializer=veilface_dot_v1_dot_veilface__pb2.ListPhotosRequest.FromString,
+                    response_serializer=veilface_dot_v1_dot_veilface__pb2.ListPhotosResponse.SerializeToString,
+            ),
+            'FetchPhoto': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchPhoto,
+                    request_deserializer=veilface_dot_v1_dot_veilface__pb2.FetchPhotoRequest.FromString,
+                    response_serializer=veilface_dot_v1_dot_veilface__pb2.FetchPhotoResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'veilface.v1.Photos', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('veilface.v1.Photos', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Photos(object):
+    """----------------------------------------------------------------- photos
+
+    Photos of a subject kept by the tenant (for example the photo of a
+    verification, for audit). The SDK only uploads images that went through a
+    protector on the device (veilface.client.protect) and encrypts them with
+    the tenant's key first: the server stores an opaque blob, scoped to the
+    tenant and the subject, and deletes it with the subject.
+    """
+
+    @staticmethod
+    def UploadPhoto(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veilface.v1.Photos/UploadPhoto',
+            veilface_dot_v1_dot_veilface__pb2.UploadPhotoRequest.SerializeToString,
+            veilface_dot_v1_dot_veilface__pb2.UploadPhotoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPhotos(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veilface.v1.Photos/ListPhotos',
+            veilface_dot_v1_dot_veilface__pb2.ListPhotosRequest.SerializeToString,
+            veilface_dot_v1_dot_veilface__pb2.ListPhotosResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchPhoto(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veilface.v1.Photos/FetchPhoto',
+            veilface_dot_v1_dot_veilface__pb2.FetchPhotoRequest.SerializeToString,
+            veilface_dot_v1_dot_veilface__pb2.FetchPhotoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class EnrollmentStub(object):
     """------------------------------------------------------------- enrollment
 
