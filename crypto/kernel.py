@@ -59,11 +59,6 @@ class BinKernel:
     def load_probe(self, blobs: Sequence[bytes]) -> Bin:
         return load_many(self._ctx, blobs, expected=self.layout.g1, scale=self._scale, what="probe")
 
-    def empty_bin(self) -> Bin:
-        """A bin of transparent zero ciphertexts is never stored: bins start
-        from their first contribution. (Kept for symmetry in tests.)"""
-        raise NotImplementedError
-
     # -- enrollment -----------------------------------------------------
 
     def add_into(self, bin_cts: Bin, contribution: Bin) -> None:
