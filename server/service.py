@@ -332,7 +332,7 @@ class GalleryService:
             self._background(self._warm(owner, tenant_id, group), "center precompute")
 
     async def _warm(self, owner: int, tenant_id: str, bin_ids: list[int]) -> None:
-        key_id = await asyncio.to_thread(self.store.bin_key, bin_ids[0])
+        _, key_id = await asyncio.to_thread(self.store.bin_owner, bin_ids[0])
         await self.pool.call(owner, worker.precompute_centers, tenant_id, key_id, bin_ids)
 
     async def fetch_subject_bin(self, tenant_id: str, handle: str) -> tuple[str, BinInfo, int, bytes]:
@@ -592,8 +592,7 @@ class GalleryService:
             if current is not None:
                 version, blob = current
                 await asyncio.to_thread(self.store.compact, bin_id, blob, version)
-                key_id = await asyncio.to_thread(self.store.bin_key, bin_id)
-                tenant_id = await asyncio.to_thread(self.store.bin_tenant, bin_id)
+                tenant_id, key_id = await asyncio.to_thread(self.store.bin_owner, bin_id)
                 await self.pool.call(
                     self.pool.owner(bin_id), worker.precompute_centers, tenant_id, key_id, [bin_id]
                 )

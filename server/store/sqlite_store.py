@@ -463,17 +463,12 @@ class SQLiteStore:
             raise NotFound(f"tenant has no bin {missing[0]}")
         return [found[b] for b in ids]
 
-    def bin_key(self, bin_id: int) -> str:
-        rows = self._q("SELECT key_id FROM bins WHERE bin_id=?", (bin_id,))
+    def bin_owner(self, bin_id: int) -> tuple[str, str]:
+        """(tenant id, key id) of a bin."""
+        rows = self._q("SELECT tenant_id, key_id FROM bins WHERE bin_id=?", (bin_id,))
         if not rows:
             raise NotFound(f"no bin {bin_id}")
-        return str(rows[0][0])
-
-    def bin_tenant(self, bin_id: int) -> str:
-        rows = self._q("SELECT tenant_id FROM bins WHERE bin_id=?", (bin_id,))
-        if not rows:
-            raise NotFound(f"no bin {bin_id}")
-        return str(rows[0][0])
+        return str(rows[0][0]), str(rows[0][1])
 
     def handles_for(self, bin_id: int, slots: Sequence[int]) -> list[str]:
         found: dict[int, str] = {}
