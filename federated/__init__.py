@@ -45,7 +45,7 @@ _EXPORTS: dict[str, str] = {
     "split_query_gallery": "datasets_vireid",
     "sysu_query_gallery": "datasets_vireid",
     "BNNeck": "models_vireid",
-    "CheckpointError": "models_vireid",
+    "CheckpointError": "run_artifacts",
     "GeM": "models_vireid",
     "IMAGENET_MEAN": "models_vireid",
     "IMAGENET_STD": "models_vireid",

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from veilface.errors import InvalidArgument
+from veilface.federated.run_artifacts import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +72,6 @@ _NUM_FEATURES = 19  # features.0 (stem conv) + 17 inverted residuals + features.
 _LAST_STRIDE_BLOCK = 14  # first block of the 160-channel stage, the last stride-2 block
 
 
-class CheckpointError(InvalidArgument):
-    """A weights file is missing, unreadable, or from another model."""
 
 
 def _make_divisible(value: float, divisor: int = 8) -> int:
