@@ -6,13 +6,16 @@
 ((128,), dtype('float32'))
 
 Backends implement :class:`FaceBackend`; ``"dlib"`` (weights from the
-``face_recognition_models`` package) is the embedded default. Nothing is
+``face_recognition_models`` package) is the embedded default;
+:class:`InsightFaceBackend` runs insightface's SCRFD and ArcFace ONNX models
+from a folder the user gives (onnxruntime is imported only then). Nothing is
 downloaded at run time.
 """
 
 from veilface.client.face.backend import FaceBackend, FaceBox
 from veilface.client.face.dlib_backend import DlibBackend
 from veilface.client.face.errors import (
+    FaceModelInvalid,
     FaceModelsNotFound,
     FaceTooBlurry,
     FaceTooSmall,
@@ -22,6 +25,7 @@ from veilface.client.face.errors import (
     NoFaceFound,
 )
 from veilface.client.face.image_io import ImageSource, load_image
+from veilface.client.face.insightface_backend import InsightFaceBackend
 from veilface.client.face.models import DlibModelPaths, find_dlib_models
 from veilface.client.face.pipeline import (
     DEFAULT_MIN_SHARPNESS,
@@ -37,6 +41,7 @@ __all__ = [
     "FaceBackend",
     "FaceBox",
     "FaceEmbedding",
+    "FaceModelInvalid",
     "FaceModelsNotFound",
     "FacePipeline",
     "FaceTooBlurry",
@@ -44,6 +49,7 @@ __all__ = [
     "ImageDecodeError",
     "ImageSizeError",
     "ImageSource",
+    "InsightFaceBackend",
     "MultipleFaces",
     "NoFaceFound",
     "face_sharpness",

@@ -1,8 +1,8 @@
-"""The interface every face backend implements (dlib now, insightface later)."""
+"""The interface every face backend implements (dlib, insightface)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -16,7 +16,9 @@ class FaceBox:
     ``left``/``top`` are inclusive, ``right``/``bottom`` exclusive. A box may
     reach past the image border (detectors do that for faces cut by the
     frame); use :meth:`clipped` before cropping. ``score`` is the detector's
-    confidence, comparable only within one backend.
+    confidence, comparable only within one backend. ``landmarks`` are the 5
+    points ``(x, y)`` (eyes, nose tip, mouth corners) when the detector gives
+    them (insightface's SCRFD does; dlib's HOG detector does not).
     """
 
     left: int
@@ -24,6 +26,7 @@ class FaceBox:
     right: int
     bottom: int
     score: float = 0.0
+    landmarks: tuple[tuple[float, float], ...] | None = None
 
     @property
     def width(self) -> int:
@@ -38,14 +41,27 @@ class FaceBox:
         return max(self.width, 0) * max(self.height, 0)
 
     def clipped(self, width: int, height: int) -> FaceBox:
-        """This box limited to an image of ``width`` x ``height`` pixels."""
-        return FaceBox(
+        """This box limited to an image of ``width`` x ``height`` pixels (landmarks kept)."""
+        return replace(
+            self,
             left=min(max(self.left, 0), width),
             top=min(max(self.top, 0), height),
             right=min(max(self.right, 0), width),
             bottom=min(max(self.bottom, 0), height),
-            score=self.score,
         )
+
+
+def check_rgb(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """``rgb`` as a C-contiguous array, or :class:`ValueError` unless it is ``uint8 (H, W, 3)``."""
+    ok = isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3
+    if not ok or rgb.shape[2] != 3:
+        shape = getattr(rgb, "shape", None)
+        dtype = getattr(rgb, "dtype", type(rgb).__name__)
+        raise ValueError(
+            f"expected a uint8 RGB array of shape (H, W, 3), got shape {shape} dtype {dtype} "
+            "(convert with veilface.client.face.load_image)"
+        )
+    return np.ascontiguousarray(rgb)
 
 
 @runtime_checkable
@@ -70,11 +86,9 @@ class FaceBackend(Protocol):
         """All faces in ``rgb``, in no particular order."""
         ...
 
-    def align_and_embed(
-        self, rgb: npt.NDArray[np.uint8], box: FaceBox
-    ) -> npt.NDArray[np.float32]:
+    def align_and_embed(self, rgb: npt.NDArray[np.uint8], box: FaceBox) -> npt.NDArray[np.float32]:
         """Align the face in ``box``; return its ``float32 (embedding_dim,)`` embedding."""
         ...
 
 
-__all__ = ["FaceBackend", "FaceBox"]
+__all__ = ["FaceBackend", "FaceBox", "check_rgb"]

@@ -16,23 +16,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from veilface.client.face.backend import FaceBox
+from veilface.client.face.backend import FaceBox, check_rgb
 from veilface.client.face.errors import FaceModelsNotFound
 from veilface.client.face.models import find_dlib_models
 
 EMBEDDING_DIM = 128
-
-
-def _check_rgb(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-    ok = isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3
-    if not ok or rgb.shape[2] != 3:
-        shape = getattr(rgb, "shape", None)
-        dtype = getattr(rgb, "dtype", type(rgb).__name__)
-        raise ValueError(
-            f"expected a uint8 RGB array of shape (H, W, 3), got shape {shape} dtype {dtype} "
-            "(convert with veilface.client.face.load_image)"
-        )
-    return np.ascontiguousarray(rgb)
 
 
 class DlibBackend:
@@ -118,7 +106,7 @@ class DlibBackend:
             One box per face (possibly reaching past the border), with the
             detector's score; empty if none.
         """
-        img = _check_rgb(rgb)
+        img = check_rgb(rgb)
         self.load()
         rects, scores, _ = self._detector.run(img, self.upsample, 0.0)
         return [
@@ -141,7 +129,7 @@ class DlibBackend:
             ``float32`` array of shape ``(128,)``: dlib's raw descriptor
             (not re-normalised; compare with Euclidean distance).
         """
-        img = _check_rgb(rgb)
+        img = check_rgb(rgb)
         self.load()
         rect = self._dlib.rectangle(box.left, box.top, box.right - 1, box.bottom - 1)
         shape = self._shape_predictor(img, rect)

@@ -1,8 +1,8 @@
 """Errors of the on-device face pipeline.
 
 Every class is a :class:`veilface.errors.FaceError` (gRPC ``INVALID_ARGUMENT``),
-except :class:`FaceModelsNotFound`, which is a setup problem
-(``FAILED_PRECONDITION``). Messages say what was wrong and how to fix it; they
+except :class:`FaceModelsNotFound` and :class:`FaceModelInvalid`, which are
+setup problems (``FAILED_PRECONDITION``). Messages say what was wrong and how to fix it; they
 never contain pixel data, templates or file contents.
 """
 
@@ -39,7 +39,12 @@ class FaceModelsNotFound(FailedPrecondition):
     """The model files a face backend needs are not installed or not in the given directory."""
 
 
+class FaceModelInvalid(FailedPrecondition):
+    """A model file exists but is corrupt, truncated, or not the kind of model expected."""
+
+
 __all__ = [
+    "FaceModelInvalid",
     "FaceModelsNotFound",
     "FaceTooBlurry",
     "FaceTooSmall",

@@ -17,7 +17,13 @@ import numpy as np
 import numpy.typing as npt
 
 from veilface.client.face.backend import FaceBackend, FaceBox
-from veilface.client.face.errors import FaceTooBlurry, FaceTooSmall, MultipleFaces, NoFaceFound
+from veilface.client.face.errors import (
+    FaceModelsNotFound,
+    FaceTooBlurry,
+    FaceTooSmall,
+    MultipleFaces,
+    NoFaceFound,
+)
 from veilface.client.face.image_io import ImageSource, load_image
 from veilface.errors import FaceError
 
@@ -119,7 +125,9 @@ class FacePipeline:
     Parameters
     ----------
     backend
-        ``"dlib"`` (the embedded default) or any :class:`FaceBackend` instance.
+        ``"dlib"`` (the embedded default), ``"insightface"`` (needs
+        ``model_dir``; see :class:`~veilface.client.face.InsightFaceBackend`,
+        whose instance gives more options), or any :class:`FaceBackend` instance.
     on_multiple
         What to do when an image holds several faces: ``"error"`` raises
         :class:`MultipleFaces`; ``"largest"`` embeds the largest face.
@@ -130,8 +138,10 @@ class FacePipeline:
         Smallest accepted :func:`face_sharpness`; blurrier faces raise
         :class:`FaceTooBlurry`. ``0`` disables the check.
     model_dir
-        Model directory for the ``"dlib"`` backend (default: the
-        ``face_recognition_models`` package).
+        Model directory of a backend given by name: for ``"dlib"`` the folder
+        of its two ``.dat`` files (default: the ``face_recognition_models``
+        package); for ``"insightface"`` (required) insightface's root folder,
+        its ``models`` folder or a pack folder.
     upsample
         Detector upsampling for the ``"dlib"`` backend (1 finds faces down to
         about 40 px; 2 down to about 20 px, four times slower).
@@ -255,14 +265,28 @@ def _make_backend(
             from veilface.client.face.dlib_backend import DlibBackend
 
             return DlibBackend(model_dir=model_dir, upsample=upsample)
-        raise ValueError(f"unknown face backend {backend!r}; available: 'dlib'")
+        if backend == "insightface":
+            if upsample != 1:
+                raise ValueError("upsample applies to the 'dlib' backend only")
+            if model_dir is None:
+                raise FaceModelsNotFound(
+                    "the insightface backend needs model_dir=, the folder holding insightface's "
+                    "models/<pack>/ (e.g. buffalo_l with det_10g.onnx and w600k_r50.onnx); "
+                    "models are never downloaded"
+                )
+            from veilface.client.face.insightface_backend import InsightFaceBackend
+
+            return InsightFaceBackend(model_dir)
+        raise ValueError(f"unknown face backend {backend!r}; available: 'dlib', 'insightface'")
     if model_dir is not None or upsample != 1:
         raise ValueError(
             "model_dir and upsample apply to a backend given by name; configure a backend "
             "instance when you create it"
         )
     if not isinstance(backend, FaceBackend):
-        raise TypeError(f"backend must be 'dlib' or a FaceBackend, not {type(backend).__name__}")
+        raise TypeError(
+            f"backend must be 'dlib', 'insightface' or a FaceBackend, not {type(backend).__name__}"
+        )
     return backend
 
 

@@ -301,6 +301,8 @@ def test_pipeline_arguments() -> None:
     with pytest.raises(ValueError, match="on_multiple"):
         FacePipeline(FakeBackend([]), on_multiple="first")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown face backend"):
+        FacePipeline("opencv")
+    with pytest.raises(FaceModelsNotFound, match="model_dir"):
         FacePipeline("insightface")
     with pytest.raises(ValueError, match="model_dir"):
         FacePipeline(FakeBackend([]), model_dir="/tmp")
