@@ -10,8 +10,10 @@ preselection top-K, final top-1, threshold.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from veilface.client.routing import Router
 from veilface.client.tenant_state import TenantState
 from veilface.client.transport import Transport
 from veilface.crypto.tenant_crypto import TenantCrypto
-from veilface.errors import FailedPrecondition, InvalidArgument, NotFound
+from veilface.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from veilface.proto.v1 import veilface_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -74,10 +76,17 @@ class Verification:
 
 @dataclass(frozen=True)
 class EnrollReceipt:
+    """Where an acknowledged (durable) enrollment went.
+
+    ``staged_id`` is set when the template was acknowledged in the staging
+    area (``bin_id`` and ``slot`` are then 0 until its fold into a bin).
+    """
+
     subject_id: str
     handle: str
     bin_id: int
     slot: int
+    staged_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,10 +128,20 @@ class VeilClient:
         self._mix = state.mixing_matrix()
         self._handles = state.handles()
         self.transport = Transport(target, token=token, root_cert=root_cert, timeout_s=timeout_s)
+        self._folder: ThreadPoolExecutor | None = None
+        self._folds: set[Future[None]] = set()
+        self._folds_lock = threading.Lock()
+        self._staging = True  # False once the server says this key cannot stage
 
     def close(self) -> None:
-        self.transport.close()
-        self.crypto.close()
+        """Finish pending folds of staged enrollments, then close the channel."""
+        try:
+            self.flush()
+        finally:
+            if self._folder is not None:
+                self._folder.shutdown(wait=True)
+            self.transport.close()
+            self.crypto.close()
 
     def __enter__(self) -> VeilClient:
         return self
@@ -261,13 +280,107 @@ class VeilClient:
 
     # -- enrollment -----------------------------------------------------
 
-    def enroll(self, subject_id: str, embedding: npt.ArrayLike) -> EnrollReceipt:
-        """Enroll one template on its own (PFIP flexible enrollment); durable on return."""
+    def enroll(
+        self, subject_id: str, embedding: npt.ArrayLike, *, fold: str = "background"
+    ) -> EnrollReceipt:
+        """Enroll one template on its own; durable (and searchable) on return.
+
+        The template is first acknowledged in the key's staging area: one
+        ciphertext, searched in full by every query until it is folded into
+        its bin (PFIP flexible enrollment: encrypted alone at its slot and
+        added homomorphically). ``fold`` says when that happens:
+        ``"background"`` (default: a worker thread of this client, right
+        away; :meth:`flush` waits for it), ``"now"`` (before returning) or
+        ``"later"`` (left for :meth:`fold_staged`). When the staging area is
+        full or the key predates it, the template goes straight into its bin.
+        """
+        if fold not in {"background", "now", "later"}:
+            raise InvalidArgument("fold must be 'background', 'now' or 'later'")
         self._freeze_center()
         xn = self.normalize(embedding)
         x = self.prepare(xn)
         handle = self._handles.encode(subject_id)
         label = self._labels_for(xn)[0]
+        if self._staging:
+            try:
+                resp = self.transport.call(
+                    self.transport.enrollment.EnrollStaged,
+                    pb.EnrollStagedRequest(
+                        tenant_id=self.state.tenant_id,
+                        key_id=self.state.key_id,
+                        label=label,
+                        handle=handle,
+                        ciphertext=self.crypto.encrypt_staged(x[0]),
+                    ),
+                )
+            except FailedPrecondition:
+                log.info("this key cannot stage templates; enrolling straight into bins")
+                self._staging = False
+            except ResourceExhausted:
+                log.info("staging area full; enrolling straight into a bin")
+            else:
+                staged_id = int(resp.staged_id)
+                if fold == "now":
+                    self._fold(handle, label, x, staged_id)
+                elif fold == "background":
+                    self._fold_in_background(handle, label, x, staged_id)
+                return EnrollReceipt(subject_id, handle, 0, 0, staged_id)
+        bin_id, slot = self._enroll_into_bin(handle, label, x)
+        return EnrollReceipt(subject_id, handle, bin_id, slot)
+
+    def _fold_in_background(self, handle: str, label: str, x: FloatArray, staged_id: int) -> None:
+        if self._folder is None:
+            self._folder = ThreadPoolExecutor(1, thread_name_prefix="veilface-fold")
+        fut = self._folder.submit(self._fold, handle, label, x, staged_id)
+        with self._folds_lock:
+            self._folds.add(fut)
+
+        def done(f: Future[None]) -> None:
+            with self._folds_lock:
+                self._folds.discard(f)
+            if not f.cancelled() and (exc := f.exception()) is not None:
+                # The template stays staged (and searchable); fold_staged() retries.
+                log.warning("fold of a staged template failed: %s", type(exc).__name__)
+
+        fut.add_done_callback(done)
+
+    def _fold(self, handle: str, label: str, x: FloatArray, staged_id: int) -> None:
+        self._enroll_into_bin(handle, label, x, staged_id)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until this client's background folds are done (failures are logged)."""
+        with self._folds_lock:
+            pending = list(self._folds)
+        for f in pending:
+            if f.exception(timeout=timeout_s) is not None:
+                continue  # logged by the done callback; the template stays staged
+
+    def fold_staged(self, *, limit: int = 0) -> int:
+        """Fold staged templates left by any client of this key (for example one that died).
+
+        Fetches them, decrypts each, re-encrypts it into its bin and removes
+        it from the staging area in one server transaction. Returns how many
+        were folded.
+        """
+        self.flush()
+        resp = self.transport.call(
+            self.transport.enrollment.FetchStaged,
+            pb.FetchStagedRequest(tenant_id=self.state.tenant_id, key_id=self.state.key_id, limit=limit),
+        )
+        done = 0
+        for t in resp.staged:
+            x = self.crypto.decrypt_staged(t.ciphertext)[None, :]
+            try:
+                self._fold(t.handle, t.label, x, int(t.staged_id))
+            except NotFound:  # deleted or folded by another client meanwhile
+                continue
+            done += 1
+        return done
+
+    def _enroll_into_bin(
+        self, handle: str, label: str, x: FloatArray, staged_id: int = 0
+    ) -> tuple[int, int]:
+        """Reserve a slot and add the template into its bin (streamed); (bin id, slot)."""
         res = self.transport.call(
             self.transport.enrollment.ReserveSlots,
             pb.ReserveSlotsRequest(
@@ -284,12 +397,13 @@ class VeilClient:
                         reservation_id=res.reservation_id,
                         handles=[handle],
                         ciphertexts=cts,
+                        staged_id=staged_id,
                     )
                 else:
                     yield pb.EnrollRequest(ciphertexts=cts)
 
         resp = self.transport.call(self.transport.enrollment.Enroll, messages())
-        return EnrollReceipt(subject_id, handle, resp.bin_id, resp.slots[0])
+        return int(resp.bin_id), int(resp.slots[0])
 
     def _bulk_chunks(
         self, subject_ids: Sequence[str], xn: FloatArray, progress: bool
@@ -399,6 +513,15 @@ class VeilClient:
         stats.searched_templates = pre.searched_templates
 
         td = time.perf_counter()
+        # Staged templates come back fully scored (the same score in every slot).
+        staged = [
+            Candidate(
+                self._handles.decode(t.handle),
+                t.handle,
+                float(np.mean(self.crypto.decrypt_scores(t.scores)) + offset),
+            )
+            for t in pre.staged
+        ]
         cap = self.layout.capacity
         presel: dict[int, FloatArray] = {}
         cand_bins, cand_slots, cand_scores = [], [], []
@@ -411,8 +534,7 @@ class VeilClient:
             cand_scores.append(scores[occ])
         stats.decrypt_ms += (time.perf_counter() - td) * 1e3
         if not cand_scores or sum(c.size for c in cand_scores) == 0:
-            stats.total_ms = (time.perf_counter() - t0) * 1e3
-            return Identification(None, float("-inf"), False, [], stats)
+            return self._decide(staged, stats, t0, threshold, top_n)
         all_bins = np.concatenate(cand_bins)
         all_slots = np.concatenate(cand_slots)
         all_scores = np.concatenate(cand_scores)
@@ -461,8 +583,7 @@ class VeilClient:
             known.update({(b.bin_id, int(s)): h for s, h in zip(b.slots, b.handles, strict=True)})
         stats.decrypt_ms += (time.perf_counter() - td) * 1e3
         if not f_scores or sum(f.size for f in f_scores) == 0:
-            stats.total_ms = (time.perf_counter() - t0) * 1e3
-            return Identification(None, float("-inf"), False, [], stats)
+            return self._decide(staged, stats, t0, threshold, top_n)
         fb, fs, fv = np.concatenate(f_bins), np.concatenate(f_slots), np.concatenate(f_scores)
         best = np.argsort(-fv)[:top_n]
         missing: dict[int, list[int]] = {}
@@ -484,12 +605,28 @@ class VeilClient:
             for i in best
             if (h := known.get((int(fb[i]), int(fs[i])), ""))
         ]
+        return self._decide(candidates + staged, stats, t0, threshold, top_n)
+
+    def _decide(
+        self,
+        candidates: list[Candidate],
+        stats: QueryStats,
+        t0: float,
+        threshold: float | None,
+        top_n: int,
+    ) -> Identification:
+        """Best score per subject (a template being folded may be seen twice), top-1, threshold."""
+        best: dict[str, Candidate] = {}
+        for c in candidates:
+            if c.handle not in best or c.score > best[c.handle].score:
+                best[c.handle] = c
+        ranked = sorted(best.values(), key=lambda c: -c.score)[:top_n]
         stats.total_ms = (time.perf_counter() - t0) * 1e3
-        if not candidates:
+        if not ranked:
             return Identification(None, float("-inf"), False, [], stats)
-        first = candidates[0]
+        first = ranked[0]
         thr = self.state.threshold if threshold is None else threshold
-        return Identification(first.subject_id, first.score, first.score >= thr, candidates, stats)
+        return Identification(first.subject_id, first.score, first.score >= thr, ranked, stats)
 
     def _decrypt(self, b: pb.BinScores) -> FloatArray:
         """A bin's scores: one ciphertext, or parts scored by several workers."""
@@ -565,6 +702,7 @@ class VeilClient:
     def delete(self, subject_id: str, *, retries: int = 3) -> None:
         """Delete a subject: re-pack its bin without it; the server forgets the handle and its photos."""
         handle = self._handles.encode(subject_id)
+        self.flush()  # a fold of this subject in flight would race the deletion
         for attempt in range(retries):
             got = self.transport.call(
                 self.transport.enrollment.FetchSubjectBin,
@@ -572,6 +710,17 @@ class VeilClient:
             )
             if got.key_id != self.state.key_id:
                 raise FailedPrecondition(f"the subject is enrolled under key {got.key_id!r}")
+            if got.staged:
+                try:
+                    self.transport.call(
+                        self.transport.enrollment.DeleteSubject,
+                        pb.DeleteSubjectRequest(tenant_id=self.state.tenant_id, handle=handle),
+                    )
+                    return
+                except NotFound:  # folded into a bin meanwhile: fetch again
+                    if attempt == retries - 1:
+                        raise
+                    continue
             keep = [s for s in got.occupied_slots if s != got.slot]
             templates = self.crypto.decrypt_bin(list(got.ciphertexts), keep)
             cts = self.crypto.encrypt_contribution(templates, keep)

@@ -56,6 +56,10 @@ class BinKernel:
         """Load and validate ciphertexts of a bin's format, whatever their number."""
         return [load_checked(self._ctx, b, scale=self._scale, what="bin ciphertext") for b in blobs]
 
+    def load_staged(self, blob: bytes) -> seal.Ciphertext:
+        """Load and validate one staged template ciphertext."""
+        return load_checked(self._ctx, blob, scale=self._scale, what="staged template")
+
     def load_probe(self, blobs: Sequence[bytes]) -> Bin:
         return load_many(self._ctx, blobs, expected=self.layout.g1, scale=self._scale, what="probe")
 
@@ -75,6 +79,32 @@ class BinKernel:
         return [seal_io.to_bytes(ct) for ct in cts]
 
     # -- scoring --------------------------------------------------------
+
+    def score_staged(
+        self, staged: seal.Ciphertext, probe: Bin, center: Bin | None = None
+    ) -> seal.Ciphertext:
+        """Full score of a staged template, in every slot.
+
+        ``probe[0]`` (and ``center[0]``, added first for centered probes) has
+        period ``d_pad`` like the staged template, so after one product the
+        rotate-and-sum over ``staged_steps`` leaves in each slot the sum over
+        a whole period: the inner product, never a partial sum.
+        """
+        if not self.public.supports_staging:
+            raise ValueError("this key's public context has no Galois keys for staged scoring")
+        ev = self._evaluator
+        q = probe[0]
+        if center is not None:
+            q = seal.Ciphertext()
+            ev.add(probe[0], center[0], q)
+        out = seal.Ciphertext()
+        ev.multiply(staged, q, out)
+        ev.relinearize_inplace(out, self.public.relin_keys)
+        tmp = seal.Ciphertext()
+        for step in self.layout.staged_steps:
+            ev.rotate_vector(out, step, self.public.galois_keys, tmp)
+            ev.add_inplace(out, tmp)
+        return out
 
     def score(self, bin_cts: Bin, probe: Bin, stage: str) -> seal.Ciphertext:
         return self.score_giants(bin_cts, probe, self.layout.giants(stage))

@@ -50,13 +50,13 @@ class TenantKeys:
     def public_context_bytes(self) -> bytes:
         """Parameters, relinearization keys and the Galois keys the layout needs.
 
-        Only the rotation steps of the giant steps get keys (one key switch
-        per rotation), not TenSEAL's full power-of-two set.
+        Only the rotation steps of the giant steps and of staged scoring get
+        keys (one key switch per rotation), not TenSEAL's full set.
         """
         keygen = seal.KeyGenerator(self.context, self.secret_key)
         relin = keygen.create_relin_keys()
         tool = self.context.key_context_data().galois_tool()
-        elts = [tool.get_elt_from_step(step) for step in self.layout.galois_steps]
+        elts = [tool.get_elt_from_step(step) for step in self.layout.key_steps]
         galois = keygen.create_galois_keys(elts)
         return encode_public_context(
             self.param_set,

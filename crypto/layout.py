@@ -23,6 +23,14 @@ Preselection (PFIP) scores the first ``presel_giants`` giant steps only: the
 inner product over a window of ``m = presel_giants * g1`` coordinates of
 each template. The rest of the giant steps, scored on the candidate bins,
 add up to the full score.
+
+*Staged* templates (single enrollments awaiting their fold into a bin) are
+one ciphertext each: the template tiled with period ``d_pad`` over all the
+slots (:meth:`DiagonalLayout.pack_staged`). Multiplied by the first probe
+ciphertext (the probe with the same period) and summed over the rotations
+``1, 2, 4, ..., d_pad/2`` (:attr:`DiagonalLayout.staged_steps`), every slot
+holds the sum over one whole period, i.e. the full score: as with bins, no
+slot ever carries a per-dimension product or a partial sum.
 """
 
 from __future__ import annotations
@@ -99,6 +107,16 @@ class DiagonalLayout:
     def galois_steps(self) -> list[int]:
         return [a * self.g1 for a in range(1, self.g2)]
 
+    @property
+    def staged_steps(self) -> list[int]:
+        """Rotations that sum a staged template's products over one period."""
+        return [1 << r for r in range(self.d_pad.bit_length() - 1)]
+
+    @property
+    def key_steps(self) -> list[int]:
+        """Every rotation a tenant key needs Galois keys for (bins and staging)."""
+        return sorted(set(self.galois_steps) | set(self.staged_steps))
+
     def giants(self, stage: str) -> range:
         """Giant-step range of a stage: ``presel``, ``rest`` or ``full``."""
         if stage == "presel":
@@ -154,6 +172,18 @@ class DiagonalLayout:
             u = (s + a * self.g1) % self.slots
             out[j, u] = x[rows, (i + j) % self.d_pad]
         return out
+
+    def pack_staged(self, template: npt.ArrayLike) -> FloatArray:
+        """Plaintext of a staged template: float64 [slots], the template tiled with period ``d_pad``."""
+        x = self._pad(np.asarray(template, dtype=np.float64).reshape(1, -1))[0]
+        return np.asarray(np.tile(x, self.slots // self.d_pad), dtype=np.float64)
+
+    def unpack_staged(self, row: npt.ArrayLike) -> FloatArray:
+        """Inverse of :meth:`pack_staged`: the template [dim] (mean over the periods)."""
+        arr = np.asarray(row, dtype=np.float64)
+        if arr.shape != (self.slots,):
+            raise InvalidArgument(f"a staged row has {self.slots} slots, got {arr.shape}")
+        return np.asarray(arr.reshape(-1, self.d_pad).mean(axis=0)[: self.dim], dtype=np.float64)
 
     def unpack(self, diagonals: npt.ArrayLike, slot_idx: npt.ArrayLike) -> FloatArray:
         """Inverse of :meth:`pack` for the given slots: templates [n, dim]."""

@@ -60,6 +60,7 @@ class PublicContext:
     relin_keys: seal.RelinKeys
     galois_keys: seal.GaloisKeys
     fingerprint: str
+    supports_staging: bool = False
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> PublicContext:
@@ -118,5 +119,8 @@ class PublicContext:
         for step in layout.galois_steps:
             if not galois.has_key(tool.get_elt_from_step(step)):
                 raise InvalidContext(f"public context lacks the Galois key for rotation {step}")
+        # Contexts made before staged enrollment existed lack its rotations:
+        # they still serve bins, and single enrollments go straight to bins.
+        staging = all(galois.has_key(tool.get_elt_from_step(s)) for s in layout.staged_steps)
         fingerprint = hashlib.sha256(blob).hexdigest()[:32]
-        return cls(param_set, layout, context, relin, galois, fingerprint)
+        return cls(param_set, layout, context, relin, galois, fingerprint, staging)

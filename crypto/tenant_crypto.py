@@ -71,6 +71,17 @@ class TenantCrypto:
         for start in range(0, len(rows), chunk):
             yield self._encrypt_rows(rows[start : start + chunk])
 
+    def encrypt_staged(self, template: npt.ArrayLike) -> bytes:
+        """One ciphertext holding a template for the staging area (fast single enrollment)."""
+        return self._encrypt_rows(self.layout.pack_staged(template)[None, :])[0]
+
+    def decrypt_staged(self, blob: bytes) -> FloatArray:
+        """Recover a staged template: float64 [dim] (to fold leftovers into a bin)."""
+        ct = load_checked(self._ctx, blob, scale=self._scale, what="staged template")
+        pt = seal.Plaintext()
+        self._decryptor.decrypt(ct, pt)
+        return self.layout.unpack_staged(self._encoder.decode_double(pt))
+
     def encrypt_probe(self, probe: npt.ArrayLike) -> list[bytes]:
         """The ``g1`` baby-step rotations of the probe, each a fresh ciphertext."""
         return self._encrypt_rows(self.layout.probe_vectors(probe))

@@ -35,6 +35,9 @@ class ServerSettings:
     query_ttl_s: float = 120.0
     max_photo_bytes: int = 10 * 1024 * 1024
     max_cached_queries: int = 1024
+    # Single enrollments awaiting their fold, per key: each costs a query
+    # about 6 ms of scoring until folded, so the area is kept small.
+    max_staged: int = 64
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod

@@ -31,7 +31,7 @@ from veilface.server import worker
 from veilface.server.config import ServerSettings
 from veilface.server.scoring import WorkerPool
 from veilface.server.store.blobs import pack_blobs
-from veilface.server.store.records import BinInfo, KeyRecord, KeyStats, Reservation
+from veilface.server.store.records import BinInfo, KeyRecord, KeyStats, Reservation, StagedRecord
 from veilface.server.store.sqlite_store import SQLiteStore
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,15 @@ class BinScore:
     parts: tuple[bytes, ...]
     slots: tuple[int, ...] = ()
     handles: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StagedScore:
+    """Encrypted full score of one staged template (every slot holds it)."""
+
+    staged_id: int
+    handle: str
+    scores: bytes
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,7 @@ class GalleryService:
         self._occupancy: dict[int, tuple[int, tuple[int, ...]]] = {}
         # Probes of recent queries, so that re-ranking need not resend them.
         self._probes: OrderedDict[str, tuple[str, str, list[bytes], float]] = OrderedDict()
+        self._staged_turn = 0
 
     # -- tenants and keys -----------------------------------------------
 
@@ -216,8 +226,14 @@ class GalleryService:
         reservation_id: str,
         handles: Sequence[str],
         chunks: AsyncIterator[Sequence[bytes]],
+        staged_id: int = 0,
     ) -> tuple[Reservation, int]:
-        """Validate a contribution as its ciphertexts stream in, then make it durable."""
+        """Validate a contribution as its ciphertexts stream in, then make it durable.
+
+        With ``staged_id`` the contribution is the fold of that staged
+        template (one handle): the bin delta is written and the staged row
+        removed in one transaction.
+        """
         view = await self.key(tenant_id, key_id)
         res = await asyncio.to_thread(self.store.get_reservation, tenant_id, reservation_id)
         if res.key_id != key_id:
@@ -225,6 +241,8 @@ class GalleryService:
         check_handles(handles)
         if len(handles) != len(res.slots):
             raise InvalidArgument(f"the reservation holds {len(res.slots)} slots; send as many handles")
+        if staged_id and len(handles) != 1:
+            raise InvalidArgument("a fold of a staged template carries exactly one handle")
         expected = view.layout.n_ciphertexts
         blobs: list[bytes] = []
         checks: list[asyncio.Future[None]] = []
@@ -247,12 +265,48 @@ class GalleryService:
                 c.cancel()
             await asyncio.gather(*checks, return_exceptions=True)
             raise
-        version = await asyncio.to_thread(self.store.commit_enroll, res, list(handles), pack_blobs(blobs))
+        version = await asyncio.to_thread(
+            self.store.commit_enroll, res, list(handles), pack_blobs(blobs), staged_id
+        )
         # Durable now: acknowledge. The owner folds the new delta into its
         # in-memory bin when the bin is next scored or compacted (whichever
         # comes first), so a burst of enrollments never waits for it.
         self._schedule_compaction(res.bin_id)
         return res, version
+
+    async def enroll_staged(
+        self, tenant_id: str, key_id: str, label: str, handle: str, ciphertext: bytes
+    ) -> int:
+        """Keep one template in the key's staging area; acknowledged once durable."""
+        await self.key(tenant_id, key_id)
+        check_label(label)
+        check_handles([handle])
+        if not ciphertext:
+            raise InvalidArgument("a staged template is one ciphertext; got none")
+        # Any worker can check it; alternate so two kiosks enrolling at once use both cores.
+        self._staged_turn = (self._staged_turn + 1) % self.pool.n
+        ok = await self.pool.call(self._staged_turn, worker.check_staged, tenant_id, key_id, ciphertext)
+        if not ok:
+            raise FailedPrecondition(
+                "this key's public context has no staged-scoring rotations; "
+                "register a new key (or enroll straight into a bin)"
+            )
+        return await asyncio.to_thread(
+            self.store.stage_template,
+            tenant_id,
+            key_id,
+            label,
+            handle,
+            ciphertext,
+            self.settings.max_staged,
+        )
+
+    async def fetch_staged(self, tenant_id: str, key_id: str, limit: int) -> list[StagedRecord]:
+        await self.key(tenant_id, key_id)
+        cap = self.settings.max_staged
+        return await asyncio.to_thread(
+            self.store.staged_templates, tenant_id, key_id, None, limit=min(limit or cap, cap)
+        )
 
     async def bulk_enroll(self, chunks: AsyncIterator[BulkChunk], tenant_of_call: str) -> tuple[list[int], int]:
         """Stage every chunk as a new bin; activate them all only at the end."""
@@ -335,8 +389,14 @@ class GalleryService:
         _, key_id = await asyncio.to_thread(self.store.bin_owner, bin_ids[0])
         await self.pool.call(owner, worker.precompute_centers, tenant_id, key_id, bin_ids)
 
-    async def fetch_subject_bin(self, tenant_id: str, handle: str) -> tuple[str, BinInfo, int, bytes]:
+    async def fetch_subject_bin(
+        self, tenant_id: str, handle: str
+    ) -> tuple[str, BinInfo, int, bytes] | StagedRecord:
+        """The subject's bin (key id, bin, slot, packed ciphertexts), or its staged record."""
         check_handles([handle])
+        staged = await asyncio.to_thread(self.store.staged_subject, tenant_id, handle)
+        if staged is not None:
+            return staged
         ref = await asyncio.to_thread(self.store.subject, tenant_id, handle)
         current = await self.pool.call(self.pool.owner(ref.bin_id), worker.current, ref.bin_id)
         if current is None:
@@ -351,6 +411,10 @@ class GalleryService:
         self, tenant_id: str, handle: str, bin_id: int, version: int, ciphertexts: Sequence[bytes]
     ) -> int:
         check_handles([handle])
+        if bin_id == 0 and not ciphertexts:  # a staged subject: nothing to re-pack
+            await asyncio.to_thread(self.store.delete_staged, tenant_id, handle)
+            log.info("tenant %s deleted a staged subject", tenant_id)
+            return 0
         ref = await asyncio.to_thread(self.store.subject, tenant_id, handle)
         view = await self.key(tenant_id, ref.key_id)
         self._check_count(ciphertexts, view.layout.n_ciphertexts, "bin")
@@ -394,13 +458,13 @@ class GalleryService:
         mode: str,
         labels: Sequence[str],
         probe: Sequence[bytes],
-    ) -> tuple[list[BinScore], int, str]:
+    ) -> tuple[list[BinScore], int, str, list[StagedScore]]:
         view = await self.key(tenant_id, key_id)
         self._check_count(probe, view.layout.g1, "probe")
         if mode == "strict":
             if labels:
                 raise InvalidArgument("strict mode searches every bin; send no labels")
-            bins = await asyncio.to_thread(self.store.list_bins, tenant_id, key_id, None)
+            bins, staged = await asyncio.to_thread(self.store.search_view, tenant_id, key_id, None)
         elif mode == "routed":
             if not labels:
                 raise InvalidArgument("routed mode needs at least one bin label")
@@ -408,7 +472,9 @@ class GalleryService:
                 raise ResourceExhausted(f"at most {MAX_LABELS} labels per query")
             for lab in labels:
                 check_label(lab)
-            bins = await asyncio.to_thread(self.store.list_bins, tenant_id, key_id, list(set(labels)))
+            bins, staged = await asyncio.to_thread(
+                self.store.search_view, tenant_id, key_id, sorted(set(labels))
+            )
         else:
             raise InvalidArgument("search mode must be strict or routed")
         if len(bins) > self.settings.max_bins_per_request:
@@ -418,9 +484,48 @@ class GalleryService:
             )
         bins = await self._with_occupancy(bins)
         query_id = secrets.token_urlsafe(12)
-        scored = await self._score(tenant_id, key_id, view, bins, probe, "presel", query_id)
+        scored, staged_scores = await asyncio.gather(
+            self._score(tenant_id, key_id, view, bins, probe, "presel", query_id),
+            self._score_staged(tenant_id, key_id, staged, probe, add_center=True),
+        )
         self._remember_probe(query_id, tenant_id, key_id, list(probe))
-        return scored, sum(len(b.occupied) for b in bins), query_id
+        return scored, sum(len(b.occupied) for b in bins) + len(staged), query_id, staged_scores
+
+    async def _score_staged(
+        self,
+        tenant_id: str,
+        key_id: str,
+        staged: Sequence[StagedRecord],
+        probe: Sequence[bytes],
+        *,
+        add_center: bool,
+    ) -> list[StagedScore]:
+        """Score staged templates, spread over the workers after the bins' share."""
+        if not staged:
+            return []
+        n = self.pool.n if len(staged) >= 4 else 1
+        groups = [list(staged[i::n]) for i in range(n)]
+        results = await asyncio.gather(
+            *(
+                self.pool.call(
+                    (i + 1) % self.pool.n,
+                    worker.score_staged,
+                    tenant_id,
+                    key_id,
+                    [r.blob for r in g],
+                    list(probe),
+                    "",
+                    add_center,
+                )
+                for i, g in enumerate(groups)
+                if g
+            )
+        )
+        return [
+            StagedScore(r.staged_id, r.handle, blob)
+            for g, res in zip([g for g in groups if g], results, strict=True)
+            for r, blob in zip(g, res, strict=True)
+        ]
 
     async def _with_occupancy(self, bins: Sequence[BinInfo]) -> list[BinInfo]:
         missing = [
@@ -508,6 +613,14 @@ class GalleryService:
         self, tenant_id: str, key_id: str, handle: str, probe: Sequence[bytes]
     ) -> tuple[int, bytes]:
         check_handles([handle])
+        staged = await asyncio.to_thread(self.store.staged_subject, tenant_id, handle)
+        if staged is not None:
+            if staged.key_id != key_id:
+                raise FailedPrecondition(f"the subject is enrolled under key {staged.key_id!r}")
+            view = await self.key(tenant_id, key_id)
+            self._check_count(probe, view.layout.g1, "probe")
+            (one,) = await self._score_staged(tenant_id, key_id, [staged], probe, add_center=False)
+            return 0, one.scores
         ref = await asyncio.to_thread(self.store.subject, tenant_id, handle)
         if ref.key_id != key_id:
             raise FailedPrecondition(f"the subject is enrolled under key {ref.key_id!r}")

@@ -18,6 +18,7 @@ from veilface.proto.v1 import veilface_pb2_grpc as pb_grpc
 from veilface.server.auth import TokenIndex, require_admin, require_tenant
 from veilface.server.errors_map import mapped
 from veilface.server.service import BinScore, BulkChunk, GalleryService, KeyView, hash_token
+from veilface.server.store.records import StagedRecord
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 
@@ -38,10 +39,11 @@ def key_info_to_proto(view: KeyView) -> pb.KeyInfo:
         has_center=rec.center_probe is not None,
     )
     if view.stats is not None:
-        info.subjects, info.bins, info.stored_bytes = (
+        info.subjects, info.bins, info.stored_bytes, info.staged = (
             view.stats.subjects,
             view.stats.bins,
             view.stats.stored_bytes,
+            view.stats.staged,
         )
     return info
 
@@ -125,12 +127,17 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
         async def chunks() -> AsyncIterator[list[bytes]]:
             yield list(first.ciphertexts)
             async for msg in request_iterator:
-                if msg.reservation_id or msg.handles:
+                if msg.reservation_id or msg.handles or msg.staged_id:
                     raise InvalidArgument("only the first message names the reservation and handles")
                 yield list(msg.ciphertexts)
 
         res, version = await self.service.enroll(
-            first.tenant_id, first.key_id, first.reservation_id, list(first.handles), chunks()
+            first.tenant_id,
+            first.key_id,
+            first.reservation_id,
+            list(first.handles),
+            chunks(),
+            first.staged_id,
         )
         return pb.EnrollResponse(bin_id=res.bin_id, slots=list(res.slots), bin_version=version)
 
@@ -159,7 +166,10 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
         require_tenant(request.tenant_id)
         from veilface.server.store.blobs import unpack_blobs
 
-        key_id, info, slot, blob = await self.service.fetch_subject_bin(request.tenant_id, request.handle)
+        found = await self.service.fetch_subject_bin(request.tenant_id, request.handle)
+        if isinstance(found, StagedRecord):
+            return pb.FetchSubjectBinResponse(key_id=found.key_id, staged=True)
+        key_id, info, slot, blob = found
         return pb.FetchSubjectBinResponse(
             key_id=key_id,
             bin_id=info.bin_id,
@@ -180,6 +190,25 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
             list(request.ciphertexts),
         )
         return pb.DeleteSubjectResponse(bin_id=request.bin_id, bin_version=version)
+
+    @mapped
+    async def EnrollStaged(self, request: pb.EnrollStagedRequest, context: Ctx) -> pb.EnrollStagedResponse:
+        require_tenant(request.tenant_id)
+        staged_id = await self.service.enroll_staged(
+            request.tenant_id, request.key_id, request.label, request.handle, request.ciphertext
+        )
+        return pb.EnrollStagedResponse(staged_id=staged_id)
+
+    @mapped
+    async def FetchStaged(self, request: pb.FetchStagedRequest, context: Ctx) -> pb.FetchStagedResponse:
+        require_tenant(request.tenant_id)
+        found = await self.service.fetch_staged(request.tenant_id, request.key_id, request.limit)
+        return pb.FetchStagedResponse(
+            staged=[
+                pb.StagedTemplate(staged_id=r.staged_id, handle=r.handle, label=r.label, ciphertext=r.blob)
+                for r in found
+            ]
+        )
 
 
 class PhotosServicer(pb_grpc.PhotosServicer):
@@ -220,13 +249,14 @@ class IdentificationServicer(pb_grpc.IdentificationServicer):
         mode = _MODES.get(request.mode)
         if mode is None:
             raise InvalidArgument("search mode must be SEARCH_MODE_STRICT or SEARCH_MODE_ROUTED")
-        scores, searched, query_id = await self.service.preselect(
+        scores, searched, query_id, staged = await self.service.preselect(
             request.tenant_id, request.key_id, mode, list(request.labels), list(request.probe_ciphertexts)
         )
         return pb.ScoresResponse(
             bins=[bin_scores_to_proto(b) for b in scores],
             searched_templates=searched,
             query_id=query_id,
+            staged=[pb.StagedScore(staged_id=t.staged_id, handle=t.handle, scores=t.scores) for t in staged],
         )
 
     @mapped

@@ -14,9 +14,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from veilface.crypto import seal_io
 from veilface.crypto.kernel import Bin, BinKernel
 from veilface.crypto.public_context import PublicContext
-from veilface.crypto import seal_io
 from veilface.errors import NotFound
 from veilface.server.store.blobs import pack_blobs, unpack_blobs
 from veilface.server.store.sqlite_store import BinReader
@@ -226,6 +226,37 @@ def score(
     return out
 
 
+def check_staged(tenant_id: str, key_id: str, blob: bytes) -> bool:
+    """Validate a staged template; False if the key's context cannot score staged templates."""
+    kernel = _s().kernel(tenant_id, key_id)
+    if not kernel.public.supports_staging:
+        return False
+    kernel.load_staged(blob)
+    return True
+
+
+def score_staged(
+    tenant_id: str,
+    key_id: str,
+    blobs: Sequence[bytes],
+    probe_blobs: Sequence[bytes],
+    query_id: str = "",
+    add_center: bool = False,
+) -> list[bytes]:
+    """Full scores of staged templates (one ciphertext each, every slot the score).
+
+    ``add_center``: the probe is centered (identification); add the key's
+    centering vector so the score is the same as a bin's after re-ranking.
+    """
+    state = _s()
+    kernel = state.kernel(tenant_id, key_id)
+    probe = state.probes.get((tenant_id, key_id, query_id)) if query_id else None
+    if probe is None:
+        probe = kernel.load_probe(probe_blobs)
+    center = state.centers.get((tenant_id, key_id)) if add_center else None
+    return [seal_io.to_bytes(kernel.score_staged(kernel.load_staged(b), probe, center)) for b in blobs]
+
+
 def precompute_centers(tenant_id: str, key_id: str, bin_ids: Sequence[int]) -> int:
     """Warm the centering scores of bins after they change (runs in the background)."""
     state = _s()
@@ -259,4 +290,15 @@ def current(bin_id: int) -> tuple[int, bytes] | None:
     return cached.version, pack_blobs(BinKernel.serialize(cached.cts))
 
 
-__all__ = ["commit", "current", "discard", "forget", "init", "ping", "score", "validate"]
+__all__ = [
+    "check_staged",
+    "commit",
+    "current",
+    "discard",
+    "forget",
+    "init",
+    "ping",
+    "score",
+    "score_staged",
+    "validate",
+]

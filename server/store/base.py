@@ -17,6 +17,7 @@ from veilface.server.store.records import (
     KeyRecord,
     KeyStats,
     Reservation,
+    StagedRecord,
     SubjectRef,
 )
 
@@ -33,8 +34,19 @@ class GalleryStore(Protocol):
     ) -> Reservation: ...
     def get_reservation(self, tenant_id: str, reservation_id: str) -> Reservation: ...
     def commit_enroll(
-        self, reservation: Reservation, handles: Sequence[str], delta: bytes
+        self, reservation: Reservation, handles: Sequence[str], delta: bytes, staged_id: int = 0
     ) -> int: ...
+    def stage_template(
+        self, tenant_id: str, key_id: str, label: str, handle: str, blob: bytes, max_staged: int
+    ) -> int: ...
+    def staged_templates(
+        self, tenant_id: str, key_id: str, labels: Sequence[str] | None = None, *, limit: int = 0
+    ) -> list[StagedRecord]: ...
+    def search_view(
+        self, tenant_id: str, key_id: str, labels: Sequence[str] | None
+    ) -> tuple[list[BinInfo], list[StagedRecord]]: ...
+    def staged_subject(self, tenant_id: str, handle: str) -> StagedRecord | None: ...
+    def delete_staged(self, tenant_id: str, handle: str) -> None: ...
     def stage_bin(
         self,
         tenant_id: str,

@@ -22,6 +22,7 @@ class KeyStats:
     subjects: int
     bins: int
     stored_bytes: int
+    staged: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,3 +63,15 @@ class BinData:
     base: bytes | None
     base_seq: int
     deltas: tuple[tuple[int, bytes], ...]
+
+
+@dataclass(frozen=True)
+class StagedRecord:
+    """A single enrollment awaiting its fold into a bin: one ciphertext."""
+
+    staged_id: int
+    tenant_id: str
+    key_id: str
+    label: str
+    handle: str
+    blob: bytes

@@ -8,7 +8,10 @@ IMMEDIATE``), so a killed process leaves either all of it or none.
 Bins hold their ciphertexts as a *base* blob plus *deltas* (one per
 single-template contribution since the last compaction): acknowledging a
 single enrollment writes only its own contribution, and compaction later
-folds the deltas into the base. Bulk imports write whole bins in a
+folds the deltas into the base. A *staged* template (fast single
+enrollment) is one row of its own, searched until the tenant folds it into
+a bin: the fold writes the bin delta and removes the staged row in one
+transaction, so a template is always in exactly one of the two. Bulk imports write whole bins in a
 ``staged`` state and flip them to ``active`` in one transaction when the
 stream ends; staged bins of a dead stream are removed at start-up.
 """
@@ -24,13 +27,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from veilface.errors import AlreadyExists, FailedPrecondition, NotFound
+from veilface.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from veilface.server.store.records import (
     BinData,
     BinInfo,
     KeyRecord,
     KeyStats,
     Reservation,
+    StagedRecord,
     SubjectRef,
 )
 
@@ -93,6 +97,19 @@ CREATE TABLE IF NOT EXISTS photos (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS photos_by_subject ON photos(tenant_id, handle);
+-- Single enrollments awaiting their fold into a bin (one ciphertext each).
+CREATE TABLE IF NOT EXISTS staged (
+    staged_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    label TEXT NOT NULL,
+    handle TEXT NOT NULL,
+    blob BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    UNIQUE (tenant_id, handle),
+    FOREIGN KEY (tenant_id, key_id) REFERENCES keys(tenant_id, key_id)
+);
+CREATE INDEX IF NOT EXISTS staged_by_key ON staged(tenant_id, key_id, label);
 CREATE TABLE IF NOT EXISTS reservations (
     reservation_id TEXT PRIMARY KEY,
     tenant_id TEXT NOT NULL,
@@ -103,7 +120,9 @@ CREATE TABLE IF NOT EXISTS reservations (
 );
 """
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
+# Older schemas this one extends with new tables only (CREATE IF NOT EXISTS).
+UPGRADABLE_FROM = frozenset({"3"})
 
 
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -134,6 +153,8 @@ class SQLiteStore:
             row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            elif row[0] in UPGRADABLE_FROM:
+                c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise FailedPrecondition(
                     f"database {self.path} has schema {row[0]}, this server needs {SCHEMA_VERSION}"
@@ -274,7 +295,14 @@ class SQLiteStore:
                 "WHERE b.tenant_id=? AND b.key_id=? AND b.state='active'",
                 (tenant_id, key_id),
             )[0]
-            out.append((rec, KeyStats(subjects, bins, stored + deltas)))
+            staged, staged_bytes = self._q(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(blob)), 0) FROM staged "
+                "WHERE tenant_id=? AND key_id=?",
+                (tenant_id, key_id),
+            )[0]
+            out.append(
+                (rec, KeyStats(subjects + staged, bins, stored + deltas + staged_bytes, staged))
+            )
         return out
 
     # -- single enrollment ---------------------------------------------
@@ -327,7 +355,10 @@ class SQLiteStore:
         key_id, bin_id, slots, exp = rows[0]
         return Reservation(reservation_id, tenant_id, key_id, bin_id, tuple(json.loads(slots)), exp)
 
-    def commit_enroll(self, reservation: Reservation, handles: Sequence[str], delta: bytes) -> int:
+    def commit_enroll(
+        self, reservation: Reservation, handles: Sequence[str], delta: bytes, staged_id: int = 0
+    ) -> int:
+        """Write a bin contribution; with ``staged_id``, remove that staged template in the same transaction."""
         with self._tx() as c:
             row = c.execute(
                 "SELECT expires_at FROM reservations WHERE reservation_id=?",
@@ -335,6 +366,13 @@ class SQLiteStore:
             ).fetchone()
             if row is None:
                 raise NotFound("unknown or expired reservation; reserve slots again")
+            if staged_id:
+                gone = c.execute(
+                    "DELETE FROM staged WHERE staged_id=? AND tenant_id=? AND key_id=? AND handle=?",
+                    (staged_id, reservation.tenant_id, reservation.key_id, handles[0] if handles else ""),
+                ).rowcount
+                if gone != 1 or len(handles) != 1:
+                    raise NotFound("no such staged template for this handle (folded or deleted)")
             self._insert_subjects(c, reservation.tenant_id, reservation.bin_id, handles, reservation.slots)
             (version,) = c.execute(
                 "SELECT version FROM bins WHERE bin_id=?", (reservation.bin_id,)
@@ -350,6 +388,16 @@ class SQLiteStore:
     def _insert_subjects(
         c: sqlite3.Connection, tenant_id: str, bin_id: int, handles: Sequence[str], slots: Sequence[int]
     ) -> None:
+        hs = list(handles)
+        for start in range(0, len(hs), 500):
+            part = hs[start : start + 500]
+            if c.execute(
+                f"SELECT 1 FROM staged WHERE tenant_id=? AND handle IN ({','.join('?' * len(part))})",
+                [tenant_id, *part],
+            ).fetchone():
+                raise AlreadyExists(
+                    "a subject handle is already enrolled; delete it first or use another id"
+                )
         try:
             c.executemany(
                 "INSERT INTO subjects VALUES (?, ?, ?, ?)",
@@ -497,6 +545,93 @@ class SQLiteStore:
     def load_bin_data(self, bin_id: int) -> BinData:
         return load_bin_data(self._conn, bin_id, self._lock)
 
+    # -- staging area ----------------------------------------------------
+
+    def stage_template(
+        self, tenant_id: str, key_id: str, label: str, handle: str, blob: bytes, max_staged: int
+    ) -> int:
+        """Keep one staged template durably; its handle must be new to the tenant."""
+        with self._tx() as c:
+            (n,) = c.execute(
+                "SELECT COUNT(*) FROM staged WHERE tenant_id=? AND key_id=?", (tenant_id, key_id)
+            ).fetchone()
+            if n >= max_staged:
+                raise ResourceExhausted(
+                    f"the staging area holds {n} templates (the limit); enroll into a bin directly"
+                )
+            if c.execute(
+                "SELECT 1 FROM subjects WHERE tenant_id=? AND handle=?", (tenant_id, handle)
+            ).fetchone():
+                raise AlreadyExists("a subject handle is already enrolled; delete it first or use another id")
+            try:
+                cur = c.execute(
+                    "INSERT INTO staged (tenant_id, key_id, label, handle, blob, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (tenant_id, key_id, label, handle, blob, time.time()),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(
+                    "a subject handle is already enrolled; delete it first or use another id"
+                ) from None
+            return int(cur.lastrowid or 0)
+
+    def staged_templates(
+        self, tenant_id: str, key_id: str, labels: Sequence[str] | None = None, *, limit: int = 0
+    ) -> list[StagedRecord]:
+        """Staged templates of a key (of the given labels), oldest first, with their ciphertexts."""
+        sql = "SELECT staged_id, handle, label, blob FROM staged WHERE tenant_id=? AND key_id=?"
+        args: list[object] = [tenant_id, key_id]
+        if labels is not None:
+            sql += f" AND label IN ({','.join('?' * len(labels))})"
+            args.extend(labels)
+        sql += " ORDER BY staged_id"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return [
+            StagedRecord(int(i), tenant_id, key_id, str(lab), str(h), bytes(b))
+            for i, h, lab, b in self._q(sql, args)
+        ]
+
+    def search_view(
+        self, tenant_id: str, key_id: str, labels: Sequence[str] | None
+    ) -> tuple[list[BinInfo], list[StagedRecord]]:
+        """Bins and staged templates to search, read in one snapshot.
+
+        A fold moves a template from the staging area into a bin in one
+        transaction; reading both in one snapshot means a query sees it in
+        one place or the other (or, if the bin is scored at a newer version
+        than listed, in both: the client keeps the best score per handle),
+        never in neither.
+        """
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                staged = self.staged_templates(tenant_id, key_id, labels)
+                bins = self.list_bins(tenant_id, key_id, labels)
+            finally:
+                self._conn.execute("COMMIT")
+        return bins, staged
+
+    def staged_subject(self, tenant_id: str, handle: str) -> StagedRecord | None:
+        rows = self._q(
+            "SELECT staged_id, key_id, label, blob FROM staged WHERE tenant_id=? AND handle=?",
+            (tenant_id, handle),
+        )
+        if not rows:
+            return None
+        i, key_id, label, blob = rows[0]
+        return StagedRecord(int(i), tenant_id, str(key_id), str(label), handle, bytes(blob))
+
+    def delete_staged(self, tenant_id: str, handle: str) -> None:
+        """Forget a staged subject and its photos."""
+        with self._tx() as c:
+            gone = c.execute(
+                "DELETE FROM staged WHERE tenant_id=? AND handle=?", (tenant_id, handle)
+            ).rowcount
+            if gone != 1:
+                raise NotFound("unknown subject")
+            c.execute("DELETE FROM photos WHERE tenant_id=? AND handle=?", (tenant_id, handle))
+
     # -- maintenance ---------------------------------------------------
 
     def compact(self, bin_id: int, merged: bytes, upto_seq: int) -> None:
@@ -542,7 +677,9 @@ class SQLiteStore:
                 "WHERE s.tenant_id=? AND s.handle=? AND b.state='active'",
                 (tenant_id, handle),
             ).fetchone()
-            if row is None:
+            if row is None and not c.execute(
+                "SELECT 1 FROM staged WHERE tenant_id=? AND handle=?", (tenant_id, handle)
+            ).fetchone():
                 raise NotFound("unknown subject: enroll it before keeping its photos")
             c.execute(
                 "INSERT INTO photos VALUES (?, ?, ?, ?, ?, ?)",

@@ -116,3 +116,23 @@ def test_wrong_scale_is_rejected(tenant) -> None:  # type: ignore[no-untyped-def
     scored = seal_io.to_bytes(kern.score(b, probe, "presel"))
     with pytest.raises(InvalidCiphertext):
         kern.load_probe([scored] * kern.layout.g1)
+
+
+def test_staged_scores_are_full_in_every_slot() -> None:
+    keys = TenantKeys.generate(100)  # d_pad 128: the template is zero-padded
+    tc = TenantCrypto(keys)
+    kernel = BinKernel(PublicContext.from_bytes(keys.public_context_bytes()))
+    assert kernel.public.supports_staging
+    rng = np.random.default_rng(3)
+    t, p, mu = rng.normal(size=(3, 100))
+    t, p = t / np.linalg.norm(t), p / np.linalg.norm(p)
+    mu = 0.3 * mu / np.linalg.norm(mu)
+    staged = kernel.load_staged(tc.encrypt_staged(t))
+    probe = kernel.load_probe(tc.encrypt_probe(p))
+    center = kernel.load_probe(tc.encrypt_probe(mu))
+    plain = tc.decrypt_scores(seal_io.to_bytes(kernel.score_staged(staged, probe)))
+    # every slot holds the full inner product: no partial sums anywhere
+    np.testing.assert_allclose(plain, t @ p, atol=2e-4)
+    centered = tc.decrypt_scores(seal_io.to_bytes(kernel.score_staged(staged, probe, center)))
+    np.testing.assert_allclose(centered, t @ (p + mu), atol=2e-4)
+    np.testing.assert_allclose(tc.decrypt_staged(tc.encrypt_staged(t)), t, atol=1e-5)

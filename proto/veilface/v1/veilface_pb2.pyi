@@ -52,7 +52,7 @@ class RegisterKeyRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., public_context: _Optional[bytes] = ...) -> None: ...
 
 class KeyInfo(_message.Message):
-    __slots__ = ("key_id", "param_set", "dim", "presel_dims", "n_ciphertexts", "probe_ciphertexts", "capacity", "fingerprint", "subjects", "bins", "stored_bytes", "has_center")
+    __slots__ = ("key_id", "param_set", "dim", "presel_dims", "n_ciphertexts", "probe_ciphertexts", "capacity", "fingerprint", "subjects", "bins", "stored_bytes", "has_center", "staged")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     PARAM_SET_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class KeyInfo(_message.Message):
     BINS_FIELD_NUMBER: _ClassVar[int]
     STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
     HAS_CENTER_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     param_set: str
     dim: int
@@ -77,7 +78,8 @@ class KeyInfo(_message.Message):
     bins: int
     stored_bytes: int
     has_center: bool
-    def __init__(self, key_id: _Optional[str] = ..., param_set: _Optional[str] = ..., dim: _Optional[int] = ..., presel_dims: _Optional[int] = ..., n_ciphertexts: _Optional[int] = ..., probe_ciphertexts: _Optional[int] = ..., capacity: _Optional[int] = ..., fingerprint: _Optional[str] = ..., subjects: _Optional[int] = ..., bins: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., has_center: bool = ...) -> None: ...
+    staged: int
+    def __init__(self, key_id: _Optional[str] = ..., param_set: _Optional[str] = ..., dim: _Optional[int] = ..., presel_dims: _Optional[int] = ..., n_ciphertexts: _Optional[int] = ..., probe_ciphertexts: _Optional[int] = ..., capacity: _Optional[int] = ..., fingerprint: _Optional[str] = ..., subjects: _Optional[int] = ..., bins: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., has_center: bool = ..., staged: _Optional[int] = ...) -> None: ...
 
 class RegisterKeyResponse(_message.Message):
     __slots__ = ("key",)
@@ -151,6 +153,54 @@ class FetchPhotoResponse(_message.Message):
     protection: str
     def __init__(self, photo_id: _Optional[str] = ..., handle: _Optional[str] = ..., sealed_photo: _Optional[bytes] = ..., protection: _Optional[str] = ...) -> None: ...
 
+class EnrollStagedRequest(_message.Message):
+    __slots__ = ("tenant_id", "key_id", "label", "handle", "ciphertext")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    key_id: str
+    label: str
+    handle: str
+    ciphertext: bytes
+    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., label: _Optional[str] = ..., handle: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class EnrollStagedResponse(_message.Message):
+    __slots__ = ("staged_id",)
+    STAGED_ID_FIELD_NUMBER: _ClassVar[int]
+    staged_id: int
+    def __init__(self, staged_id: _Optional[int] = ...) -> None: ...
+
+class FetchStagedRequest(_message.Message):
+    __slots__ = ("tenant_id", "key_id", "limit")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    key_id: str
+    limit: int
+    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class StagedTemplate(_message.Message):
+    __slots__ = ("staged_id", "handle", "label", "ciphertext")
+    STAGED_ID_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    staged_id: int
+    handle: str
+    label: str
+    ciphertext: bytes
+    def __init__(self, staged_id: _Optional[int] = ..., handle: _Optional[str] = ..., label: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class FetchStagedResponse(_message.Message):
+    __slots__ = ("staged",)
+    STAGED_FIELD_NUMBER: _ClassVar[int]
+    staged: _containers.RepeatedCompositeFieldContainer[StagedTemplate]
+    def __init__(self, staged: _Optional[_Iterable[_Union[StagedTemplate, _Mapping]]] = ...) -> None: ...
+
 class ReserveSlotsRequest(_message.Message):
     __slots__ = ("tenant_id", "key_id", "label", "count")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -176,18 +226,20 @@ class ReserveSlotsResponse(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., bin_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("tenant_id", "key_id", "reservation_id", "handles", "ciphertexts")
+    __slots__ = ("tenant_id", "key_id", "reservation_id", "handles", "ciphertexts", "staged_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     HANDLES_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    STAGED_ID_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     key_id: str
     reservation_id: str
     handles: _containers.RepeatedScalarFieldContainer[str]
     ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., handles: _Optional[_Iterable[str]] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    staged_id: int
+    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., handles: _Optional[_Iterable[str]] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., staged_id: _Optional[int] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
     __slots__ = ("bin_id", "slots", "bin_version")
@@ -234,20 +286,22 @@ class FetchSubjectBinRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., handle: _Optional[str] = ...) -> None: ...
 
 class FetchSubjectBinResponse(_message.Message):
-    __slots__ = ("key_id", "bin_id", "bin_version", "slot", "occupied_slots", "ciphertexts")
+    __slots__ = ("key_id", "bin_id", "bin_version", "slot", "occupied_slots", "ciphertexts", "staged")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     BIN_ID_FIELD_NUMBER: _ClassVar[int]
     BIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     OCCUPIED_SLOTS_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     bin_id: int
     bin_version: int
     slot: int
     occupied_slots: _containers.RepeatedScalarFieldContainer[int]
     ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, key_id: _Optional[str] = ..., bin_id: _Optional[int] = ..., bin_version: _Optional[int] = ..., slot: _Optional[int] = ..., occupied_slots: _Optional[_Iterable[int]] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    staged: bool
+    def __init__(self, key_id: _Optional[str] = ..., bin_id: _Optional[int] = ..., bin_version: _Optional[int] = ..., slot: _Optional[int] = ..., occupied_slots: _Optional[_Iterable[int]] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., staged: bool = ...) -> None: ...
 
 class DeleteSubjectRequest(_message.Message):
     __slots__ = ("tenant_id", "handle", "bin_id", "bin_version", "ciphertexts")
@@ -340,14 +394,26 @@ class BinScores(_message.Message):
     def __init__(self, bin_id: _Optional[int] = ..., bin_version: _Optional[int] = ..., occupancy: _Optional[bytes] = ..., scores: _Optional[bytes] = ..., slots: _Optional[_Iterable[int]] = ..., handles: _Optional[_Iterable[str]] = ..., score_parts: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ScoresResponse(_message.Message):
-    __slots__ = ("bins", "searched_templates", "query_id")
+    __slots__ = ("bins", "searched_templates", "query_id", "staged")
     BINS_FIELD_NUMBER: _ClassVar[int]
     SEARCHED_TEMPLATES_FIELD_NUMBER: _ClassVar[int]
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
     bins: _containers.RepeatedCompositeFieldContainer[BinScores]
     searched_templates: int
     query_id: str
-    def __init__(self, bins: _Optional[_Iterable[_Union[BinScores, _Mapping]]] = ..., searched_templates: _Optional[int] = ..., query_id: _Optional[str] = ...) -> None: ...
+    staged: _containers.RepeatedCompositeFieldContainer[StagedScore]
+    def __init__(self, bins: _Optional[_Iterable[_Union[BinScores, _Mapping]]] = ..., searched_templates: _Optional[int] = ..., query_id: _Optional[str] = ..., staged: _Optional[_Iterable[_Union[StagedScore, _Mapping]]] = ...) -> None: ...
+
+class StagedScore(_message.Message):
+    __slots__ = ("staged_id", "handle", "scores")
+    STAGED_ID_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    staged_id: int
+    handle: str
+    scores: bytes
+    def __init__(self, staged_id: _Optional[int] = ..., handle: _Optional[str] = ..., scores: _Optional[bytes] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("tenant_id", "handle", "probe_ciphertexts", "key_id")

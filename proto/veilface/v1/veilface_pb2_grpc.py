@@ -458,6 +458,16 @@ class EnrollmentStub(object):
                 request_serializer=veilface_dot_v1_dot_veilface__pb2.DeleteSubjectRequest.SerializeToString,
                 response_deserializer=veilface_dot_v1_dot_veilface__pb2.DeleteSubjectResponse.FromString,
                 _registered_method=True)
+        self.EnrollStaged = channel.unary_unary(
+                '/veilface.v1.Enrollment/EnrollStaged',
+                request_serializer=veilface_dot_v1_dot_veilface__pb2.EnrollStagedRequest.SerializeToString,
+                response_deserializer=veilface_dot_v1_dot_veilface__pb2.EnrollStagedResponse.FromString,
+                _registered_method=True)
+        self.FetchStaged = channel.unary_unary(
+                '/veilface.v1.Enrollment/FetchStaged',
+                request_serializer=veilface_dot_v1_dot_veilface__pb2.FetchStagedRequest.SerializeToString,
+                response_deserializer=veilface_dot_v1_dot_veilface__pb2.FetchStagedResponse.FromString,
+                _registered_method=True)
 
 
 class EnrollmentServicer(object):
@@ -511,6 +521,26 @@ class EnrollmentServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnrollStaged(self, request, context):
+        """Fast single enrollment: one ciphertext holding the template tiled over
+        the slots, kept in the key's staging area and searched like a bin
+        (scored in full) until the tenant folds it into a bin with Enroll
+        (staged_id set). Acknowledged once durable. RESOURCE_EXHAUSTED when the
+        staging area is full (enroll straight into a bin then),
+        FAILED_PRECONDITION when the key's public context predates staging.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchStaged(self, request, context):
+        """Staged templates not yet folded (for example after the tenant's process
+        died between the two steps), for the tenant to decrypt and fold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnrollmentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -538,6 +568,16 @@ def add_EnrollmentServicer_to_server(servicer, server):
                     servicer.DeleteSubject,
                     request_deserializer=veilface_dot_v1_dot_veilface__pb2.DeleteSubjectRequest.FromString,
                     response_serializer=veilface_dot_v1_dot_veilface__pb2.DeleteSubjectResponse.SerializeToString,
+            ),
+            'EnrollStaged': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollStaged,
+                    request_deserializer=veilface_dot_v1_dot_veilface__pb2.EnrollStagedRequest.FromString,
+                    response_serializer=veilface_dot_v1_dot_veilface__pb2.EnrollStagedResponse.SerializeToString,
+            ),
+            'FetchStaged': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchStaged,
+                    request_deserializer=veilface_dot_v1_dot_veilface__pb2.FetchStagedRequest.FromString,
+                    response_serializer=veilface_dot_v1_dot_veilface__pb2.FetchStagedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -677,6 +717,60 @@ class Enrollment(object):
             '/veilface.v1.Enrollment/DeleteSubject',
             veilface_dot_v1_dot_veilface__pb2.DeleteSubjectRequest.SerializeToString,
             veilface_dot_v1_dot_veilface__pb2.DeleteSubjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollStaged(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veilface.v1.Enrollment/EnrollStaged',
+            veilface_dot_v1_dot_veilface__pb2.EnrollStagedRequest.SerializeToString,
+            veilface_dot_v1_dot_veilface__pb2.EnrollStagedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchStaged(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veilface.v1.Enrollment/FetchStaged',
+            veilface_dot_v1_dot_veilface__pb2.FetchStagedRequest.SerializeToString,
+            veilface_dot_v1_dot_veilface__pb2.FetchStagedResponse.FromString,
             options,
             channel_credentials,
             insecure,
