@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (routed; default gallery/1024)")
     p.add_argument("--nprobe", type=int, default=8)
     p.add_argument("--k", type=int, default=32, help="candidates after preselection")
-    p.add_argument("--single", type=int, default=20, help="templates enrolled one by one")
+    p.add_argument("--single", type=int, default=40, help="templates enrolled one by one (half staged, half straight into bins)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--presel-dims", type=int, default=0, help="coordinates scored by preselection")
     p.add_argument("--seed", type=int, default=0)
@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--embeddings", type=Path, required=True)
     p.add_argument("--json", type=Path)
     p.set_defaults(func=calibrate)
+
+    from veilface.cli.protect import register_bench
+
+    register_bench(bench)
 
 
 def identify(args: argparse.Namespace) -> int:
