@@ -79,6 +79,35 @@ def test_malformed_and_foreign_ciphertexts(small_server, faces) -> None:  # type
         ):
             with pytest.raises(InvalidArgument):
                 tr.call(tr.enrollment.Enroll, iter(msgs))
+        # a staged template: garbage, truncated, missing, oversized, a foreign key
+        staged = c.crypto.encrypt_staged(c.prepare(gallery[22])[0])
+        other = make_client(small_server, "bad-ct-other")
+        foreign = other.crypto.encrypt_staged(other.prepare(gallery[22])[0])
+        other.close()
+        for blob, err in (
+            (b"\x02" * 300, InvalidArgument),
+            (staged[: len(staged) // 2], InvalidArgument),
+            (b"", InvalidArgument),
+            (staged + b"\0" * (600 * 1024), ResourceExhausted),
+        ):
+            with pytest.raises(err):
+                tr.call(
+                    tr.enrollment.EnrollStaged,
+                    pb.EnrollStagedRequest(tenant_id="bad-ct", key_id="k1", handle="h-st", ciphertext=blob),
+                )
+        # a ciphertext of another tenant's key loads (same parameters) but is
+        # noise under this key: the server cannot tell; the tenant's own
+        # scores would be garbage for it, never for other templates
+        tr.call(
+            tr.enrollment.EnrollStaged,
+            pb.EnrollStagedRequest(tenant_id="bad-ct", key_id="k1", handle="h-foreign", ciphertext=foreign),
+        )
+        with pytest.raises(NotFound):
+            tr.call(
+                tr.enrollment.EnrollStaged,
+                pb.EnrollStagedRequest(tenant_id="bad-ct", key_id="nokey", handle="h-st", ciphertext=staged),
+            )
+        tr.call(tr.enrollment.DeleteSubject, pb.DeleteSubjectRequest(tenant_id="bad-ct", handle="h-foreign"))
         # wrong template dimension on the client side
         with pytest.raises(InvalidArgument):
             c.identify(np.ones(64))
@@ -144,6 +173,8 @@ def test_tokens_and_tenant_isolation(small_server, faces) -> None:  # type: igno
             (tr.enrollment.FetchSubjectBin, pb.FetchSubjectBinRequest(tenant_id="tenant-b", handle=handle_b)),
             (tr.enrollment.DeleteSubject, pb.DeleteSubjectRequest(tenant_id="tenant-b", handle=handle_b, bin_id=1)),
             (tr.tenants.CreateTenant, pb.CreateTenantRequest(tenant_id="tenant-c")),
+            (tr.enrollment.EnrollStaged, pb.EnrollStagedRequest(tenant_id="tenant-b", key_id="k1", handle="x", ciphertext=probe[0])),
+            (tr.enrollment.FetchStaged, pb.FetchStagedRequest(tenant_id="tenant-b", key_id="k1")),
         ]
         for method, req in calls:
             with pytest.raises(PermissionDenied):
