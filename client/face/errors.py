@@ -15,6 +15,13 @@ class ImageDecodeError(FaceError):
     """The input is not a decodable image: corrupt, truncated, or an unsupported format."""
 
 
+class ImageNotFound(FaceError, FileNotFoundError):
+    """The image path does not exist, is a folder, or cannot be read.
+
+    Also a :class:`FileNotFoundError`, so ``except FileNotFoundError`` still works.
+    """
+
+
 class ImageSizeError(FaceError):
     """The image is absurdly small or large (or a decompression bomb)."""
 
@@ -49,6 +56,7 @@ __all__ = [
     "FaceTooBlurry",
     "FaceTooSmall",
     "ImageDecodeError",
+    "ImageNotFound",
     "ImageSizeError",
     "MultipleFaces",
     "NoFaceFound",

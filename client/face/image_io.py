@@ -4,7 +4,8 @@ Everything becomes a C-contiguous ``uint8`` RGB array of shape ``(H, W, 3)``:
 grey, grey+alpha, RGBA, palette, CMYK, 16-bit and float inputs are converted;
 transparent pixels are composited over white; the EXIF orientation of a file
 is applied. Size limits are checked from the file header *before* any pixel is
-decoded, so a decompression bomb costs nothing.
+decoded, so a decompression bomb costs nothing. Only the formats in
+:data:`ALLOWED_FORMATS` are decoded.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from veilface.client.face.errors import ImageDecodeError, ImageSizeError
+from veilface.client.face.errors import ImageDecodeError, ImageNotFound, ImageSizeError
 from veilface.errors import FaceError
 
 #: Smallest accepted side, in pixels.
@@ -26,6 +27,11 @@ MIN_SIDE = 32
 MAX_SIDE = 8000
 #: Largest accepted image, in pixels (40 megapixels).
 MAX_PIXELS = 40_000_000
+#: Pillow formats that are decoded; anything else is refused before decoding.
+#: An allowlist keeps Pillow's rarer plugins (and EPS, which runs Ghostscript)
+#: away from untrusted bytes. Pillow's JPEG reader also opens the multi-picture
+#: (MPO) JPEGs of many phones.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, npt.NDArray[np.generic]]
 """What :func:`load_image` accepts: a file path, encoded bytes, or a pixel array."""
@@ -51,11 +57,11 @@ def load_image(src: ImageSource) -> npt.NDArray[np.uint8]:
     Parameters
     ----------
     src
-        A path (``str`` or ``os.PathLike``), the encoded bytes of a file in any
-        format Pillow reads (JPEG, PNG, WebP, BMP, TIFF, GIF...; only the first
-        frame is used), or a numpy array of shape ``(H, W)``, ``(H, W, 1)``,
-        ``(H, W, 3)`` or ``(H, W, 4)`` (RGB order) of dtype ``uint8``,
-        ``uint16`` (full 16-bit range), or float (range ``[0, 1]``).
+        A path (``str`` or ``os.PathLike``), the encoded bytes of a JPEG, PNG,
+        WebP, BMP, TIFF or GIF file (only the first frame is used), or a
+        numpy array of shape ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or
+        ``(H, W, 4)`` (RGB order) of dtype ``uint8``, ``uint16`` (full 16-bit
+        range), or float (range ``[0, 1]``).
 
     Returns
     -------
@@ -70,8 +76,9 @@ def load_image(src: ImageSource) -> npt.NDArray[np.uint8]:
     ImageSizeError
         A side is below :data:`MIN_SIDE` or above :data:`MAX_SIDE` px, or the
         image exceeds :data:`MAX_PIXELS` (checked before decoding).
-    FileNotFoundError
-        ``src`` is a path that does not exist.
+    ImageNotFound
+        ``src`` is a path that does not exist, is a folder, or cannot be read
+        (also a ``FileNotFoundError``).
     TypeError
         ``src`` is of none of the accepted types.
     """
@@ -81,14 +88,26 @@ def load_image(src: ImageSource) -> npt.NDArray[np.uint8]:
         return _decode(io.BytesIO(bytes(src)), what="the image data")
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
-        with open(path, "rb") as fh:  # FileNotFoundError / IsADirectoryError propagate
-            return _decode(fh, what=f"file {os.path.basename(path)!r}")
+        name = os.path.basename(path) or path
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - closed below; open errors are mapped
+        except FileNotFoundError as exc:
+            raise ImageNotFound(f"image file {name!r} does not exist (check the path)") from exc
+        except IsADirectoryError as exc:
+            raise ImageNotFound(f"{name!r} is a folder, not an image file") from exc
+        except OSError as exc:
+            raise ImageNotFound(
+                f"image file {name!r} cannot be read ({exc.strerror or type(exc).__name__}; "
+                "check its permissions)"
+            ) from exc
+        with fh:
+            return _decode(fh, what=f"file {name!r}")
     raise TypeError(f"load_image() takes a path, bytes or a numpy array, not {type(src).__name__}")
 
 
 def _decode(fh: BinaryIO, *, what: str) -> npt.NDArray[np.uint8]:
     try:
-        with Image.open(fh) as im:
+        with Image.open(fh, formats=ALLOWED_FORMATS) as im:
             # Only the header is read so far: enforce our limits before decoding.
             # They are far below Pillow's MAX_IMAGE_PIXELS and hold even if an
             # application disabled that global guard.
@@ -127,7 +146,8 @@ def _from_pil(im: Image.Image) -> npt.NDArray[np.uint8]:
         return _grey_to_rgb(np.clip(grey >> 8, 0, 255).astype(np.uint8))
     if mode == "F":
         values = np.asarray(im, dtype=np.float32)
-        if values.size and float(np.nanmax(values)) > 1.0:  # 0..255 floats
+        finite = values[np.isfinite(values)]
+        if finite.size and float(finite.max()) > 1.0:  # 0..255 floats
             values = values / 255.0
         return _from_array(values)
     if mode == "P":
@@ -183,4 +203,12 @@ def _grey_to_rgb(grey: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
 
 
-__all__ = ["MAX_PIXELS", "MAX_SIDE", "MIN_SIDE", "ImageSource", "check_size", "load_image"]
+__all__ = [
+    "ALLOWED_FORMATS",
+    "MAX_PIXELS",
+    "MAX_SIDE",
+    "MIN_SIDE",
+    "ImageSource",
+    "check_size",
+    "load_image",
+]

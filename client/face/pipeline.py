@@ -44,6 +44,9 @@ DEFAULT_MIN_SHARPNESS = 6.0
 
 OnMultiple = Literal["error", "largest"]
 
+# Columns converted to float at a time by face_sharpness.
+_BAND = 256
+
 
 @dataclass(frozen=True)
 class FaceEmbedding:
@@ -105,14 +108,23 @@ def face_sharpness(
     """
     h, w = rgb.shape[:2]
     b = box.clipped(w, h)
-    crop = rgb[b.top : b.bottom, b.left : b.right].astype(np.float64)
-    if crop.shape[0] < 3 or crop.shape[1] < 3:
+    crop = rgb[b.top : b.bottom, b.left : b.right]
+    h, w = crop.shape[:2]
+    if h < 3 or w < 3:
         return 0.0
-    grey = crop @ np.array([0.299, 0.587, 0.114])
-    out_h, out_w = min(size, grey.shape[0]), min(size, grey.shape[1])
-    if (out_h, out_w) != grey.shape:
-        rows, cols = _resample_matrix(grey.shape[0], out_h), _resample_matrix(grey.shape[1], out_w)
-        grey = rows @ grey @ cols.T
+    luma = np.array([0.299, 0.587, 0.114])
+    out_h, out_w = min(size, h), min(size, w)
+    if (out_h, out_w) == (h, w):
+        grey = crop.astype(np.float64) @ luma
+    else:
+        # Shrink column band by column band, so a face filling a 40-megapixel
+        # photo never needs a full-size float copy (about 1 GB).
+        rows, cols = _resample_matrix(h, out_h), _resample_matrix(w, out_w)
+        shrunk_rows = np.empty((out_h, w))
+        for c0 in range(0, w, _BAND):
+            band = crop[:, c0 : c0 + _BAND].astype(np.float64) @ luma
+            shrunk_rows[:, c0 : c0 + _BAND] = rows @ band
+        grey = shrunk_rows @ cols.T
     lap = (
         grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4.0 * grey[1:-1, 1:-1]
     )
@@ -235,8 +247,9 @@ class FacePipeline:
         list
             One entry per input, in order: a :class:`FaceEmbedding`, or the
             :class:`~veilface.errors.FaceError` that refused the image (use
-            ``type(err).__name__`` to count reasons). Other exceptions (a
-            missing file, say) propagate.
+            ``type(err).__name__`` to count reasons; a missing or unreadable
+            file is an :class:`ImageNotFound`). Other exceptions (a broken
+            model, a wrong argument type) propagate.
         """
         items: Sequence[ImageSource] = list(images)
         results: list[FaceEmbedding | FaceError] = []

@@ -335,3 +335,38 @@ def test_missing_model_dir_names_the_fix(tmp_path: Path) -> None:
         find_dlib_models(tmp_path)
     with pytest.raises(FaceModelsNotFound):
         DlibBackend(model_dir=tmp_path).detect(NOISE)
+
+
+# --- large photos stay bounded -------------------------------------------------
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_large_photo_is_scanned_shrunk(lfw_dir: Path, pipeline: FacePipeline) -> None:
+    face = Image.open(photo(lfw_dir, "Tony_Blair")).resize((400, 400), Image.LANCZOS)
+    canvas = Image.new("RGB", (700, 700), (128, 128, 128))
+    canvas.paste(face, (200, 250))
+    img = np.asarray(canvas)
+    full = pipeline.embed(img)  # 700*700*4 pixels scanned: below the default cap
+    shrunk = DlibBackend(max_detect_pixels=250_000)  # shrinks by 0.36 for detection
+    (b,) = shrunk.detect(img)
+    a = full.box
+    for x, y in ((a.left, b.left), (a.top, b.top), (a.right, b.right), (a.bottom, b.bottom)):
+        assert abs(x - y) <= 0.1 * a.width  # HOG cells are 8 px of the shrunk copy
+    assert 200 <= b.left < b.right <= 600 and 250 <= b.top < b.bottom <= 650
+    assert dist(FacePipeline(shrunk).embed(img).vector, full.vector) < 0.1
+    with pytest.raises(ValueError, match="max_detect_pixels"):
+        DlibBackend(max_detect_pixels=10)
+
+
+def test_sharpness_of_a_large_crop_matches_the_direct_formula() -> None:
+    rng = np.random.default_rng(4)
+    img = rng.integers(0, 256, (700, 1100, 3), dtype=np.uint8)
+    box = FaceBox(10, 20, 1090, 690)
+    # the formula without the column bands
+    grey = img[20:690, 10:1090].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    from veilface.client.face.pipeline import _resample_matrix
+
+    small = _resample_matrix(670, 128) @ grey @ _resample_matrix(1080, 128).T
+    lap = small[:-2, 1:-1] + small[2:, 1:-1] + small[1:-1, :-2] + small[1:-1, 2:] - 4 * small[1:-1, 1:-1]
+    assert face_sharpness(img, box) == pytest.approx(float(lap.var()), rel=1e-9)

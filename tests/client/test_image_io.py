@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from veilface.client.face import ImageDecodeError, ImageSizeError, load_image
-from veilface.client.face.image_io import MAX_PIXELS
+from veilface.client.face import ImageDecodeError, ImageNotFound, ImageSizeError, load_image
+from veilface.client.face.image_io import ALLOWED_FORMATS, MAX_PIXELS
 from veilface.errors import FaceError
 
 
@@ -214,3 +215,81 @@ def test_missing_file_and_wrong_type(tmp_path: Path) -> None:
         load_image(tmp_path / "absent.jpg")
     with pytest.raises(TypeError):
         load_image(42)  # type: ignore[arg-type]
+
+
+# --- the bad-input audit: paths, formats, modes, headers ---------------------
+
+
+def test_unreadable_paths_are_typed(tmp_path: Path) -> None:
+    with pytest.raises(ImageNotFound, match=r"'absent\.jpg' does not exist") as info:
+        load_image(tmp_path / "absent.jpg")
+    assert isinstance(info.value, FaceError) and isinstance(info.value, FileNotFoundError)
+    with pytest.raises(ImageNotFound, match="is a folder"):
+        load_image(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
+def test_allowed_formats_decode(rgb: np.ndarray, fmt: str) -> None:
+    assert fmt in ALLOWED_FORMATS
+    out = load_image(_encode(Image.fromarray(rgb), fmt))
+    _check_rgb(out, (48, 64))
+    if fmt in ("PNG", "BMP", "TIFF"):  # lossless
+        np.testing.assert_array_equal(out, rgb)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "ICO", "TGA", "PCX", "PDF"])
+def test_other_formats_are_refused_before_decoding(rgb: np.ndarray, fmt: str) -> None:
+    # EPS would run Ghostscript; the others are rarely used Pillow plugins
+    with pytest.raises(ImageDecodeError, match="supported image format"):
+        load_image(_encode(Image.fromarray(rgb), fmt))
+
+
+def test_svg_and_heic_like_data_are_refused() -> None:
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="100"></svg>'
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200)
+    for data in (svg, heic):
+        with pytest.raises(ImageDecodeError, match="supported image format"):
+            load_image(data)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "I;16", "I", "F", "LAB", "YCbCr", "CMYK"])
+def test_every_tiff_mode_becomes_rgb(rgb: np.ndarray, mode: str) -> None:
+    im = Image.fromarray(rgb)
+    converted = im.convert("I;16" if mode == "I;16" else mode) if mode != "F" else im.convert("F")
+    out = load_image(_encode(converted, "TIFF"))
+    _check_rgb(out, (48, 64))
+
+
+def test_float_image_of_nans_is_refused_without_warnings() -> None:
+    data = _encode(Image.fromarray(np.full((40, 40), np.nan, np.float32)), "TIFF")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageDecodeError, match="NaN"):
+            load_image(data)
+
+
+def _bmp_header(width: int, height: int) -> bytes:
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + 40, 0, 0, 14 + 40) + info
+
+
+def _gif_header(width: int, height: int) -> bytes:
+    screen = struct.pack("<HHBBB", width, height, 0, 0, 0)
+    frame = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x00"
+    return b"GIF89a" + screen + frame + b";"
+
+
+@pytest.mark.parametrize("make", [_png_header, _bmp_header, _gif_header])
+@pytest.mark.parametrize("size", [(40_000, 40_000), (1, 1), (65_000, 60)])
+def test_absurd_sizes_declared_in_headers(make: object, size: tuple[int, int]) -> None:
+    with pytest.raises(ImageSizeError, match=r"px|megapixels|bomb"):
+        load_image(make(*size))  # type: ignore[operator]
+
+
+def test_absurd_arrays() -> None:
+    with pytest.raises(ImageSizeError):
+        load_image(np.zeros((0, 0, 3), np.uint8))
+    with pytest.raises(ImageSizeError):
+        load_image(np.broadcast_to(np.uint8(0), (9000, 9000, 3)))  # no memory behind it
+    with pytest.raises(ImageDecodeError, match="dtype"):
+        load_image(np.zeros((40, 40, 3), object))

@@ -504,3 +504,40 @@ def test_backend_arguments(root: Path) -> None:
         InsightFaceBackend(root, det_thresh=1.5)
     with pytest.raises(ValueError, match="pack"):
         InsightFaceBackend(root, pack="../x")
+
+
+# --- bad input through the pipeline with this backend ------------------------------
+
+
+def _png(arr: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_bad_inputs_through_the_pipeline(backend: InsightFaceBackend, tmp_path: Path) -> None:
+    from veilface.client.face import ImageDecodeError, ImageNotFound, ImageSizeError
+
+    pipe = FacePipeline(backend)
+    good = _png(scene())
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        pipe.embed(good[: len(good) // 2])
+    with pytest.raises(ImageDecodeError, match="supported image format"):
+        pipe.embed(b"%PDF-1.4 not a photo")
+    with pytest.raises(ImageSizeError):
+        pipe.embed(np.zeros((1, 1, 3), np.uint8))
+    with pytest.raises(ImageNotFound):
+        pipe.embed(tmp_path / "absent.png")
+    # extreme aspect ratios still letterbox (to a 640 x 2 canvas strip) without error
+    with pytest.raises(NoFaceFound):
+        pipe.embed(np.zeros((32, 8000, 3), np.uint8))
+    # 16-bit and grey+alpha versions of the photo are converted, then found
+    sixteen = scene().astype(np.uint16) * 257
+    assert pipe.embed(sixteen).box == pipe.embed(good).box
+    grey = scene()[:, :, 0]  # the red channel as grey: the square stays bright
+    grey_alpha = np.dstack([grey, np.full_like(grey, 255)])
+    assert pipe.embed(_png(grey_alpha)).box == pipe.embed(good).box
