@@ -25,6 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=identify)
 
+    p = bench.add_parser("face", help="face pipeline time per photo, end to end (decode to embedding)")
+    p.add_argument("--images", type=Path, required=True, help="folder of photos (any depth, e.g. LFW)")
+    p.add_argument("--backend", choices=["dlib", "insightface"], default="dlib")
+    p.add_argument("--model-dir", type=Path, help="model folder (insightface: its root; required)")
+    p.add_argument("--limit", type=int, default=200, help="photos timed, spread over the folder")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (insightface)")
+    p.add_argument("--json", type=Path, help="write the result here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=face)
+
     p = bench.add_parser("calibrate", help="cosine statistics of an embeddings file vs the synthetic model")
     p.add_argument("--embeddings", type=Path, required=True)
     p.add_argument("--json", type=Path)
@@ -53,6 +63,25 @@ def identify(args: argparse.Namespace) -> int:
         presel_dims=args.presel_dims,
     )
     result = run_identify_bench(cfg)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def face(args: argparse.Namespace) -> int:
+    from veilface.bench.face import FaceBenchConfig, format_table, run_face_bench, write_json
+
+    cfg = FaceBenchConfig(
+        images=args.images,
+        backend=args.backend,
+        model_dir=args.model_dir,
+        limit=args.limit,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    result = run_face_bench(cfg)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
