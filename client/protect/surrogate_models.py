@@ -1,0 +1,242 @@
+"""The surrogate face recognizers' architectures (our own small CNNs, no torchvision).
+
+Three architectures, different enough that a perturbation fooling all of them
+is less tied to one model's quirks (which is what makes it transfer to an
+unseen recognizer such as dlib's):
+
+``"resnet"``
+    :class:`SmallResNet`: a 4-stage ResNet with basic blocks (PReLU, BN),
+    the face-recognition variant of ResNet (IR blocks, as in ArcFace's
+    ``iresnet``) at a fraction of the width.
+``"mobilenet"``
+    :class:`MobileFaceNetLite`: inverted residual blocks (MobileNetV2 /
+    MobileFaceNet) with depthwise convolutions.
+``"vgg"``
+    :class:`PlainConvNet`: a plain VGG-style stack of 3x3 convolutions with
+    max pooling, no skip connections.
+
+All take ``float32 (N, 3, S, S)`` RGB crops in ``[0, 1]`` (normalised inside
+the model) and return ``float32 (N, EMBEDDING_DIM)`` embeddings, not
+L2-normalised. Each ends in a global depthwise convolution ("GDC", as in
+MobileFaceNet) over the last feature map rather than average pooling, so the
+embedding keeps where on the face a feature is. :meth:`features` also returns
+the intermediate feature maps the attack perturbs.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+import torch
+from torch import Tensor, nn
+
+#: Side of the square face crops, in pixels.
+CROP_SIZE: Final = 64
+#: Length of every surrogate's embedding.
+EMBEDDING_DIM: Final = 128
+
+Arch = Literal["resnet", "mobilenet", "vgg"]
+ARCHS: Final[tuple[Arch, ...]] = ("resnet", "mobilenet", "vgg")
+
+_MEAN: Final = (0.5, 0.5, 0.5)
+_STD: Final = (0.5, 0.5, 0.5)
+
+
+class _Normalize(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean: Tensor = self.mean  # type: ignore[assignment]
+        std: Tensor = self.std  # type: ignore[assignment]
+        return (x - mean) / std
+
+
+class _Head(nn.Module):
+    """Global depthwise conv over the ``side x side`` map, then a linear embedding."""
+
+    def __init__(self, channels: int, side: int) -> None:
+        super().__init__()
+        self.gdc = nn.Conv2d(channels, channels, side, groups=channels, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(channels, EMBEDDING_DIM, bias=False)
+        self.bn2 = nn.BatchNorm1d(EMBEDDING_DIM)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn1(self.gdc(x)).flatten(1)
+        out: Tensor = self.bn2(self.fc(self.drop(x)))
+        return out
+
+
+class Surrogate(nn.Module):
+    """Base class: a normaliser, named stages, and a head.
+
+    Subclasses set ``self.stages`` (an ``nn.ModuleList``) and ``self.head``.
+    """
+
+    arch: Arch
+    stages: nn.ModuleList
+    head: _Head
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = _Normalize()
+
+    def features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Embedding and every stage's output.
+
+        Parameters
+        ----------
+        x
+            ``float32 (N, 3, CROP_SIZE, CROP_SIZE)`` RGB in ``[0, 1]``.
+
+        Returns
+        -------
+        tuple
+            ``float32 (N, EMBEDDING_DIM)`` embedding and the list of stage
+            outputs ``float32 (N, C_i, H_i, W_i)``, shallow to deep.
+        """
+        h = self.norm(x)
+        maps: list[Tensor] = []
+        for stage in self.stages:
+            h = stage(h)
+            maps.append(h)
+        return self.head(h), maps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)[0]
+
+
+def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.PReLU(cout),
+    )
+
+
+class _IRBlock(nn.Module):
+    """ArcFace's improved residual block: BN-conv-BN-PReLU-conv(stride)-BN plus shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin),
+            nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.PReLU(cout),
+            nn.Conv2d(cout, cout, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.short: nn.Module
+        if stride == 1 and cin == cout:
+            self.short = nn.Identity()
+        else:
+            self.short = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.body(x) + self.short(x)
+        return out
+
+
+class SmallResNet(Surrogate):
+    """IR-ResNet with widths 24-32-64-128; 64 px in, 4 x 4 before the head."""
+
+    arch: Arch = "resnet"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(
+            [
+                _conv_bn(3, 24, 3, 2),  # 32
+                nn.Sequential(_IRBlock(24, 32, 2)),  # 16
+                nn.Sequential(_IRBlock(32, 64, 2), _IRBlock(64, 64, 1)),  # 8
+                nn.Sequential(_IRBlock(64, 128, 2)),  # 4
+                nn.Sequential(_IRBlock(128, 128, 1)),  # 4
+            ]
+        )
+        self.head = _Head(128, CROP_SIZE // 16)
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.body = nn.Sequential(
+            _conv_bn(cin, mid, 1),
+            _conv_bn(mid, mid, 3, stride, groups=mid),
+            nn.Conv2d(mid, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.body(x)
+        return x + out if self.use_res else out
+
+
+class MobileFaceNetLite(Surrogate):
+    """MobileFaceNet-style net of inverted residuals; 64 px in, 4 x 4 before the head."""
+
+    arch: Arch = "mobilenet"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(
+            [
+                nn.Sequential(_conv_bn(3, 32, 3, 2), _conv_bn(32, 32, 3, 1, groups=32)),  # 32
+                nn.Sequential(_InvertedResidual(32, 48, 2, 2), _InvertedResidual(48, 48, 1, 2)),
+                nn.Sequential(_InvertedResidual(48, 64, 2, 4), _InvertedResidual(64, 64, 1, 2)),
+                nn.Sequential(_InvertedResidual(64, 128, 2, 4), _InvertedResidual(128, 128, 1, 2)),
+                _conv_bn(128, 256, 1),  # 4
+            ]
+        )
+        self.head = _Head(256, CROP_SIZE // 16)
+
+
+class PlainConvNet(Surrogate):
+    """VGG-style stack of 3x3 convolutions and max pooling; 64 px in, 4 x 4 before the head."""
+
+    arch: Arch = "vgg"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(
+            [
+                nn.Sequential(_conv_bn(3, 16, 5, 1), nn.MaxPool2d(2)),  # 32
+                nn.Sequential(_conv_bn(16, 48), nn.MaxPool2d(2)),  # 16
+                nn.Sequential(_conv_bn(48, 64), _conv_bn(64, 64), nn.MaxPool2d(2)),  # 8
+                nn.Sequential(_conv_bn(64, 128), nn.MaxPool2d(2)),  # 4
+                _conv_bn(128, 160),
+            ]
+        )
+        self.head = _Head(160, CROP_SIZE // 16)
+
+
+def build_surrogate(arch: Arch) -> Surrogate:
+    """A randomly initialised surrogate of the given architecture."""
+    if arch == "resnet":
+        return SmallResNet()
+    if arch == "mobilenet":
+        return MobileFaceNetLite()
+    if arch == "vgg":
+        return PlainConvNet()
+    raise ValueError(f"unknown surrogate architecture {arch!r}; choose from {', '.join(ARCHS)}")
+
+
+__all__ = [
+    "ARCHS",
+    "CROP_SIZE",
+    "EMBEDDING_DIM",
+    "Arch",
+    "MobileFaceNetLite",
+    "PlainConvNet",
+    "SmallResNet",
+    "Surrogate",
+    "build_surrogate",
+]

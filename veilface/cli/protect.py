@@ -1,0 +1,189 @@
+"""``veilface protect``: train the surrogate recognizers, cloak a photo.
+
+The ``veilface bench protect`` benchmark is registered by
+:mod:`veilface.cli.bench` and runs :func:`bench_protect` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    protect = sub.add_parser(
+        "protect", help="adversarial protection: train surrogates, cloak photos"
+    ).add_subparsers(dest="protect_cmd", required=True)
+
+    p = protect.add_parser(
+        "train-surrogates",
+        help="train the surrogate recognizers on a <person>/<image> folder (LFW)",
+        description="Train the small surrogate CNNs (CosFace identity loss) on the people of "
+        "DIR that are not held out for the protection benchmark; write <arch>.pt weights and "
+        "manifest.json to OUT. dlib's recognizer is never used (only its face detector).",
+    )
+    p.add_argument("--data", type=Path, required=True, help="folder of <person>/<image> files")
+    p.add_argument("--out", type=Path, required=True, help="output directory for the weights")
+    p.add_argument("--arch", action="append", choices=["resnet", "mobilenet", "vgg"],
+                   help="architecture(s) to train (default: all three)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--max-people", type=int, help="train on at most N people (quick runs)")
+    p.add_argument("--cache", type=Path, help="npz path prefix for the face-crop cache")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=train_surrogates)
+
+    p = protect.add_parser(
+        "cloak", help="protect a photo with an adversarial perturbation (writes a PNG)"
+    )
+    p.add_argument("image", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="output PNG")
+    p.add_argument("--preset", default="medium", help="low, medium, high (default medium)")
+    p.add_argument("--epsilon", type=float, help="L-infinity budget in 0..255 levels")
+    p.add_argument("--ssim-floor", type=float, help="minimum SSIM to the original")
+    p.add_argument("--steps", type=int, help="optimisation steps")
+    p.add_argument("--weights", type=Path, help="surrogate weights directory")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cloak_cmd)
+
+
+def register_bench(bench: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``veilface bench protect`` to the ``bench`` sub-commands."""
+    p = bench.add_parser(
+        "protect",
+        help="adversarial protection vs dlib: psr, psr_jpeg75, SSIM, time",
+        description="Protect the first image of every person with 2+ images (held-out people "
+        "only, by default) and check with dlib whether it still matches the person's other "
+        "images at distance 0.6.",
+    )
+    p.add_argument("--images", type=Path, required=True, help="folder of <person>/<image>")
+    p.add_argument("--json", type=Path, help="write the result here")
+    p.add_argument("--max-people", type=int, default=40)
+    p.add_argument("--max-others", type=int, default=8, help="reference images per person")
+    p.add_argument("--preset", default="medium", help="low, medium, high")
+    p.add_argument("--epsilon", type=float, help="override the preset's L-inf budget (0..255)")
+    p.add_argument("--ssim-floor", type=float, help="override the preset's SSIM floor")
+    p.add_argument("--steps", type=int, help="override the preset's steps")
+    p.add_argument("--sweep", help="comma-separated epsilons: run each, psr-vs-budget curve")
+    p.add_argument("--plot", type=Path, help="PNG of the sweep curve (needs matplotlib)")
+    p.add_argument("--weights", type=Path, help="surrogate weights directory")
+    p.add_argument("--all-people", action="store_true",
+                   help="also people the surrogates were trained on")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=bench_protect)
+
+
+def bench_protect(args: argparse.Namespace) -> int:
+    from veilface.bench.protect import (
+        ProtectBenchConfig,
+        format_table,
+        plot_sweep,
+        run_protect_bench,
+        write_json,
+    )
+    from veilface.errors import InvalidArgument
+
+    epsilons: list[float | None] = [None]
+    if args.sweep:
+        try:
+            epsilons = [float(v) for v in args.sweep.split(",") if v.strip()]
+        except ValueError as exc:
+            raise InvalidArgument(f"--sweep takes comma-separated numbers, got {args.sweep!r}") from exc
+    cfg = ProtectBenchConfig(
+        images=args.images,
+        max_people=args.max_people,
+        max_others=args.max_others,
+        preset=args.preset,
+        epsilon=args.epsilon,
+        ssim_floor=args.ssim_floor,
+        steps=args.steps,
+        weights=args.weights,
+        heldout_only=not args.all_people,
+        threads=args.threads,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    results = run_protect_bench(cfg, epsilons=epsilons)
+    print(format_table(results))
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_sweep(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def train_surrogates(args: argparse.Namespace) -> int:
+    import torch
+
+    from veilface.client.protect.surrogate_models import ARCHS
+    from veilface.client.protect.surrogate_training import TrainConfig, train_all
+
+    torch.set_num_threads(max(1, args.threads))
+    summary = train_all(
+        args.data,
+        args.out,
+        archs=tuple(args.arch or ARCHS),
+        cfg=TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+        ),
+        cache=args.cache,
+        max_people=args.max_people,
+        progress=not args.no_progress,
+    )
+    info = summary.to_json()
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(
+            f"trained {len(summary.surrogates)} surrogates on {summary.train_images} images of "
+            f"{summary.train_people} people in {summary.seconds:.0f} s; wrote {args.out}"
+        )
+        print(f"{'arch':10s} {'params':>8s} {'train acc':>9s} {'AUC':>6s} {'TAR@FAR1%':>9s}")
+        for r in summary.surrogates:
+            print(
+                f"{r.arch:10s} {r.params:8d} {r.train_accuracy:9.3f} "
+                f"{r.eval.get('auc', float('nan')):6.3f} "
+                f"{r.eval.get('tar_at_far1', float('nan')):9.3f}"
+            )
+    return 0
+
+
+def cloak_cmd(args: argparse.Namespace) -> int:
+    import torch
+
+    from veilface.client.protect.adversarial import cloak
+    from veilface.client.protect.surrogates import load_ensemble
+
+    torch.set_num_threads(max(1, args.threads))
+    ensemble = load_ensemble(args.weights)
+    result = cloak(
+        args.image,
+        preset=args.preset,
+        epsilon=args.epsilon,
+        ssim_floor=args.ssim_floor,
+        steps=args.steps,
+        ensemble=ensemble,
+    )
+    args.out.write_bytes(result.encode_png())
+    info = {"out": str(args.out), **dict(result.params)}
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"wrote {args.out}: " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "out"))
+    return 0
+
+
+__all__ = ["bench_protect", "cloak_cmd", "register", "register_bench", "train_surrogates"]
