@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "veilface.cli.bench",
     "veilface.cli.demo",
     "veilface.cli.embed",
+    "veilface.cli.protect",
 )
 
 
