@@ -172,7 +172,8 @@ def run_face_bench(cfg: FaceBenchConfig) -> dict[str, Any]:
         ``load_average_1min`` (before and after),
         ``n_images``, ``n_embedded``, ``refused`` (count per error class),
         ``image_sizes`` (count per ``WxH``), ``load_s``, ``meets_target``
-        (median at most :data:`TARGET_SEC_PER_IMAGE`), and the setup.
+        (wall median at most :data:`TARGET_SEC_PER_IMAGE`),
+        ``meets_target_cpu`` (the same for CPU time), and the setup.
     """
     files = list_images(cfg.images, cfg.limit)
     timed = _TimedBackend(_make_backend(cfg))
@@ -228,6 +229,7 @@ def run_face_bench(cfg: FaceBenchConfig) -> dict[str, Any]:
         "other_s": _stats(others),
         "target_sec_per_image": TARGET_SEC_PER_IMAGE,
         "meets_target": per_image["median"] <= TARGET_SEC_PER_IMAGE,
+        "meets_target_cpu": _stats(cpu)["median"] <= TARGET_SEC_PER_IMAGE,
         "threads": cfg.threads if cfg.backend == "insightface" else 1,
         # other processes share the cores: wall times are only comparable at a similar load
         "load_average_1min": {"before": load_before, "after": _load_average()},
@@ -266,10 +268,11 @@ def format_table(result: dict[str, Any]) -> str:
             ),
         ),
         (
-            "target (median)",
+            "target (median), wall / CPU",
             (
                 f"<= {result['target_sec_per_image'] * 1000:.0f} ms: "
-                f"{'met' if result['meets_target'] else 'NOT met'}"
+                f"{'met' if result['meets_target'] else 'NOT met'} / "
+                f"{'met' if result['meets_target_cpu'] else 'NOT met'}"
             ),
         ),
     ]
