@@ -19,6 +19,7 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from veilface.federated.privacy import client_mods
 from veilface.federated.server_app import load_task, run_config, with_run_config
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def _prepare(context: Context, overrides: Mapping[str, Any]) -> tuple[ModuleType
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp that dispatches on ``task``; ``overrides`` win over the run config."""
     frozen = dict(overrides or {})
-    client = ClientApp()
+    client = ClientApp(mods=client_mods())  # privacy: inert unless the server asks
 
     @client.train()
     def _train(msg: Message, context: Context) -> Message:

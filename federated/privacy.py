@@ -90,6 +90,7 @@ __all__ = [
     "PrivacyConfig",
     "PrivacyConfigError",
     "SecAggPlusStrategy",
+    "check_train_content",
     "client_mods",
     "prepare_strategy",
     "privacy_mod",
@@ -324,7 +325,9 @@ def wrap_strategy(
     PrivacyConfigError
         DP is on but the number of sampled clients is unknown.
     """
-    wrapped = strategy
+    if not cfg.enabled:
+        return strategy
+    wrapped: Strategy = _SingleRecordGuard(strategy)
     if cfg.dp_mode != "off":
         sampled = cfg.dp_sampled_clients or (num_sampled_clients or 0)
         if sampled <= 0:
@@ -369,6 +372,77 @@ def prepare_strategy(
     """
     cfg = PrivacyConfig.from_run_config(context.run_config)
     return wrap_strategy(strategy, cfg, num_sampled_clients=num_sampled_clients)
+
+
+def check_train_content(content: RecordDict, sender: str = "the strategy") -> None:
+    """Raise unless ``content`` has one ArrayRecord and one ConfigRecord.
+
+    That is the layout Flower's ``fixedclipping_mod`` and SecAgg+ handle
+    (FedAvg's ``"arrays"``/``"config"``).
+
+    Raises
+    ------
+    PrivacyConfigError
+        With the counts found and how to fix it.
+    """
+    n_arrays = len(content.array_records)
+    n_configs = len(content.config_records)
+    if n_arrays != 1 or n_configs != 1:
+        raise PrivacyConfigError(
+            f"dp-mode/secagg need train messages with one ArrayRecord and one "
+            f"ConfigRecord; {sender} sends {n_arrays} and {n_configs}. Use a plain "
+            "FedAvg strategy (vireid: method='fedavg') or turn the privacy options off"
+        )
+
+
+class _SingleRecordGuard(Strategy):
+    """Delegates to ``strategy``; refuses train messages Flower's privacy code cannot handle.
+
+    ``fixedclipping_mod`` and SecAgg+ work on exactly one ArrayRecord and one
+    ConfigRecord per train message (e.g. FedAvg's ``"arrays"``/``"config"``).
+    A strategy that sends more (prototypes, partial models) would have every
+    client reply with an error; this fails the run once, with the fix.
+    """
+
+    def __init__(self, strategy: Strategy) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.weighted_by_key = _weight_key(strategy)
+
+    def __repr__(self) -> str:
+        """The wrapped strategy's representation."""
+        return repr(self.strategy)
+
+    def summary(self) -> None:
+        """The wrapped strategy's summary."""
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate, then check every message's record layout."""
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        for msg in messages:
+            check_train_content(msg.content, type(self.strategy).__name__)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Delegate."""
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Delegate."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
 
 
 class SecAggPlusStrategy(Strategy):
@@ -702,13 +776,62 @@ def privacy_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Me
 
         return secaggplus_mod(msg, ctxt, _legacy_bridge(call_next))
     if _wants_clipping(msg):
-        return fixedclipping_mod(msg, ctxt, call_next)
+        return _fixed_clipping(msg, ctxt, call_next)
     return call_next(msg, ctxt)
 
 
 def client_mods() -> list[Mod]:
     """Mods for ``ClientApp(mods=...)``: just :func:`privacy_mod`."""
     return [privacy_mod]
+
+
+def _fixed_clipping(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``fixedclipping_mod``, safe for integer arrays.
+
+    Flower clips in place (``array *= factor``), which numpy refuses for
+    integer arrays such as BatchNorm's ``num_batches_tracked``. Integer arrays
+    are handed to the mod as float64 (in the received model and in the
+    reply); after clipping, the reply's integer arrays get their dtype back
+    (rounded).
+    """
+    _floatify(msg)
+    reply_dtypes: dict[str, np.dtype[Any]] = {}
+
+    def inner(m: Message, c: Context) -> Message:
+        reply = call_next(m, c)
+        if not reply.has_error():
+            reply_dtypes.update(_floatify(reply))
+        return reply
+
+    out = fixedclipping_mod(msg, ctxt, inner)
+    if reply_dtypes and not out.has_error() and len(out.content.array_records) == 1:
+        key, record = next(iter(out.content.array_records.items()))
+        restored = {}
+        for name, arr in record.items():
+            value = arr.numpy()
+            if name in reply_dtypes:
+                value = np.rint(value).astype(reply_dtypes[name])
+            restored[name] = Array(np.ascontiguousarray(value))
+        out.content.array_records[key] = ArrayRecord(restored)
+    return out
+
+
+def _floatify(msg: Message) -> dict[str, np.dtype[Any]]:
+    """Turn integer arrays of the message's ArrayRecords into float64; return their dtypes."""
+    changed: dict[str, np.dtype[Any]] = {}
+    for key, record in list(msg.content.array_records.items()):
+        values = {name: arr.numpy() for name, arr in record.items()}
+        ints = {n for n, v in values.items() if np.issubdtype(v.dtype, np.integer)}
+        if not ints:
+            continue
+        changed.update({n: values[n].dtype for n in ints})
+        msg.content.array_records[key] = ArrayRecord(
+            {
+                n: Array(v.astype(np.float64) if n in ints else np.ascontiguousarray(v))
+                for n, v in values.items()
+            }
+        )
+    return changed
 
 
 def _wants_clipping(msg: Message) -> bool:
@@ -729,7 +852,7 @@ def _legacy_bridge(call_next: ClientAppCallable) -> ClientAppCallable:
         arrays = ArrayRecord(dict(zip(keys, legacy_arrays.values(), strict=True)))
         msg.content = RecordDict({"arrays": arrays, "config": config})
         if _KEY_CLIPPING_NORM in config:
-            reply = fixedclipping_mod(msg, ctxt, call_next)
+            reply = _fixed_clipping(msg, ctxt, call_next)
         else:
             reply = call_next(msg, ctxt)
         if reply.has_error():

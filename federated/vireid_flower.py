@@ -58,6 +58,7 @@ from veilface.federated.models_vireid import (
     imagenet_weights_path,
     load_imagenet_backbone,
 )
+from veilface.federated.privacy import prepare_strategy
 from veilface.federated.proxy_vireid import (
     PROTOCOLS,
     ProxyConfig,
@@ -274,7 +275,7 @@ def server_main(grid: Grid, context: Context) -> None:
         "min_available_nodes": int(cfg["min-available-nodes"]),
     }
     strategy: FedAvg = PrototypeFedAvg(**sampling) if cfg["method"] == "l2rw" else FedAvg(**sampling)
-    result = strategy.start(
+    result = prepare_strategy(strategy, context, num_sampled_clients=int(cfg["min-train-nodes"])).start(
         grid=grid,
         initial_arrays=_numpy_to_record(initial),
         num_rounds=int(cfg["num-server-rounds"]),

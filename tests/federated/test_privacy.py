@@ -90,6 +90,15 @@ def test_dp_needs_a_client_count() -> None:
         privacy.wrap_strategy(FedAvg(), PrivacyConfig(dp_mode="client"))
 
 
+def test_privacy_refuses_multi_record_messages_with_the_fix() -> None:
+    arrays = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    privacy.check_train_content(RecordDict({"arrays": arrays, "config": ConfigRecord()}))
+    # a second ArrayRecord, like VI-ReID's prototypes under method='l2rw'
+    two = RecordDict({"arrays": arrays, "prototypes": arrays, "config": ConfigRecord()})
+    with pytest.raises(PrivacyConfigError, match="method='fedavg'"):
+        privacy.check_train_content(two, "PrototypeFedAvg")
+
+
 # ----------------------------------------------------------------- tiny real app
 
 
@@ -150,9 +159,11 @@ def _make_client_app() -> ClientApp:
         w0 = msg.content["arrays"]["w"].numpy().astype(np.float32)
         w, n = _local_update(partition, w0)
         raw_norm = float(np.linalg.norm(w - w0))
+        # an integer buffer, like BatchNorm's num_batches_tracked
+        steps = np.rint(msg.content["arrays"]["steps"].numpy()).astype(np.int64) + 1
         reply = RecordDict(
             {
-                "arrays": ArrayRecord({"w": Array(w)}),
+                "arrays": ArrayRecord({"w": Array(w), "steps": Array(steps)}),
                 "metrics": MetricRecord({"num-examples": n, "raw-update-norm": raw_norm}),
             }
         )
@@ -227,7 +238,12 @@ def _run(run_config: dict[str, Any], rounds: int = 2) -> dict[str, list[Any]]:
         )
         strategy = privacy.prepare_strategy(base, context, num_sampled_clients=NUM_CLIENTS)
         log["wrapped"].append(strategy)
-        initial = ArrayRecord({"w": Array(np.zeros(DIM, dtype=np.float32))})
+        initial = ArrayRecord(
+            {
+                "w": Array(np.zeros(DIM, dtype=np.float32)),
+                "steps": Array(np.zeros(1, dtype=np.int64)),
+            }
+        )
         result = strategy.start(
             grid=_SpyGrid(grid, log["wire"]),
             initial_arrays=initial,
