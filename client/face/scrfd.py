@@ -15,9 +15,8 @@ Plain numpy and Pillow, following insightface's ``model_zoo/scrfd.py``:
 * boxes scoring at least the threshold are kept, mapped back to the image by
   dividing by the letterbox scale, and reduced by greedy NMS.
 
-The resize uses Pillow's bilinear filter, which anti-aliases when shrinking
-(OpenCV's ``INTER_LINEAR`` in insightface does not); detections differ from
-insightface's by a fraction of a pixel.
+The resize reproduces OpenCV's ``INTER_LINEAR`` (no anti-aliasing when
+shrinking), the filter insightface resizes with, to one grey level.
 """
 
 from __future__ import annotations
@@ -93,6 +92,34 @@ class Detections:
         return int(self.scores.shape[0])
 
 
+def resize_bilinear(rgb: npt.NDArray[np.uint8], width: int, height: int) -> npt.NDArray[np.uint8]:
+    """Bilinear resize without anti-aliasing, as OpenCV's ``INTER_LINEAR`` (what SCRFD saw in training).
+
+    Output pixel ``x`` samples input position ``(x + 0.5) * W / width - 0.5``
+    (the same for rows), interpolating its 2 x 2 neighbours; done by
+    Pillow's affine transform, which samples that way (its ``resize`` would
+    average over the whole footprint when shrinking).
+
+    Parameters
+    ----------
+    rgb
+        ``uint8 (H, W, 3)``.
+    width, height
+        Output size.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8 (height, width, 3)``, within one grey level of ``cv2.resize``.
+    """
+    h, w = rgb.shape[:2]
+    coeffs = (w / width, 0.0, 0.0, 0.0, h / height, 0.0)
+    out = Image.fromarray(rgb).transform(
+        (width, height), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR
+    )
+    return np.ascontiguousarray(np.asarray(out, dtype=np.uint8))
+
+
 def letterbox(
     rgb: npt.NDArray[np.uint8], size: tuple[int, int]
 ) -> tuple[npt.NDArray[np.uint8], float]:
@@ -120,9 +147,7 @@ def letterbox(
         new_w = in_w
         new_h = max(1, int(new_w * (h / w)))
     scale = new_h / h
-    resized = np.asarray(
-        Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.uint8
-    )
+    resized = resize_bilinear(rgb, new_w, new_h)
     canvas = np.zeros((in_h, in_w, 3), dtype=np.uint8)
     canvas[:new_h, :new_w] = resized
     return canvas, scale
@@ -286,5 +311,6 @@ __all__ = [
     "letterbox",
     "nms",
     "postprocess",
+    "resize_bilinear",
     "to_blob",
 ]

@@ -42,7 +42,7 @@ from veilface.client.face.arcface_align import (
     warp_affine,
 )
 from veilface.client.face.insightface_models import find_insightface_pack
-from veilface.client.face.scrfd import letterbox, nms
+from veilface.client.face.scrfd import letterbox, nms, resize_bilinear
 from veilface.errors import FailedPrecondition
 
 STRIDES = (8, 16, 32)
@@ -285,6 +285,15 @@ def test_batched_outputs(tmp_path: Path) -> None:
     found = b.detect_faces(scene())
     assert len(found) == 1
     np.testing.assert_allclose(found.boxes[0], expected_face((112, 48), 2.0)[0], atol=1e-3)
+
+
+def test_resize_matches_opencv_inter_linear() -> None:
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(6)
+    for h, w, nh, nw in [(480, 1280, 240, 640), (160, 320, 320, 640), (333, 517, 411, 640)]:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ours = resize_bilinear(img, nw, nh).astype(int)
+        assert np.abs(ours - cv2.resize(img, (nw, nh))).max() <= 1
 
 
 def test_nms_function() -> None:
