@@ -95,6 +95,16 @@ class BulkReceipt:
     subjects: int
 
 
+@dataclass(frozen=True)
+class RepackReport:
+    """What a re-pack did: subjects moved, bins before and after, the key they are under."""
+
+    subjects: int
+    old_bins: int
+    new_bins: int
+    key_id: str
+
+
 def _bits(occupancy: bytes, capacity: int) -> npt.NDArray[np.bool_]:
     arr = np.unpackbits(np.frombuffer(occupancy, dtype=np.uint8), bitorder="little")
     return arr[:capacity].astype(bool)
@@ -132,6 +142,7 @@ class VeilClient:
         self._folds: set[Future[None]] = set()
         self._folds_lock = threading.Lock()
         self._staging = True  # False once the server says this key cannot stage
+        self._center_checked = False
 
     def close(self) -> None:
         """Finish pending folds of staged enrollments, then close the channel."""
@@ -201,8 +212,26 @@ class VeilClient:
         )
 
     def _freeze_center(self) -> None:
+        self._check_center()
         if getattr(self.state, "center", None) is None:
             self.state.center = np.zeros(self.state.dim)
+
+    def _check_center(self) -> None:
+        """Refuse to work with a state file that lost the key's centering vector.
+
+        Scores would be wrong (and a re-pack would corrupt templates) if the
+        server holds the key's encrypted center but this state has none:
+        the state was not saved after the calibration that fixed it.
+        """
+        if self._center_checked or getattr(self.state, "center", None) is not None:
+            return
+        held = {k.key_id: k for k in self.describe().keys}.get(self.state.key_id)
+        if held is not None and held.has_center:
+            raise FailedPrecondition(
+                f"the server holds a centering vector for key {self.state.key_id!r} but this "
+                "tenant state has none: use the state file saved after the first enrollment"
+            )
+        self._center_checked = True
 
     def prepare(self, embeddings: npt.ArrayLike) -> FloatArray:
         """Templates as stored: mixed, centered, normalized. float64 [n, dim]."""
@@ -260,8 +289,8 @@ class VeilClient:
 
         Bins keep the label of the list they were enrolled under, so
         retraining once the key holds subjects would make routed queries miss
-        them: it is refused unless ``force=True`` (then re-enroll the gallery,
-        e.g. under a new key id, before querying in routed mode).
+        them: it is refused unless ``force=True``. To retrain as the gallery
+        grows, use :meth:`repack` (``nlist=``), which also re-packs the bins.
         """
         if not force and self.state.router is not None:
             keys = {k.key_id: k for k in self.describe().keys}
@@ -269,7 +298,7 @@ class VeilClient:
             if held is not None and held.subjects > 0:
                 raise FailedPrecondition(
                     f"key {self.state.key_id!r} already holds {held.subjects} subjects routed "
-                    "by the current lists; re-enroll under a new key to retrain (or force=True)"
+                    "by the current lists; retrain with repack(nlist=...), which re-packs them"
                 )
         x = (self.normalize(embeddings) @ self._mix.T).astype(np.float32)
         version = (self.state.router.version + 1) if self.state.router else 1
@@ -413,11 +442,16 @@ class VeilClient:
         return int(resp.bin_id), int(resp.slots[0])
 
     def _bulk_chunks(
-        self, subject_ids: Sequence[str], xn: FloatArray, progress: bool
+        self,
+        handles: Sequence[str],
+        xn: FloatArray,
+        progress: bool,
+        replaces: Sequence[pb.BinRef] = (),
     ) -> Iterator[pb.BulkEnrollChunk]:
         from tqdm import tqdm
 
         labels = self._labels_for(xn)
+        first = True
         x = self.prepare(xn)
         order: dict[str, list[int]] = {}
         for i, lab in enumerate(labels):
@@ -435,10 +469,12 @@ class VeilClient:
                         tenant_id=self.state.tenant_id,
                         key_id=self.state.key_id,
                         label=lab,
-                        handles=[self._handles.encode(subject_ids[i]) for i in idx],
+                        handles=[handles[i] for i in idx],
                         slots=slots,
                         ciphertexts=cts,
+                        replaces=list(replaces) if first else [],
                     )
+                    first = False
         finally:
             bar.close()
 
@@ -453,10 +489,32 @@ class VeilClient:
             raise InvalidArgument("subject ids must be distinct")
         if getattr(self.state, "center", None) is None:
             self.calibrate(xn)  # first templates of this key: fix the center from them
+        handles = [self._handles.encode(s) for s in subject_ids]
         resp = self.transport.call(
-            self.transport.enrollment.BulkEnroll, self._bulk_chunks(subject_ids, xn, progress)
+            self.transport.enrollment.BulkEnroll, self._bulk_chunks(handles, xn, progress)
         )
         return BulkReceipt(resp.bins, resp.subjects)
+
+    def repack(
+        self,
+        *,
+        nlist: int | None = None,
+        target: VeilClient | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> RepackReport:
+        """Re-pack this key's whole gallery in one atomic swap.
+
+        ``nlist``: retrain the routing lists on the gallery itself (as it
+        grows) and regroup every template under the new lists. ``target``:
+        a client of a new key of the same tenant (key rotation, see
+        :meth:`TenantState.rotated`); the gallery moves to it. The old bins
+        keep serving until the server swaps them out in one transaction
+        (FAILED_PRECONDITION if one changed meanwhile: run it again).
+        """
+        from veilface.client.repack import repack
+
+        return repack(self, nlist=nlist, target=target, seed=seed, progress=progress)
 
     # -- identification -------------------------------------------------
 
@@ -488,6 +546,7 @@ class VeilClient:
         threshold : cosine threshold for ``match`` (default: the tenant's)
         """
         t0 = time.perf_counter()
+        self._check_center()
         stats = QueryStats()
         xn = self.normalize(embedding)
         x, offset = self.prepare_probe(xn, centered=True)
@@ -646,6 +705,7 @@ class VeilClient:
         self, subject_id: str, embedding: npt.ArrayLike, *, threshold: float | None = None
     ) -> Verification:
         """1:1 against a claimed subject; the tenant decrypts and applies its threshold."""
+        self._check_center()
         x, offset = self.prepare_probe(embedding)
         resp = self.transport.call(
             self.transport.identification.Verify,

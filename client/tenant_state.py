@@ -179,6 +179,34 @@ class TenantState:
         logger.info("created tenant state for %s (key %s, %s)", tenant_id, key_id, param_set)
         return state
 
+    def rotated(self, key_id: str, *, param_set: str | None = None) -> TenantState:
+        """A new key for the same tenant (key rotation).
+
+        Fresh CKKS secret key and mixing seed; the tenant's handle and label
+        keys and threshold carry over, so subject handles stay the same.
+        Register it, then move the gallery with ``VeilClient.repack(target=...)``
+        while the old key keeps serving.
+        """
+        if key_id == self.key_id:
+            raise InvalidArgument("a rotated key needs a new key id")
+        ps = param_set or self.param_set
+        keys = TenantKeys.generate(self.dim, param_set=ps, presel_dims=self.presel_dims)
+        state = TenantState(
+            tenant_id=self.tenant_id,
+            key_id=key_id,
+            param_set=ps,
+            dim=self.dim,
+            presel_dims=self.presel_dims,
+            secret_key=keys.secret_key_bytes(),
+            label_key=self.label_key,
+            handle_key=self.handle_key,
+            mixing_seed=secrets.randbits(128),
+            threshold=self.threshold,
+        )
+        state._keys = keys
+        logger.info("rotated tenant %s from key %s to %s", self.tenant_id, self.key_id, key_id)
+        return state
+
     # -- derived objects ------------------------------------------------------------
 
     def keys(self) -> TenantKeys:

@@ -87,6 +87,7 @@ class BulkChunk:
     handles: Sequence[str]
     slots: Sequence[int]
     ciphertexts: Sequence[bytes]
+    replaces: Sequence[tuple[int, int]] = ()  # first chunk: (bin id, version) swapped out at the end
 
 
 @dataclass
@@ -309,11 +310,25 @@ class GalleryService:
         )
 
     async def bulk_enroll(self, chunks: AsyncIterator[BulkChunk], tenant_of_call: str) -> tuple[list[int], int]:
-        """Stage every chunk as a new bin; activate them all only at the end."""
+        """Stage every chunk as a new bin; activate them all only at the end.
+
+        A stream whose first chunk names bins it ``replaces`` is a re-pack
+        (routing retrained, key rotation): at the end the named bins go and
+        the new ones take over their handles, in one transaction.
+        """
         stream_id = secrets.token_hex(12)
         staged: list[tuple[int, int, str]] = []  # (bin_id, owner, token)
+        replaces: list[tuple[int, int]] = []
         try:
             async for chunk in chunks:
+                if chunk.replaces:
+                    if staged or replaces:
+                        raise InvalidArgument("only the first chunk of a stream names the bins it replaces")
+                    if len(chunk.replaces) > self.settings.max_bins_per_request:
+                        raise ResourceExhausted(
+                            f"a re-pack replaces at most {self.settings.max_bins_per_request} bins"
+                        )
+                    replaces = [(int(b), int(v)) for b, v in chunk.replaces]
                 if chunk.tenant_id != tenant_of_call:
                     from veilface.errors import PermissionDenied
 
@@ -334,6 +349,7 @@ class GalleryService:
                     list(chunk.handles),
                     [int(s) for s in chunk.slots],
                     pack_blobs(chunk.ciphertexts),
+                    repack=bool(replaces),
                 )
                 owner = self.pool.owner(bin_id)
                 try:
@@ -346,13 +362,21 @@ class GalleryService:
                 staged.append((bin_id, owner, token))
             if not staged:
                 raise InvalidArgument("empty bulk stream")
-            bins, subjects = await asyncio.to_thread(self.store.activate_stream, stream_id)
+            bins, subjects = await asyncio.to_thread(
+                self.store.activate_stream, stream_id, tenant_of_call, replaces
+            )
         except BaseException:
             await asyncio.shield(asyncio.to_thread(self.store.abort_stream, stream_id))
             for _, owner, token in staged:
                 if token:
                     await self.pool.call(owner, worker.discard, token)
             raise
+        if replaces:
+            gone = [b for b, _ in replaces]
+            await self.pool.broadcast(worker.forget, gone)
+            for b in gone:
+                self._occupancy.pop(b, None)
+            log.info("tenant %s re-packed %d bins into %d", tenant_of_call, len(gone), len(bins))
         for _, owner, token in staged:  # queued on the owners before any later request
             self._background(self.pool.call(owner, worker.commit, token, 1), "bin fold-in")
         self._warm_centers(tenant_of_call, [b for b, _, _ in staged])
@@ -388,6 +412,26 @@ class GalleryService:
     async def _warm(self, owner: int, tenant_id: str, bin_ids: list[int]) -> None:
         _, key_id = await asyncio.to_thread(self.store.bin_owner, bin_ids[0])
         await self.pool.call(owner, worker.precompute_centers, tenant_id, key_id, bin_ids)
+
+    async def list_key_bins(self, tenant_id: str, key_id: str) -> list[tuple[int, str, int, int]]:
+        """(bin id, label, version, subjects) of every active bin of a key."""
+        await self.key(tenant_id, key_id)
+        return await asyncio.to_thread(self.store.key_bins, tenant_id, key_id)
+
+    async def fetch_bin(
+        self, tenant_id: str, bin_id: int
+    ) -> tuple[str, BinInfo, list[tuple[int, str]], bytes]:
+        """A bin whole: (key id, info, (slot, handle) pairs, packed ciphertexts)."""
+        info = await asyncio.to_thread(self.store.bin_info, tenant_id, bin_id, with_occupancy=False)
+        key_id = (await asyncio.to_thread(self.store.bin_owner, bin_id))[1]
+        current = await self.pool.call(self.pool.owner(bin_id), worker.current, bin_id)
+        if current is None:
+            raise NotFound("the bin holds no ciphertext")
+        version, blob = current
+        subjects = await asyncio.to_thread(self.store.bin_subjects, bin_id)
+        if version != info.version:
+            raise FailedPrecondition("the bin is changing; try again")
+        return key_id, info, subjects, blob
 
     async def fetch_subject_bin(
         self, tenant_id: str, handle: str

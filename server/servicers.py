@@ -153,7 +153,13 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
             async for c in request_iterator:
                 require_tenant(c.tenant_id)
                 yield BulkChunk(
-                    c.tenant_id, c.key_id, c.label, list(c.handles), list(c.slots), list(c.ciphertexts)
+                    c.tenant_id,
+                    c.key_id,
+                    c.label,
+                    list(c.handles),
+                    list(c.slots),
+                    list(c.ciphertexts),
+                    [(r.bin_id, r.version) for r in c.replaces],
                 )
 
         bins, subjects = await self.service.bulk_enroll(chunks(), tenant)
@@ -190,6 +196,30 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
             list(request.ciphertexts),
         )
         return pb.DeleteSubjectResponse(bin_id=request.bin_id, bin_version=version)
+
+    @mapped
+    async def ListBins(self, request: pb.ListBinsRequest, context: Ctx) -> pb.ListBinsResponse:
+        require_tenant(request.tenant_id)
+        found = await self.service.list_key_bins(request.tenant_id, request.key_id)
+        return pb.ListBinsResponse(
+            bins=[pb.BinRef(bin_id=b, label=lab, version=v, subjects=n) for b, lab, v, n in found]
+        )
+
+    @mapped
+    async def FetchBin(self, request: pb.FetchBinRequest, context: Ctx) -> pb.FetchBinResponse:
+        require_tenant(request.tenant_id)
+        from veilface.server.store.blobs import unpack_blobs
+
+        key_id, info, subjects, blob = await self.service.fetch_bin(request.tenant_id, request.bin_id)
+        return pb.FetchBinResponse(
+            key_id=key_id,
+            bin_id=info.bin_id,
+            version=info.version,
+            label=info.label,
+            slots=[s for s, _ in subjects],
+            handles=[h for _, h in subjects],
+            ciphertexts=unpack_blobs(blob),
+        )
 
     @mapped
     async def EnrollStaged(self, request: pb.EnrollStagedRequest, context: Ctx) -> pb.EnrollStagedResponse:

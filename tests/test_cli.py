@@ -61,6 +61,21 @@ def test_tenant_workflow_through_the_cli(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         out = vf("identify", *common, "--embeddings", str(npz), "--row", "7", "--json", env=env)
         assert json.loads(out.stdout)["subject"] != str(labels[7])
+        # routing retrained over the enrolled gallery, then a key rotation
+        out = vf("repack", *common, "--nlist", "3", "--json", env=env)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["subjects"] == 39
+        out = vf("identify", *common, "--embeddings", str(npz), "--row", "9", "--mode", "routed",
+                 "--nprobe", "3", "--json", env=env)
+        assert json.loads(out.stdout)["subject"] == str(labels[9])
+        new_state = tmp_path / "tenant-k2.vfk"
+        out = vf("rotate", *common, "--key-id", "k2", "--new-state", str(new_state), "--json", env=env)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["key_id"] == "k2"
+        out = vf("identify", "--server", srv.target, "--state", str(new_state), "--embeddings", str(npz),
+                 "--row", "9", "--mode", "routed", "--nprobe", "3", "--json", env=env)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["subject"] == str(labels[9])
         # wrong passphrase: a clear error, exit code 2, no traceback
         bad = vf("identify", *common, "--embeddings", str(npz), env={**env, "VEILFACE_PASSPHRASE": "nope"})
         assert bad.returncode == 2 and "Traceback" not in bad.stderr

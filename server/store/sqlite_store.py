@@ -27,7 +27,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from veilface.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from veilface.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from veilface.server.store.records import (
     BinData,
     BinInfo,
@@ -110,6 +116,15 @@ CREATE TABLE IF NOT EXISTS staged (
     FOREIGN KEY (tenant_id, key_id) REFERENCES keys(tenant_id, key_id)
 );
 CREATE INDEX IF NOT EXISTS staged_by_key ON staged(tenant_id, key_id, label);
+-- Subjects of bins staged by a re-pack stream: they take over their handles
+-- only when the stream activates and the replaced bins go, in one transaction.
+CREATE TABLE IF NOT EXISTS stream_subjects (
+    stream_id TEXT NOT NULL,
+    bin_id INTEGER NOT NULL REFERENCES bins(bin_id),
+    handle TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    PRIMARY KEY (stream_id, handle)
+);
 CREATE TABLE IF NOT EXISTS reservations (
     reservation_id TEXT PRIMARY KEY,
     tenant_id TEXT NOT NULL,
@@ -194,6 +209,7 @@ class SQLiteStore:
     def _delete_bins(c: sqlite3.Connection, bin_ids: Sequence[int]) -> None:
         for bin_id in bin_ids:
             c.execute("DELETE FROM subjects WHERE bin_id=?", (bin_id,))
+            c.execute("DELETE FROM stream_subjects WHERE bin_id=?", (bin_id,))
             c.execute("DELETE FROM bin_deltas WHERE bin_id=?", (bin_id,))
             c.execute("DELETE FROM reservations WHERE bin_id=?", (bin_id,))
             c.execute("DELETE FROM bins WHERE bin_id=?", (bin_id,))
@@ -419,7 +435,14 @@ class SQLiteStore:
         handles: Sequence[str],
         slots: Sequence[int],
         blob: bytes,
+        *,
+        repack: bool = False,
     ) -> int:
+        """Write a bin of a bulk stream, invisible until :meth:`activate_stream`.
+
+        ``repack``: the handles belong to bins the stream replaces; they are
+        kept aside and take over at activation.
+        """
         with self._tx() as c:
             cur = c.execute(
                 "INSERT INTO bins (tenant_id, key_id, label, state, stream_id, version, base, "
@@ -427,11 +450,29 @@ class SQLiteStore:
                 (tenant_id, key_id, label, stream_id, blob, time.time()),
             )
             bin_id = int(cur.lastrowid or 0)
-            self._insert_subjects(c, tenant_id, bin_id, handles, slots)
+            if not repack:
+                self._insert_subjects(c, tenant_id, bin_id, handles, slots)
+            else:
+                try:
+                    c.executemany(
+                        "INSERT INTO stream_subjects VALUES (?, ?, ?, ?)",
+                        [(stream_id, bin_id, h, s) for h, s in zip(handles, slots, strict=True)],
+                    )
+                except sqlite3.IntegrityError:
+                    raise InvalidArgument("a re-pack stream names a handle twice") from None
         return bin_id
 
-    def activate_stream(self, stream_id: str) -> tuple[list[int], int]:
+    def activate_stream(
+        self, stream_id: str, tenant_id: str = "", replaces: Sequence[tuple[int, int]] = ()
+    ) -> tuple[list[int], int]:
+        """Make a stream's bins visible; with ``replaces`` ((bin id, version) pairs), swap them in.
+
+        The replaced bins must belong to the tenant, be unchanged since they
+        were fetched, and hold no handle the stream leaves out.
+        """
         with self._tx() as c:
+            if replaces:
+                self._swap_out(c, stream_id, tenant_id, replaces)
             bins = [
                 r[0]
                 for r in c.execute(
@@ -447,6 +488,57 @@ class SQLiteStore:
             for b in bins:
                 subjects += c.execute("SELECT COUNT(*) FROM subjects WHERE bin_id=?", (b,)).fetchone()[0]
         return bins, subjects
+
+    def _swap_out(
+        self, c: sqlite3.Connection, stream_id: str, tenant_id: str, replaces: Sequence[tuple[int, int]]
+    ) -> None:
+        old_handles: set[str] = set()
+        for bin_id, version in replaces:
+            row = c.execute(
+                "SELECT tenant_id, version FROM bins WHERE bin_id=? AND state='active'", (bin_id,)
+            ).fetchone()
+            if row is None or row[0] != tenant_id:
+                raise NotFound(f"no bin {bin_id} to replace")
+            if row[1] != version:
+                raise FailedPrecondition(
+                    f"bin {bin_id} changed since it was fetched; re-pack again"
+                )
+            old_handles.update(
+                h for (h,) in c.execute("SELECT handle FROM subjects WHERE bin_id=?", (bin_id,))
+            )
+        new = c.execute(
+            "SELECT bin_id, handle, slot FROM stream_subjects WHERE stream_id=?", (stream_id,)
+        ).fetchall()
+        missing = old_handles - {h for _, h, _ in new}
+        if missing:
+            raise FailedPrecondition(
+                f"the re-pack leaves out {len(missing)} subjects of the bins it replaces"
+            )
+        self._delete_bins(c, [b for b, _ in replaces])
+        for bin_id, handle, slot in new:
+            self._insert_subjects(c, tenant_id, bin_id, [handle], [slot])
+        c.execute("DELETE FROM stream_subjects WHERE stream_id=?", (stream_id,))
+
+    def key_bins(self, tenant_id: str, key_id: str) -> list[tuple[int, str, int, int]]:
+        """(bin id, label, version, subjects) of a key's active bins."""
+        return [
+            (int(b), str(lab), int(v), int(n))
+            for b, lab, v, n in self._q(
+                "SELECT b.bin_id, b.label, b.version, "
+                "(SELECT COUNT(*) FROM subjects s WHERE s.bin_id=b.bin_id) FROM bins b "
+                "WHERE b.tenant_id=? AND b.key_id=? AND b.state='active' ORDER BY b.bin_id",
+                (tenant_id, key_id),
+            )
+        ]
+
+    def bin_subjects(self, bin_id: int) -> list[tuple[int, str]]:
+        """(slot, handle) of a bin's subjects, by slot."""
+        return [
+            (int(s), str(h))
+            for s, h in self._q(
+                "SELECT slot, handle FROM subjects WHERE bin_id=? ORDER BY slot", (bin_id,)
+            )
+        ]
 
     def abort_stream(self, stream_id: str) -> None:
         with self._tx() as c:

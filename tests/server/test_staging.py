@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.server.conftest import create_tenant, make_client
 from veilface.client.sdk import VeilClient
 from veilface.client.tenant_state import TenantState
 from veilface.errors import AlreadyExists, NotFound
 from veilface.proto.v1 import veilface_pb2 as pb
 from veilface.server.launcher import LocalServer
-from tests.server.conftest import create_tenant, make_client
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""``veilface enroll | identify | verify | delete | routing``: the tenant's gallery."""
+"""``veilface enroll | identify | verify | delete | repack | rotate``: the tenant's gallery."""
 
 from __future__ import annotations
 
@@ -54,6 +54,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     common.add_server_options(p)
     p.add_argument("--subject", required=True)
     p.set_defaults(func=delete)
+
+    p = sub.add_parser(
+        "repack", help="retrain the routing lists on the enrolled gallery and re-pack it atomically"
+    )
+    common.add_state_options(p)
+    common.add_server_options(p)
+    p.add_argument("--nlist", type=int, required=True, help="number of IVF lists to train")
+    p.set_defaults(func=repack)
+
+    p = sub.add_parser(
+        "rotate", help="key rotation: a new CKKS key, the gallery moved to it atomically"
+    )
+    common.add_state_options(p)
+    common.add_server_options(p)
+    p.add_argument("--key-id", required=True, help="id of the new key")
+    p.add_argument("--new-state", type=Path, required=True, help="where to save the new key's state")
+    p.set_defaults(func=rotate)
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, list[str]]:
@@ -111,6 +128,8 @@ def enroll(args: argparse.Namespace) -> int:
         else:
             r = c.enroll_many(labels, emb, progress=not args.json)
             bins, subjects = r.bins, r.subjects
+        # The first enrollment fixes the key's centering vector: keep it.
+        c.state.save(args.state, **common.secret_args(args))
     common.emit(args, {"subjects": subjects, "bins": bins}, f"enrolled {subjects} subjects")
     return 0
 
@@ -156,4 +175,37 @@ def delete(args: argparse.Namespace) -> int:
     with common.client(args) as c:
         c.delete(args.subject)
     common.emit(args, {"deleted": args.subject}, f"deleted {args.subject}")
+    return 0
+
+
+def repack(args: argparse.Namespace) -> int:
+    with common.client(args) as c:
+        report = c.repack(nlist=args.nlist, progress=not args.json)
+        c.state.save(args.state, **common.secret_args(args))  # the new router
+    common.emit(
+        args,
+        {"subjects": report.subjects, "old_bins": report.old_bins, "new_bins": report.new_bins},
+        f"re-packed {report.subjects} subjects from {report.old_bins} bins into {report.new_bins} "
+        f"under {args.nlist} lists; {args.state} updated",
+    )
+    return 0
+
+
+def rotate(args: argparse.Namespace) -> int:
+    from veilface.client.sdk import VeilClient
+
+    with common.client(args) as old:
+        new_state = old.state.rotated(args.key_id)
+        with VeilClient(args.server, new_state, token=common.token(args), root_cert=args.root_cert) as new:
+            new.register_key()
+            # Saved before the move: if the move fails, the new key is kept.
+            new_state.save(args.new_state, **common.secret_args(args))
+            report = old.repack(target=new, progress=not args.json)
+            new_state.save(args.new_state, **common.secret_args(args))  # center and router
+    common.emit(
+        args,
+        {"subjects": report.subjects, "key_id": report.key_id, "new_bins": report.new_bins},
+        f"moved {report.subjects} subjects to key {report.key_id} ({report.new_bins} bins); "
+        f"use --state {args.new_state} from now on",
+    )
     return 0

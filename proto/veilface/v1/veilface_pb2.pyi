@@ -153,6 +153,58 @@ class FetchPhotoResponse(_message.Message):
     protection: str
     def __init__(self, photo_id: _Optional[str] = ..., handle: _Optional[str] = ..., sealed_photo: _Optional[bytes] = ..., protection: _Optional[str] = ...) -> None: ...
 
+class ListBinsRequest(_message.Message):
+    __slots__ = ("tenant_id", "key_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    key_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ...) -> None: ...
+
+class BinRef(_message.Message):
+    __slots__ = ("bin_id", "label", "version", "subjects")
+    BIN_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SUBJECTS_FIELD_NUMBER: _ClassVar[int]
+    bin_id: int
+    label: str
+    version: int
+    subjects: int
+    def __init__(self, bin_id: _Optional[int] = ..., label: _Optional[str] = ..., version: _Optional[int] = ..., subjects: _Optional[int] = ...) -> None: ...
+
+class ListBinsResponse(_message.Message):
+    __slots__ = ("bins",)
+    BINS_FIELD_NUMBER: _ClassVar[int]
+    bins: _containers.RepeatedCompositeFieldContainer[BinRef]
+    def __init__(self, bins: _Optional[_Iterable[_Union[BinRef, _Mapping]]] = ...) -> None: ...
+
+class FetchBinRequest(_message.Message):
+    __slots__ = ("tenant_id", "bin_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    BIN_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    bin_id: int
+    def __init__(self, tenant_id: _Optional[str] = ..., bin_id: _Optional[int] = ...) -> None: ...
+
+class FetchBinResponse(_message.Message):
+    __slots__ = ("key_id", "bin_id", "version", "label", "slots", "handles", "ciphertexts")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    BIN_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    bin_id: int
+    version: int
+    label: str
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    handles: _containers.RepeatedScalarFieldContainer[str]
+    ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, key_id: _Optional[str] = ..., bin_id: _Optional[int] = ..., version: _Optional[int] = ..., label: _Optional[str] = ..., slots: _Optional[_Iterable[int]] = ..., handles: _Optional[_Iterable[str]] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class EnrollStagedRequest(_message.Message):
     __slots__ = ("tenant_id", "key_id", "label", "handle", "ciphertext")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -252,20 +304,22 @@ class EnrollResponse(_message.Message):
     def __init__(self, bin_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., bin_version: _Optional[int] = ...) -> None: ...
 
 class BulkEnrollChunk(_message.Message):
-    __slots__ = ("tenant_id", "key_id", "label", "handles", "slots", "ciphertexts")
+    __slots__ = ("tenant_id", "key_id", "label", "handles", "slots", "ciphertexts", "replaces")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     HANDLES_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     key_id: str
     label: str
     handles: _containers.RepeatedScalarFieldContainer[str]
     slots: _containers.RepeatedScalarFieldContainer[int]
     ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., label: _Optional[str] = ..., handles: _Optional[_Iterable[str]] = ..., slots: _Optional[_Iterable[int]] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    replaces: _containers.RepeatedCompositeFieldContainer[BinRef]
+    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., label: _Optional[str] = ..., handles: _Optional[_Iterable[str]] = ..., slots: _Optional[_Iterable[int]] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., replaces: _Optional[_Iterable[_Union[BinRef, _Mapping]]] = ...) -> None: ...
 
 class BulkEnrollResponse(_message.Message):
     __slots__ = ("bins", "subjects", "bin_ids")

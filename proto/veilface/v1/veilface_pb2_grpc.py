@@ -468,6 +468,16 @@ class EnrollmentStub(object):
                 request_serializer=veilface_dot_v1_dot_veilface__pb2.FetchStagedRequest.SerializeToString,
                 response_deserializer=veilface_dot_v1_dot_veilface__pb2.FetchStagedResponse.FromString,
                 _registered_method=True)
+        self.ListBins = channel.unary_unary(
+                '/veilface.v1.Enrollment/ListBins',
+                request_serializer=veilface_dot_v1_dot_veilface__pb2.ListBinsRequest.SerializeToString,
+                response_deserializer=veilface_dot_v1_dot_veilface__pb2.ListBinsResponse.FromString,
+                _registered_method=True)
+        self.FetchBin = channel.unary_unary(
+                '/veilface.v1.Enrollment/FetchBin',
+                request_serializer=veilface_dot_v1_dot_veilface__pb2.FetchBinRequest.SerializeToString,
+                response_deserializer=veilface_dot_v1_dot_veilface__pb2.FetchBinResponse.FromString,
+                _registered_method=True)
 
 
 class EnrollmentServicer(object):
@@ -541,6 +551,21 @@ class EnrollmentServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListBins(self, request, context):
+        """The key's bins (ids, labels, versions), and one bin whole with the
+        handles of its slots: for the tenant to re-pack its gallery (routing
+        retrained as the gallery grows, key rotation). Ciphertexts only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchBin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnrollmentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -578,6 +603,16 @@ def add_EnrollmentServicer_to_server(servicer, server):
                     servicer.FetchStaged,
                     request_deserializer=veilface_dot_v1_dot_veilface__pb2.FetchStagedRequest.FromString,
                     response_serializer=veilface_dot_v1_dot_veilface__pb2.FetchStagedResponse.SerializeToString,
+            ),
+            'ListBins': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBins,
+                    request_deserializer=veilface_dot_v1_dot_veilface__pb2.ListBinsRequest.FromString,
+                    response_serializer=veilface_dot_v1_dot_veilface__pb2.ListBinsResponse.SerializeToString,
+            ),
+            'FetchBin': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchBin,
+                    request_deserializer=veilface_dot_v1_dot_veilface__pb2.FetchBinRequest.FromString,
+                    response_serializer=veilface_dot_v1_dot_veilface__pb2.FetchBinResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -771,6 +806,60 @@ class Enrollment(object):
             '/veilface.v1.Enrollment/FetchStaged',
             veilface_dot_v1_dot_veilface__pb2.FetchStagedRequest.SerializeToString,
             veilface_dot_v1_dot_veilface__pb2.FetchStagedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBins(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veilface.v1.Enrollment/ListBins',
+            veilface_dot_v1_dot_veilface__pb2.ListBinsRequest.SerializeToString,
+            veilface_dot_v1_dot_veilface__pb2.ListBinsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchBin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veilface.v1.Enrollment/FetchBin',
+            veilface_dot_v1_dot_veilface__pb2.FetchBinRequest.SerializeToString,
+            veilface_dot_v1_dot_veilface__pb2.FetchBinResponse.FromString,
             options,
             channel_credentials,
             insecure,
