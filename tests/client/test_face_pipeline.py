@@ -7,7 +7,10 @@ and skip without it; the others run anywhere.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from veilface.client.face import (
     FaceTooBlurry,
     FaceTooSmall,
     ImageDecodeError,
+    ImageNotFound,
     ImageSizeError,
     MultipleFaces,
     NoFaceFound,
@@ -167,6 +171,21 @@ def test_bad_inputs_through_the_pipeline(lfw_dir: Path, pipeline: FacePipeline) 
         pipeline.embed(data[: len(data) // 2])
     with pytest.raises(ImageSizeError):
         pipeline.embed(np.zeros((1, 1, 3), np.uint8))
+    # a PNG header declaring 40000 x 40000 pixels: refused before decoding
+    ihdr = struct.pack(">IIBBBBB", 40_000, 40_000, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    with pytest.raises(ImageSizeError):
+        iend = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+        pipeline.embed(b"\x89PNG\r\n\x1a\n" + chunk + iend)
+    eps = io.BytesIO()
+    Image.open(photo(lfw_dir, "Tony_Blair")).save(eps, "EPS")
+    with pytest.raises(ImageDecodeError, match="supported image format"):
+        pipeline.embed(eps.getvalue())
+    with pytest.raises(ImageNotFound, match="is a folder"):
+        pipeline.embed(lfw_dir)
+    # a 16-bit copy of the photo gives the same template
+    sixteen = rgb_of(photo(lfw_dir, "Tony_Blair")).astype(np.uint16) * 257
+    assert dist(pipeline.embed(sixteen).vector, pipeline.embed(data).vector) < 1e-5
 
 
 @pytest.mark.data
