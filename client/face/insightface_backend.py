@@ -63,7 +63,7 @@ class InsightFaceBackend:
     pack
         Pack name; default: ``buffalo_l`` if present, else the only pack.
     det_size
-        Detector canvas ``(width, height)``, multiples of 32, for detectors
+        Detector canvas ``(width, height)``, multiples of 32 up to 4096, for detectors
         with a dynamic input size (a fixed-size model uses its own). Faces
         smaller than about 1/40 of the image's longer side are missed at 640.
     det_thresh
@@ -94,8 +94,8 @@ class InsightFaceBackend:
         nms_thresh: float = 0.4,
         threads: int = 0,
     ) -> None:
-        if len(det_size) != 2 or any(int(s) != s or s < 32 or s % 32 for s in det_size):
-            raise ValueError(f"det_size must be two multiples of 32, got {det_size}")
+        if len(det_size) != 2 or any(int(s) != s or s < 32 or s > 4096 or s % 32 for s in det_size):
+            raise ValueError(f"det_size must be two multiples of 32 in 32..4096, got {det_size}")
         if not 0.0 < det_thresh < 1.0:
             raise ValueError(f"det_thresh must be in (0, 1), got {det_thresh}")
         if not 0.0 < nms_thresh <= 1.0:

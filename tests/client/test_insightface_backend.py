@@ -509,6 +509,8 @@ def test_detector_with_wrong_output_sizes(tmp_path: Path) -> None:
 def test_backend_arguments(root: Path) -> None:
     with pytest.raises(ValueError, match="det_size"):
         InsightFaceBackend(root, det_size=(600, 640))
+    with pytest.raises(ValueError, match="det_size"):
+        InsightFaceBackend(root, det_size=(64_000, 64_000))
     with pytest.raises(ValueError, match="det_thresh"):
         InsightFaceBackend(root, det_thresh=1.5)
     with pytest.raises(ValueError, match="pack"):
