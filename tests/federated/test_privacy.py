@@ -326,3 +326,24 @@ def test_secaggplus_masks_updates_and_aggregates_like_fedavg() -> None:
         assert all(not np.allclose(secure_agg, w, atol=1e-2) for w, _ in local)
         # per-client metrics still arrive (they are not masked)
         assert sorted(m["num-examples"] for _, m in replies) == [64, 80, 96]
+
+
+def test_project_pyproject_declares_every_privacy_key() -> None:
+    """`flwr run --run-config` only overrides keys present in [tool.flwr.app.config]."""
+    from veilface.federated.deployment import project_run_config
+
+    config = project_run_config()
+    for key in (
+        "dp-mode",
+        "dp-clip-norm",
+        "dp-noise-multiplier",
+        "dp-sampled-clients",
+        "secagg",
+        "secagg-shares",
+        "secagg-threshold",
+        "secagg-clipping-range",
+        "secagg-quantization-range",
+        "secagg-max-weight",
+    ):
+        assert key in config, key
+    assert PrivacyConfig.from_run_config(config) == PrivacyConfig()
