@@ -90,6 +90,7 @@ __all__ = [
     "PrivacyConfig",
     "PrivacyConfigError",
     "SecAggPlusStrategy",
+    "check_secagg_range",
     "check_train_content",
     "client_mods",
     "prepare_strategy",
@@ -569,6 +570,7 @@ class SecAggPlusStrategy(Strategy):
                 f"{len(first.array_records)} and {len(first.config_records)}"
             )
         global_arrays = next(iter(first.array_records.values()))
+        check_secagg_range(global_arrays, self.cfg)
         adapter = _LegacyStrategyAdapter(grid, messages, weight_key=_weight_key(self.strategy))
         state = RecordDict()
         state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
@@ -597,6 +599,36 @@ class SecAggPlusStrategy(Strategy):
             return []
         self.rounds_completed += 1
         return adapter.replies(global_arrays)
+
+
+def check_secagg_range(arrays: ArrayRecord, cfg: PrivacyConfig) -> None:
+    """Refuse a model SecAgg+ would silently clip.
+
+    SecAgg+ quantises every parameter after clipping it to
+    ``[-secagg-clipping-range, secagg-clipping-range]``. A global model that
+    already holds larger values (BatchNorm running means of an ImageNet
+    backbone reach ~77) would come back damaged.
+
+    Raises
+    ------
+    PrivacyConfigError
+        Naming the largest array and a range that fits.
+    """
+    worst_key, worst = "", 0.0
+    for key, arr in arrays.items():
+        values = arr.numpy()
+        if values.size == 0 or not np.issubdtype(values.dtype, np.number):
+            continue
+        peak = float(np.max(np.abs(values.astype(np.float64))))
+        if peak > worst:
+            worst_key, worst = key, peak
+    if worst > cfg.secagg_clipping_range:
+        suggestion = 2 ** int(np.ceil(np.log2(worst * 2)))
+        raise PrivacyConfigError(
+            f"array {worst_key!r} reaches {worst:.4g}, beyond secagg-clipping-range="
+            f"{cfg.secagg_clipping_range:g}; SecAgg+ would clip it. Set "
+            f"secagg-clipping-range={suggestion} (coarser quantisation) or turn secagg off"
+        )
 
 
 def _weight_key(strategy: Strategy) -> str:

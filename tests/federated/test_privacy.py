@@ -9,7 +9,9 @@ what the server actually received.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,6 +99,21 @@ def test_privacy_refuses_multi_record_messages_with_the_fix() -> None:
     two = RecordDict({"arrays": arrays, "prototypes": arrays, "config": ConfigRecord()})
     with pytest.raises(PrivacyConfigError, match="method='fedavg'"):
         privacy.check_train_content(two, "PrototypeFedAvg")
+
+
+def test_secagg_refuses_a_model_beyond_its_clipping_range() -> None:
+    cfg = PrivacyConfig(secagg=True)
+    small = ArrayRecord({"w": Array(np.full(4, 7.5, dtype=np.float32))})
+    privacy.check_secagg_range(small, cfg)
+    big = ArrayRecord(
+        {
+            "w": Array(np.zeros(4, dtype=np.float32)),
+            "bn.running_mean": Array(np.array([1.0, -76.6], dtype=np.float32)),
+        }
+    )
+    with pytest.raises(PrivacyConfigError, match="'bn.running_mean'.*secagg-clipping-range=256"):
+        privacy.check_secagg_range(big, cfg)
+    privacy.check_secagg_range(big, PrivacyConfig(secagg=True, secagg_clipping_range=256.0))
 
 
 # ----------------------------------------------------------------- tiny real app
@@ -347,3 +364,61 @@ def test_project_pyproject_declares_every_privacy_key() -> None:
     ):
         assert key in config, key
     assert PrivacyConfig.from_run_config(config) == PrivacyConfig()
+
+
+@pytest.mark.slow
+def test_real_vireid_app_with_client_dp_and_secaggplus(
+    tmp_path: Path, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The project's own ServerApp/ClientApp (VI-ReID, plain FedAvg, tiny model), both options."""
+    import logging
+
+    from flwr.simulation import run_simulation
+
+    from veilface.federated.client_app import make_client_app
+    from veilface.federated.proxy_vireid import ProxyConfig, build_proxy
+    from veilface.federated.run_artifacts import load_checkpoint
+    from veilface.federated.server_app import make_server_app
+
+    proxy = build_proxy(
+        data_dir / "lfw",
+        tmp_path / "proxy",
+        ProxyConfig(num_train_ids=6, num_test_ids=4, max_images=4, image_size=32),
+    )
+    cfg = {
+        "task": "vireid",
+        "num-server-rounds": 2,
+        "data-dir": str(proxy),
+        "out-dir": str(tmp_path / "out"),
+        "method": "fedavg",
+        "protocol": "entity-isolation",
+        "pretrained": False,
+        "width-mult": 0.25,
+        "last-channel": 64,
+        "stem-depth": 1,
+        "batch-ids": 2,
+        "batch-instances": 2,
+        "client-threads": 1,
+        "server-threads": 1,
+        "dp-mode": "client",
+        "dp-clip-norm": 5.0,
+        "dp-noise-multiplier": 0.001,
+        "secagg": True,
+    }
+    with caplog.at_level(logging.INFO):
+        run_simulation(
+            server_app=make_server_app(cfg),
+            client_app=make_client_app(cfg),
+            num_supernodes=2,
+            backend_config=_BACKEND,  # type: ignore[arg-type]
+        )
+    text = caplog.text
+    assert text.count("Secure aggregation completed.") == 2
+    assert text.count("central DP noise") == 2
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert sorted(run["train_metrics"]) == ["1", "2"]
+    ckpt = tmp_path / "out" / "checkpoints"
+    before = load_checkpoint(ckpt / "round_0000.npz")
+    after = load_checkpoint(ckpt / "round_0002.npz")
+    moved = [k for k in before if not np.array_equal(before[k], after[k])]
+    assert len(moved) > len(before) // 2  # the securely aggregated model was applied
