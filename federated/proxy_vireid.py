@@ -13,10 +13,12 @@ the federated VI-ReID code is exercised on a proxy:
   offset, colour cast, blur, gamma, noise, per camera. Cameras 1-2 are
   visible and 3-4 infrared, as SYSU-MM01 mixes RGB and IR cameras.
 
-Every photo of a person goes to exactly one camera (round robin over the
-person's photos), so a cross-modality match never compares two renderings
-of the same photo. Query = infrared test images, gallery = visible test
-images.
+By default (``paired=True``) the cameras form dual visible/infrared rigs,
+as RegDB's co-registered captures do: each photo is rendered by one visible
+and one infrared camera (round robin within each modality), each with its
+own crop, zoom, blur and noise. With ``paired=False`` each photo goes to one
+camera only (harder: a match must also bridge different photos). Query =
+infrared test images, gallery = visible test images.
 
 Files written by :func:`build_proxy` under ``out_dir``::
 
@@ -49,6 +51,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "PROTOCOLS",
     "PROXY_CAMERAS",
+    "PROXY_VERSION",
     "CameraSpec",
     "ProxyConfig",
     "ReIDArrays",
@@ -59,6 +62,7 @@ __all__ = [
     "thermal_render",
 ]
 
+PROXY_VERSION = 3  # rendering version, part of the cache key
 PROTOCOLS: tuple[str, ...] = ("camera-isolation", "entity-isolation", "entity-sharing")
 
 
@@ -105,7 +109,8 @@ PROXY_CAMERAS: tuple[CameraSpec, ...] = (
 
 @dataclass(frozen=True)
 class ProxyConfig:
-    """Size and seed of the proxy.
+    """Size and seed of the proxy (``fingerprint`` keys the on-disk cache; bump
+    :data:`PROXY_VERSION` when the rendering changes).
 
     Attributes
     ----------
@@ -121,6 +126,13 @@ class ProxyConfig:
     seed : int
         Identity selection and noise.
     cameras : tuple of CameraSpec
+    paired : bool
+        True (default, like RegDB's co-registered captures): every photo is
+        seen by one visible *and* one infrared camera (round robin within
+        each modality), so a person's infrared image has a visible
+        counterpart of the same moment, taken with another camera's
+        geometry. False: every photo goes to exactly one camera, so
+        matching must bridge different photos too (much harder).
     """
 
     num_train_ids: int = 150
@@ -130,10 +142,19 @@ class ProxyConfig:
     image_size: int = 64
     seed: int = 0
     cameras: tuple[CameraSpec, ...] = field(default=PROXY_CAMERAS)
+    paired: bool = True
+
+    def __post_init__(self) -> None:
+        mods = {c.modality for c in self.cameras}
+        if mods != {"visible", "infrared"}:
+            raise InvalidArgument("the proxy needs at least one visible and one infrared camera")
+        if self.num_train_ids < 1 or self.num_test_ids < 1 or self.min_images < 2:
+            raise InvalidArgument("need >= 1 train and test identity and min_images >= 2")
 
     def fingerprint(self) -> str:
-        """Short hash of the configuration (cache key)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """Short hash of the configuration and :data:`PROXY_VERSION` (cache key)."""
+        spec = json.dumps({"v": PROXY_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -176,15 +197,20 @@ def _gaussian_blur(img: npt.NDArray[np.float32], sigma: float) -> npt.NDArray[np
     """Separable Gaussian blur of an ``(H, W, C)`` float image (reflect padding)."""
     if sigma <= 0:
         return img
-    radius = max(1, int(round(3 * sigma)))
+    radius = max(1, round(3 * sigma))
     x = np.arange(-radius, radius + 1, dtype=np.float32)
     k = np.exp(-0.5 * (x / sigma) ** 2)
     k /= k.sum()
+    h, w = img.shape[:2]
     pad = np.pad(img, ((radius, radius), (0, 0), (0, 0)), mode="reflect")
-    img = sum(k[i] * pad[i : i + img.shape[0]] for i in range(k.size))  # type: ignore[assignment]
-    pad = np.pad(img, ((0, 0), (radius, radius), (0, 0)), mode="reflect")
-    img = sum(k[i] * pad[:, i : i + img.shape[1]] for i in range(k.size))  # type: ignore[assignment]
-    return img.astype(np.float32)
+    rows = np.zeros_like(img)
+    for i in range(k.size):
+        rows += k[i] * pad[i : i + h]
+    pad = np.pad(rows, ((0, 0), (radius, radius), (0, 0)), mode="reflect")
+    out = np.zeros_like(img)
+    for i in range(k.size):
+        out += k[i] * pad[:, i : i + w]
+    return out.astype(np.float32)
 
 
 def thermal_render(rgb: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.NDArray[np.float32]:
@@ -236,8 +262,11 @@ def _capture(
         img = img * np.asarray(cam.cast, dtype=np.float32)
     img = _gaussian_blur(np.clip(img, 0, 1).astype(np.float32), cam.blur)
     img = np.clip(img, 0, 1) ** cam.gamma
-    img = img + rng.normal(0.0, cam.noise, img.shape).astype(np.float32)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    # infrared sensors have one channel: the same noise on the three copies
+    noise_shape = img.shape[:2] + ((1,) if cam.modality == "infrared" else (3,))
+    img = img + rng.normal(0.0, cam.noise, noise_shape).astype(np.float32)
+    out: npt.NDArray[np.uint8] = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -279,9 +308,14 @@ def _render(
     pids: list[int] = []
     cams: list[int] = []
     mods: list[int] = []
+    visible = [c for c in config.cameras if c.modality == "visible"]
+    infrared = [c for c in config.cameras if c.modality == "infrared"]
     for k, (_, photos) in enumerate(people):
         for j, path in enumerate(photos):
-            cam = config.cameras[j % len(config.cameras)]
+            if config.paired:  # a dual rig: one visible and one infrared camera see each moment
+                rig = [visible[j % len(visible)], infrared[j % len(infrared)]]
+            else:
+                rig = [config.cameras[j % len(config.cameras)]]
             try:
                 with Image.open(path) as im:
                     photo = np.asarray(im.convert("RGB"))
@@ -289,10 +323,11 @@ def _render(
                 raise DatasetLayoutError(
                     f"cannot read LFW image {path}: {exc}; remove or replace the file"
                 ) from exc
-            images.append(_capture(photo, cam, config.image_size, rng))
-            pids.append(pid_offset + k)
-            cams.append(cam.camid)
-            mods.append(0 if cam.modality == "visible" else 1)
+            for cam in rig:
+                images.append(_capture(photo, cam, config.image_size, rng))
+                pids.append(pid_offset + k)
+                cams.append(cam.camid)
+                mods.append(0 if cam.modality == "visible" else 1)
     return ReIDArrays(
         np.stack(images),
         np.asarray(pids, dtype=np.int64),

@@ -193,11 +193,11 @@ class RunArtifacts:
             "round": int(rnd),
             "task": self.task,
         }
-        payload = {name: np.asarray(value) for name, value in arrays.items()}
+        payload: dict[str, Any] = {name: np.asarray(value) for name, value in arrays.items()}
         payload[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path = self.checkpoint_path(rnd)
         for target in (path, self.latest_checkpoint):
-            _atomic_write_bytes(target, lambda f: np.savez(f, **payload))  # noqa: B023
+            _atomic_write_bytes(target, lambda f: np.savez(f, **payload))
         logger.info("checkpoint round %d -> %s", rnd, path)
         return path
 

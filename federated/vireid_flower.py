@@ -116,7 +116,7 @@ VIREID_DEFAULTS: dict[str, Any] = {
     "data-dir": str(Path.home() / ".cache" / "veilface" / "vireid-proxy"),
     "lfw-dir": "",
     "local-epochs": 1,
-    "lr": 0.05,
+    "lr": 3.5e-4,
     "batch-ids": 8,
     "batch-instances": 4,
     "proto-weight": 1.0,
@@ -135,9 +135,14 @@ VIREID_DEFAULTS: dict[str, Any] = {
 
 
 def vireid_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The task's config: :data:`VIREID_DEFAULTS` overridden by ``run_config``; validated."""
+    """The task's config: :data:`VIREID_DEFAULTS` overridden by ``run_config``; validated.
+
+    An empty ``data-dir`` means the default cache folder.
+    """
     cfg = dict(VIREID_DEFAULTS)
     cfg.update({k: v for k, v in run_config.items()})
+    if not str(cfg["data-dir"]):
+        cfg["data-dir"] = VIREID_DEFAULTS["data-dir"]
     if cfg["method"] not in METHODS:
         raise InvalidArgument(f"run-config method={cfg['method']!r}; expected one of {METHODS}")
     if cfg["protocol"] not in PROTOCOLS:
@@ -267,14 +272,14 @@ def server_main(grid: Grid, context: Context) -> None:
             artifacts.save_checkpoint(server_round, numpy_arrays, mid)
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
-    sampling = {
-        "fraction_train": float(cfg["fraction-train"]),
-        "fraction_evaluate": float(cfg["fraction-evaluate"]),
-        "min_train_nodes": int(cfg["min-train-nodes"]),
-        "min_evaluate_nodes": int(cfg["min-train-nodes"]),
-        "min_available_nodes": int(cfg["min-available-nodes"]),
-    }
-    strategy: FedAvg = PrototypeFedAvg(**sampling) if cfg["method"] == "l2rw" else FedAvg(**sampling)
+    strategy_cls = PrototypeFedAvg if cfg["method"] == "l2rw" else FedAvg
+    strategy: FedAvg = strategy_cls(
+        fraction_train=float(cfg["fraction-train"]),
+        fraction_evaluate=float(cfg["fraction-evaluate"]),
+        min_train_nodes=int(cfg["min-train-nodes"]),
+        min_evaluate_nodes=int(cfg["min-train-nodes"]),
+        min_available_nodes=int(cfg["min-available-nodes"]),
+    )
     result = prepare_strategy(strategy, context, num_sampled_clients=int(cfg["min-train-nodes"])).start(
         grid=grid,
         initial_arrays=_numpy_to_record(initial),

@@ -18,7 +18,9 @@ What this reveals: per-identity mean embeddings and per-identity image
 counts of every site, to the server (see ``docs/federated.md``).
 
 Replies that carry an error (a client that crashed or dropped out) are
-logged and left out; the round completes with the others.
+logged and left out; the round completes with the others. The round's
+aggregated training metrics gain ``num-clients`` (replies used) and
+``num-failures``.
 """
 
 from __future__ import annotations
@@ -101,8 +103,10 @@ class PrototypeFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Per-array weighted mean over the replies holding it; prototypes per identity."""
         valid: list[RecordDict] = []
+        failures = 0
         for msg in replies:
             if msg.has_error():
+                failures += 1
                 logger.warning(
                     "round %d: node %d failed (%s); aggregating the others",
                     server_round,
@@ -117,6 +121,7 @@ class PrototypeFedAvg(FedAvg):
                     server_round,
                     msg.metadata.src_node_id,
                 )
+                failures += 1
                 continue
             valid.append(content)
         logger.info("round %d: %d usable training replies", server_round, len(valid))
@@ -129,7 +134,7 @@ class PrototypeFedAvg(FedAvg):
         sums: dict[str, npt.NDArray[np.float64]] = {}
         totals: dict[str, float] = {}
         for content, w in zip(valid, weights):
-            for key, arr in content[self.arrayrecord_key].items():  # type: ignore[union-attr]
+            for key, arr in content.array_records[self.arrayrecord_key].items():
                 value = arr.numpy().astype(np.float64)
                 if key in sums:
                     if sums[key].shape != value.shape:
@@ -155,6 +160,9 @@ class PrototypeFedAvg(FedAvg):
         metrics = self.train_metrics_aggr_fn(
             [_metrics_only(c) for c in valid], self.weighted_by_key
         )
+        if metrics is not None:
+            metrics["num-clients"] = float(len(valid))
+            metrics["num-failures"] = float(failures)
         return ArrayRecord(out), metrics
 
     def _aggregate_prototypes(self, valid: list[RecordDict]) -> None:

@@ -49,10 +49,10 @@ __all__ = [
     "compute_prototypes",
     "embed",
     "evaluate_model",
+    "load_state_arrays",
     "local_accuracy",
     "local_train",
     "state_arrays",
-    "load_state_arrays",
 ]
 
 
@@ -67,7 +67,8 @@ class LocalTrainConfig:
     batch_ids, batch_instances : int
         P x K identity sampling: P identities, K images each per batch.
     lr : float
-        SGD learning rate for the classifier and neck; the stems and
+        Adam learning rate for the classifier and neck (a fresh optimiser
+        each call, as each federated round starts anew); the stems and
         backbone use ``lr * backbone_lr_mult``.
     backbone_lr_mult : float
     weight_decay : float
@@ -82,8 +83,8 @@ class LocalTrainConfig:
     epochs: int = 1
     batch_ids: int = 8
     batch_instances: int = 4
-    lr: float = 0.05
-    backbone_lr_mult: float = 0.2
+    lr: float = 3.5e-4
+    backbone_lr_mult: float = 1.0
     weight_decay: float = 5e-4
     proto_weight: float = 0.0
     proto_temperature: float = 0.1
@@ -276,15 +277,13 @@ def local_train(
     head_params = list(model.neck.parameters()) + list(model.pool.parameters())
     head_ids = {id(p) for p in head_params}
     base = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
-    opt = torch.optim.SGD(
+    opt = torch.optim.Adam(
         [
             {"params": base, "lr": config.lr * config.backbone_lr_mult},
             {"params": [p for p in head_params if p.requires_grad], "lr": config.lr},
             {"params": list(classifier.parameters()), "lr": config.lr},
         ],
-        momentum=0.9,
         weight_decay=config.weight_decay,
-        nesterov=True,
     )
     x_all = _to_tensor(data.images)
     mods = torch.from_numpy(data.modalities)
@@ -315,10 +314,10 @@ def local_train(
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
-            sums["loss"] += float(loss)
-            sums["id_loss"] += float(id_loss)
-            sums["triplet_loss"] += float(tri)
-            sums["proto_loss"] += float(proto)
+            sums["loss"] += float(loss.detach())
+            sums["id_loss"] += float(id_loss.detach())
+            sums["triplet_loss"] += float(tri.detach())
+            sums["proto_loss"] += float(proto.detach())
             correct += int((logits.argmax(1) == y).sum())
             seen += int(y.numel())
             steps += 1

@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "veilface.cli.demo",
     "veilface.cli.embed",
     "veilface.cli.protect",
+    "veilface.cli.fed",
 )
 
 
