@@ -694,7 +694,7 @@ class LocalDeployment:
                             f"the run did not finish within {timeout:.0f} s; logs in "
                             f"{self.work_dir}"
                         )
-                    self._check_alive()
+                    self.check_alive()
                     time.sleep(poll)
             finally:
                 if proc.poll() is None:
@@ -741,7 +741,8 @@ class LocalDeployment:
         )
         self._procs.append(_Proc(name, popen, log_path, handle))
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
+        """Raise :class:`DeploymentError` if a started process has exited."""
         for proc in self._procs:
             code = proc.popen.poll()
             if code is not None:
@@ -751,7 +752,7 @@ class LocalDeployment:
 
     def _wait_port(self, host: str, port: int, deadline: float, name: str) -> None:
         while time.monotonic() < deadline:
-            self._check_alive()
+            self.check_alive()
             try:
                 with socket.create_connection((host, port), timeout=1.0):
                     return
@@ -764,7 +765,7 @@ class LocalDeployment:
         pending = list(self.node_keys)
         last = ""
         while pending and time.monotonic() < deadline:
-            self._check_alive()
+            self.check_alive()
             calls = [
                 (
                     pair,
@@ -801,7 +802,7 @@ class LocalDeployment:
     def _wait_nodes_online(self, deadline: float) -> None:
         online = 0
         while time.monotonic() < deadline:
-            self._check_alive()
+            self.check_alive()
             out = self._flwr(["supernode", "ls", CONNECTION_NAME, "--format", "json"], 60.0)
             nodes = _last_json(out).get("nodes", [])
             online = sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")

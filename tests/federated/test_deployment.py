@@ -132,3 +132,23 @@ def test_run_before_start_is_a_clear_error(tmp_path: Path) -> None:
     dep = LocalDeployment(tmp_path)
     with pytest.raises(DeploymentError, match="start"):
         dep.probe_supernode(tmp_path / "x.key")
+
+
+def test_cli_registers_fed_deploy_local_and_parses_overrides() -> None:
+    from veilface.cli.fed_deploy import parse_overrides
+    from veilface.cli.main import build_parser
+
+    args = build_parser().parse_args(
+        ["fed", "deploy-local", "--run", "--run-config", "task='pad'", "--run-config",
+         "num-server-rounds=2", "--supernodes", "3"]
+    )  # fmt: skip
+    assert args.run and args.supernodes == 3
+    assert parse_overrides(args.run_config) == {"task": "pad", "num-server-rounds": 2}
+    assert parse_overrides(["secagg=true", "dp-clip-norm=0.5"]) == {
+        "secagg": True,
+        "dp-clip-norm": 0.5,
+    }
+    with pytest.raises(deployment.InvalidArgument, match="quote strings"):
+        parse_overrides(["task=vireid"])
+    with pytest.raises(deployment.InvalidArgument, match="KEY=VALUE"):
+        parse_overrides(["novalue"])

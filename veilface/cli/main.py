@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "veilface.cli.embed",
     "veilface.cli.protect",
     "veilface.cli.fed",
+    "veilface.cli.fed_deploy",  # after fed: adds "fed deploy-local"
 )
 
 
