@@ -266,7 +266,9 @@ def cloak(
     NoFaceFound
         ``faces="detect"`` and no face was found: the image is refused.
     InvalidArgument
-        Unknown preset or out-of-range budget; bad ``faces``.
+        Unknown preset or out-of-range budget; bad ``faces``; or an SSIM floor
+        so strict that no perturbation meets it (the image is refused rather
+        than returned unprotected).
     SurrogateWeightsNotFound
         The surrogate weights are missing.
     """
@@ -413,6 +415,11 @@ def _enforce_floor(
             lo, best, best_value = mid, cand, v
         else:
             hi = mid
+    if lo == 0.0:
+        raise InvalidArgument(
+            f"no perturbation keeps SSIM above the floor {floor}: the image would leave "
+            "unprotected; lower ssim_floor (presets use 0.85-0.95)"
+        )
     logger.debug("backed off the perturbation to %.3f of its size for SSIM %.4f", lo, best_value)
     return best, lo, best_value
 

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--margin", type=float, default=0.15, help="CosFace margin (0.15)")
+    p.add_argument("--scale", type=float, default=16.0, help="CosFace scale (16)")
     p.add_argument("--max-people", type=int, help="train on at most N people (quick runs)")
     p.add_argument("--cache", type=Path, help="npz path prefix for the face-crop cache")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -135,7 +137,12 @@ def train_surrogates(args: argparse.Namespace) -> int:
         args.out,
         archs=tuple(args.arch or ARCHS),
         cfg=TrainConfig(
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            scale=args.scale,
+            margin=args.margin,
         ),
         cache=args.cache,
         max_people=args.max_people,
@@ -165,7 +172,10 @@ def cloak_cmd(args: argparse.Namespace) -> int:
 
     from veilface.client.protect.adversarial import cloak
     from veilface.client.protect.surrogates import load_ensemble
+    from veilface.errors import InvalidArgument
 
+    if not args.image.is_file():
+        raise InvalidArgument(f"{args.image} is not a file; give the path of a photo")
     torch.set_num_threads(max(1, args.threads))
     ensemble = load_ensemble(args.weights)
     result = cloak(
