@@ -22,14 +22,13 @@ rendered attacks, not on OULU-NPU, CASIA-FASD, Replay-Attack or MSU-MFSD.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-import json
 
 import numpy as np
 from PIL import Image
@@ -60,8 +59,8 @@ class PADBenchConfig:
     model: str = "small"
     rounds_per_domain: int = 4
     local_epochs: int = 2
-    pretrain_epochs: int = 10
-    pretrain_images: int = 1200
+    pretrain_epochs: int = 6
+    pretrain_images: int = 1000
     lr: float = 5e-4
     ewc_lambda: float = 1.0e5
     ewc_top_p: float = 0.5
@@ -86,18 +85,29 @@ def _pretrained_path(cfg: PADBenchConfig, skip_people: int, progress: bool) -> P
     from veilface.federated.pad_pretrain import pretrain_visual
     from veilface.federated.pad_training import MODEL_CONFIGS
 
-    path = (Path(cfg.work_dir) / "pad"
-            / f"pretrained_{cfg.model}_e{cfg.pretrain_epochs}_n{cfg.pretrain_images}"
-              f"_skip{skip_people}_seed{cfg.seed}.pt")
+    path = (
+        Path(cfg.work_dir)
+        / "pad"
+        / f"pretrained_{cfg.model}_e{cfg.pretrain_epochs}_n{cfg.pretrain_images}"
+        f"_skip{skip_people}_seed{cfg.seed}.pt"
+    )
     if not path.is_file():
-        pretrain_visual(MODEL_CONFIGS[cfg.model], cfg.lfw_dir, path, skip_people=skip_people,
-                        num_images=cfg.pretrain_images, epochs=cfg.pretrain_epochs,
-                        seed=cfg.seed, progress=progress)
+        pretrain_visual(
+            MODEL_CONFIGS[cfg.model],
+            cfg.lfw_dir,
+            path,
+            skip_people=skip_people,
+            num_images=cfg.pretrain_images,
+            epochs=cfg.pretrain_epochs,
+            seed=cfg.seed,
+            progress=progress,
+        )
     return path
 
 
-def _run_method(cfg: PADBenchConfig, data: Path, weights: Path | None, method: str,
-                progress: bool) -> dict[str, Any]:
+def _run_method(
+    cfg: PADBenchConfig, data: Path, weights: Path | None, method: str, progress: bool
+) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from veilface.federated.client_app import make_client_app
@@ -136,8 +146,9 @@ def _run_method(cfg: PADBenchConfig, data: Path, weights: Path | None, method: s
     return result
 
 
-def score_real_samples(checkpoint: str | Path, method: str, model_size: str,
-                       samples_dir: str | Path) -> dict[str, float]:
+def score_real_samples(
+    checkpoint: str | Path, method: str, model_size: str, samples_dir: str | Path
+) -> dict[str, float]:
     """P(live) of each ``pad-samples`` photo under a saved model (central square, resized).
 
     Returns
@@ -157,8 +168,8 @@ def score_real_samples(checkpoint: str | Path, method: str, model_size: str,
     side = model.config.image_size
     scores: dict[str, float] = {}
     for f in sorted(Path(samples_dir).glob("image_*.jpg")):
-        with Image.open(f) as im:
-            im = im.convert("RGB")
+        with Image.open(f) as raw:
+            im = raw.convert("RGB")
             w, h = im.size
             s = min(w, h)
             crop = im.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2))
@@ -241,20 +252,29 @@ def print_pad_table(result: dict[str, Any]) -> None:
     """Print the benchmark table (used by ``veilface fed bench --task pad``)."""
     print(result["benchmark"])
     print(f"{'method':<22} {'avg HTER':>9} {'avg ACER':>9} {'avg AUC':>8} {'forgetting':>11}")
-    print(f"{'svlp (prompts+S-EWC)':<22} {100 * result['avg_hter']:9.1f} "
-          f"{100 * result['avg_acer']:9.1f} {100 * result['avg_auc']:8.1f} "
-          f"{100 * result['forgetting']:11.1f}")
-    print(f"{'naive fine-tuning':<22} {100 * result['naive_avg_hter']:9.1f} "
-          f"{100 * result['naive_avg_acer']:9.1f} {100 * result['naive_avg_auc']:8.1f} "
-          f"{100 * result['naive_forgetting']:11.1f}")
+    print(
+        f"{'svlp (prompts+S-EWC)':<22} {100 * result['avg_hter']:9.1f} "
+        f"{100 * result['avg_acer']:9.1f} {100 * result['avg_auc']:8.1f} "
+        f"{100 * result['forgetting']:11.1f}"
+    )
+    print(
+        f"{'naive fine-tuning':<22} {100 * result['naive_avg_hter']:9.1f} "
+        f"{100 * result['naive_avg_acer']:9.1f} {100 * result['naive_avg_auc']:8.1f} "
+        f"{100 * result['naive_forgetting']:11.1f}"
+    )
     for key in ("avg_hter_ratio", "forgetting_ratio"):
         value = result[key]
         print(f"{key}: {'n/a' if value is None else f'{value:.2f}'}")
     for target, ok in result["targets"].items():
         print(f"target {target}: {'met' if ok else 'NOT met'}")
-    print("HTER (%) per domain after the last domain: svlp "
-          + " ".join(f"{100 * v:.1f}" for v in result["hter_matrix"][-1])
-          + " | naive " + " ".join(f"{100 * v:.1f}" for v in result["naive_hter_matrix"][-1]))
-    print("real pad-samples P(live): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in result["real_sample_scores"].items()))
+    print(
+        "HTER (%) per domain after the last domain: svlp "
+        + " ".join(f"{100 * v:.1f}" for v in result["hter_matrix"][-1])
+        + " | naive "
+        + " ".join(f"{100 * v:.1f}" for v in result["naive_hter_matrix"][-1])
+    )
+    print(
+        "real pad-samples P(live): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in result["real_sample_scores"].items())
+    )
     print(f"total {result['seconds']['total']:.0f} s")

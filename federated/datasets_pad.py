@@ -151,8 +151,12 @@ def _files(folder: Path, suffixes: frozenset[str]) -> list[Path]:
 
 def _sample(path: Path, species: Species, subject: str, split: Split, dataset: str) -> PADSample:
     return PADSample(
-        path=path, label=1 if species == "live" else 0, species=species, subject=subject,
-        split=split, dataset=dataset,
+        path=path,
+        label=1 if species == "live" else 0,
+        species=species,
+        subject=subject,
+        split=split,
+        dataset=dataset,
     )
 
 
@@ -195,8 +199,11 @@ def load_oulu_npu(root: str | Path, *, protocol: int = 1, fold: int = 1) -> PADS
         raise DatasetLayoutError(f"OULU-NPU protocols 3/4 need fold 1-6, got {fold}")
     proto_dir = _require_dir(base / "Protocols" / f"Protocol_{protocol}", OULU_NPU_LAYOUT)
     splits: dict[str, list[PADSample]] = {}
-    for split, folder, stem in (("train", "Train_files", "Train"), ("dev", "Dev_files", "Dev"),
-                                ("test", "Test_files", "Test")):
+    for split, folder, stem in (
+        ("train", "Train_files", "Train"),
+        ("dev", "Dev_files", "Dev"),
+        ("test", "Test_files", "Test"),
+    ):
         videos = _require_dir(base / folder, OULU_NPU_LAYOUT)
         name = f"{stem}_{fold}.txt" if protocol in (3, 4) else f"{stem}.txt"
         list_path = proto_dir / name
@@ -236,10 +243,18 @@ def load_oulu_npu(root: str | Path, *, protocol: int = 1, fold: int = 1) -> PADS
 # --------------------------------------------------------------------------
 
 _CASIA_SPECIES: dict[str, Species] = {
-    "1": "live", "2": "live", "HR_1": "live",
-    "3": "print", "4": "print", "HR_2": "print",
-    "5": "print", "6": "print", "HR_3": "print",
-    "7": "replay", "8": "replay", "HR_4": "replay",
+    "1": "live",
+    "2": "live",
+    "HR_1": "live",
+    "3": "print",
+    "4": "print",
+    "HR_2": "print",
+    "5": "print",
+    "6": "print",
+    "HR_3": "print",
+    "7": "replay",
+    "8": "replay",
+    "HR_4": "replay",
 }
 
 
@@ -269,9 +284,16 @@ def load_casia_fasd(root: str | Path) -> PADSplits:
                     f"{subject}: missing videos {missing}, unknown videos {unknown}\n"
                     f"{CASIA_FASD_LAYOUT}"
                 )
-            for stem in _CASIA_SPECIES:
-                out.append(_sample(videos[stem], _CASIA_SPECIES[stem], subject.name, split,  # type: ignore[arg-type]
-                                   "casia-fasd"))
+            for stem, species in _CASIA_SPECIES.items():
+                out.append(
+                    _sample(
+                        videos[stem],
+                        species,
+                        subject.name,
+                        split,  # type: ignore[arg-type]
+                        "casia-fasd",
+                    )
+                )
         splits[split] = out
     return PADSplits(train=splits["train"], dev=[], test=splits["test"])
 
@@ -280,7 +302,9 @@ def load_casia_fasd(root: str | Path) -> PADSplits:
 # Replay-Attack
 # --------------------------------------------------------------------------
 
-_REPLAY_REAL = re.compile(r"^client(\d{3})_session\d{2}_webcam_authenticate_(controlled|adverse)_\d+$")
+_REPLAY_REAL = re.compile(
+    r"^client(\d{3})_session\d{2}_webcam_authenticate_(controlled|adverse)_\d+$"
+)
 _REPLAY_ATTACK = re.compile(
     r"^attack_(print|mobile|highdef)_client(\d{3})_session\d{2}_(\w+?)_(photo|video)_(controlled|adverse)$"
 )
@@ -310,7 +334,9 @@ def load_replay_attack(root: str | Path) -> PADSplits:
             if m is None:
                 if _REPLAY_ATTACK.match(video.stem):
                     raise LabelMismatchError(f"{video} is an attack video inside real/")
-                raise DatasetLayoutError(f"unexpected real video name {video}\n{REPLAY_ATTACK_LAYOUT}")
+                raise DatasetLayoutError(
+                    f"unexpected real video name {video}\n{REPLAY_ATTACK_LAYOUT}"
+                )
             out.append(_sample(video, "live", m.group(1), split, "replay-attack"))  # type: ignore[arg-type]
         n_attack = 0
         for support in ("fixed", "hand"):
@@ -373,7 +399,9 @@ def load_msu_mfsd(root: str | Path) -> PADSplits:
     test_ids = _read_ids(base / "test_sub_list.txt")
     both = sorted(set(train_ids) & set(test_ids))
     if both:
-        raise LabelMismatchError(f"clients {both} are in both train_sub_list.txt and test_sub_list.txt")
+        raise LabelMismatchError(
+            f"clients {both} are in both train_sub_list.txt and test_sub_list.txt"
+        )
     found: list[tuple[Path, Species, str]] = []
     for video in _files(_require_dir(scene / "real", MSU_MFSD_LAYOUT), VIDEO_SUFFIXES):
         m = _MSU_REAL.match(video.stem)
@@ -407,8 +435,17 @@ def load_msu_mfsd(root: str | Path) -> PADSplits:
 # --------------------------------------------------------------------------
 
 _CELEBA_SPOOF_TYPE: dict[int, Species] = {
-    0: "live", 1: "print", 2: "print", 3: "print", 4: "mask", 5: "mask", 6: "mask",
-    7: "replay", 8: "replay", 9: "replay", 10: "3d_mask",
+    0: "live",
+    1: "print",
+    2: "print",
+    3: "print",
+    4: "mask",
+    5: "mask",
+    6: "mask",
+    7: "replay",
+    8: "replay",
+    9: "replay",
+    10: "3d_mask",
 }
 _CELEBA_PATH = re.compile(r"^Data/(train|test)/([^/]+)/(live|spoof)/[^/]+$")
 
@@ -418,9 +455,13 @@ def _load_celeba_split(base: Path, split: Literal["train", "test"]) -> list[PADS
     try:
         labels = json.loads(_read_text(label_path, CELEBA_SPOOF_LAYOUT))
     except json.JSONDecodeError as exc:
-        raise DatasetLayoutError(f"{label_path} is not valid JSON: {exc}\n{CELEBA_SPOOF_LAYOUT}") from exc
+        raise DatasetLayoutError(
+            f"{label_path} is not valid JSON: {exc}\n{CELEBA_SPOOF_LAYOUT}"
+        ) from exc
     if not isinstance(labels, dict) or not labels:
-        raise DatasetLayoutError(f"{label_path} must be a non-empty JSON object\n{CELEBA_SPOOF_LAYOUT}")
+        raise DatasetLayoutError(
+            f"{label_path} must be a non-empty JSON object\n{CELEBA_SPOOF_LAYOUT}"
+        )
     _require_dir(base / "Data" / split, CELEBA_SPOOF_LAYOUT)
     out: list[PADSample] = []
     for rel, attrs in sorted(labels.items()):
@@ -429,7 +470,11 @@ def _load_celeba_split(base: Path, split: Literal["train", "test"]) -> list[PADS
             raise DatasetLayoutError(
                 f"{label_path}: key {rel!r} is not Data/{split}/<subject>/<live|spoof>/<file>"
             )
-        if not isinstance(attrs, list) or len(attrs) != 44 or not all(isinstance(a, int) for a in attrs):
+        if (
+            not isinstance(attrs, list)
+            or len(attrs) != 44
+            or not all(isinstance(a, int) for a in attrs)
+        ):
             raise DatasetLayoutError(f"{label_path}: {rel}: expected a list of 44 integers")
         spoof_type, spoof_label = attrs[40], attrs[43]
         if spoof_type not in _CELEBA_SPOOF_TYPE or spoof_label not in (0, 1):
@@ -472,4 +517,6 @@ def load_celeba_spoof(root: str | Path) -> PADSplits:
         labelled file that is missing, or an image without a label.
     """
     base = _root(root, CELEBA_SPOOF_LAYOUT)
-    return PADSplits(train=_load_celeba_split(base, "train"), dev=[], test=_load_celeba_split(base, "test"))
+    return PADSplits(
+        train=_load_celeba_split(base, "train"), dev=[], test=_load_celeba_split(base, "test")
+    )

@@ -66,15 +66,15 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
-    "CheckpointError",
     "CLIPVisionConfig",
     "CLIPVisionTransformer",
+    "CheckpointError",
     "PromptedPAD",
     "SelectiveEWC",
     "compute_fisher",
     "load_clip_visual",
-    "state_to_numpy",
     "numpy_to_state",
+    "state_to_numpy",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -117,7 +117,9 @@ class CLIPVisionConfig:
                 f"patch_size ({self.patch_size})"
             )
         if self.width <= 0 or self.heads <= 0 or self.width % self.heads:
-            raise InvalidArgument(f"width ({self.width}) must be a multiple of heads ({self.heads})")
+            raise InvalidArgument(
+                f"width ({self.width}) must be a multiple of heads ({self.heads})"
+            )
         if self.layers <= 0 or self.output_dim <= 0:
             raise InvalidArgument("layers and output_dim must be positive")
 
@@ -163,7 +165,8 @@ class _ResidualAttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.ln_1(x)
         x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.ln_2(x))
+        out: Tensor = x + self.mlp(self.ln_2(x))
+        return out
 
 
 class _Transformer(nn.Module):
@@ -269,7 +272,9 @@ def load_clip_visual(model: CLIPVisionTransformer, path: str | Path) -> int:
     """
     file = Path(path).expanduser()
     if not file.is_file():
-        raise CheckpointError(f"no CLIP weights file at {file}; pass the path of a saved state dict")
+        raise CheckpointError(
+            f"no CLIP weights file at {file}; pass the path of a saved state dict"
+        )
     try:
         raw = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for foreign files
@@ -314,9 +319,11 @@ def load_clip_visual(model: CLIPVisionTransformer, path: str | Path) -> int:
 
 def _resize_positions(pos: Tensor, grid: int) -> Tensor:
     n = pos.shape[0] - 1
-    old = int(round(math.sqrt(n)))
+    old = round(math.sqrt(n))
     if pos.ndim != 2 or old * old != n:
-        raise CheckpointError(f"positional_embedding of shape {tuple(pos.shape)} is not a square grid")
+        raise CheckpointError(
+            f"positional_embedding of shape {tuple(pos.shape)} is not a square grid"
+        )
     cls, grid_pos = pos[:1], pos[1:]
     g = grid_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
     g = F.interpolate(g, size=(grid, grid), mode="bicubic", align_corners=False)
@@ -340,7 +347,9 @@ class PromptedPAD(nn.Module):
     dict with more domains before loading it.
     """
 
-    def __init__(self, config: CLIPVisionConfig, *, n_universal: int = 4, n_domain: int = 4) -> None:
+    def __init__(
+        self, config: CLIPVisionConfig, *, n_universal: int = 4, n_domain: int = 4
+    ) -> None:
         super().__init__()
         if n_universal < 0 or n_domain < 0:
             raise InvalidArgument("prompt lengths must be >= 0")
@@ -463,7 +472,8 @@ class PromptedPAD(nn.Module):
             dh = self.domain_heads[domain].expand(feat.shape[0], -1)
         else:
             dh = torch.stack(list(self.domain_heads))[domain]
-        return out + (feat * dh[:, :-1]).sum(1) + dh[:, -1]
+        logit: Tensor = out + (feat * dh[:, :-1]).sum(1) + dh[:, -1]
+        return logit
 
     def load_backbone(self, path: str | Path) -> int:
         """Load CLIP visual weights (see :func:`load_clip_visual`) into backbone and query."""
@@ -603,7 +613,7 @@ class SelectiveEWC:
         if flat is None or flat.numel() == 0:
             self.mask: dict[str, Tensor] = {}
             return
-        keep = max(1, int(round(top_p * flat.numel())))
+        keep = max(1, round(top_p * flat.numel()))
         threshold = torch.topk(flat, keep, sorted=True).values[-1]
         self.mask = {k: (v >= threshold) & (v > 0) for k, v in self.fisher.items()}
         # scale so the masked Fisher averages 1: lambda does not depend on loss scale
@@ -677,13 +687,17 @@ def numpy_to_state(model: PromptedPAD, arrays: Mapping[str, npt.NDArray[np.float
     expected = model.state_dict()
     missing = sorted(set(expected) - set(arrays))
     unexpected = sorted(set(arrays) - set(expected))
-    wrong = [k for k in set(expected) & set(arrays) if tuple(arrays[k].shape) != tuple(expected[k].shape)]
+    wrong = [
+        k for k in set(expected) & set(arrays) if tuple(arrays[k].shape) != tuple(expected[k].shape)
+    ]
     if missing or unexpected or wrong:
         raise CheckpointError(
             f"arrays do not fit {model.model_id}: a checkpoint from another model? "
             f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shape {sorted(wrong)[:3]}"
         )
-    model.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()})
+    model.load_state_dict(
+        {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()}
+    )
 
 
 def iter_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterable[Tensor]:

@@ -62,8 +62,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
-from flwr.app import RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from tqdm import tqdm
@@ -138,7 +146,9 @@ class PADRunConfig:
             try:
                 return kind(value)
             except (TypeError, ValueError) as exc:
-                raise InvalidArgument(f"run config {key}={value!r} is not a {kind.__name__}") from exc
+                raise InvalidArgument(
+                    f"run config {key}={value!r} is not a {kind.__name__}"
+                ) from exc
 
         cfg = cls(
             data=get("pad-data", "", str),
@@ -169,7 +179,9 @@ class PADRunConfig:
         if cfg.method not in METHODS:
             raise InvalidArgument(f"pad-method must be one of {list(METHODS)}, got {cfg.method!r}")
         if cfg.rounds_per_domain < 1 or cfg.local_epochs < 1 or cfg.batch_size < 1:
-            raise InvalidArgument("num-server-rounds, pad-local-epochs, pad-batch-size must be >= 1")
+            raise InvalidArgument(
+                "num-server-rounds, pad-local-epochs, pad-batch-size must be >= 1"
+            )
         if not 0.0 < cfg.ewc_top_p <= 1.0:
             raise InvalidArgument(f"pad-ewc-top-p must be in (0, 1], got {cfg.ewc_top_p}")
         return cfg
@@ -226,7 +238,10 @@ def _site(context: Context) -> tuple[int, int]:
 
 def _site_mask(proxy: PADProxy, context: Context, domain: int, split: int) -> npt.NDArray[np.bool_]:
     pid, parts = _site(context)
-    return (proxy.domain == domain) & (proxy.split == split) & (proxy.identity % parts == pid)
+    mask: npt.NDArray[np.bool_] = (
+        (proxy.domain == domain) & (proxy.split == split) & (proxy.identity % parts == pid)
+    )
+    return mask
 
 
 def _client_model(cfg: PADRunConfig, record: ArrayRecord) -> PromptedPAD:
@@ -245,7 +260,7 @@ def client_train(msg: Message, context: Context) -> Message:
     """
     cfg = PADRunConfig.from_context(context)
     config = msg.content.config_records["config"]
-    domain = int(config["domain"])
+    domain = int(config["domain"])  # type: ignore[arg-type]
     phase = str(config.get("phase", "train"))
     proxy = _proxy(cfg.data)
     mask = _site_mask(proxy, context, domain, 0)
@@ -267,6 +282,7 @@ def client_train(msg: Message, context: Context) -> Message:
     if EWC_KEY in msg.content.array_records:
         ewc = SelectiveEWC.from_numpy(_from_record(msg.content.array_records[EWC_KEY]))
     pid, _ = _site(context)
+    round_no = int(config.get("server-round", 0))  # type: ignore[arg-type]
     stats = train_domain(
         model,
         x,
@@ -274,11 +290,15 @@ def client_train(msg: Message, context: Context) -> Message:
         domain,
         cfg.settings(),
         ewc=ewc,
-        seed=cfg.seed * 1009 + int(config.get("server-round", 0)) * 31 + pid,
+        seed=cfg.seed * 1009 + round_no * 31 + pid,
     )
     content["arrays"] = _to_record(state_to_numpy(model))
     content["metrics"] = MetricRecord(
-        {"num-examples": int(x.shape[0]), "train-loss": stats["loss"], "ewc-penalty": stats["penalty"]}
+        {
+            "num-examples": int(x.shape[0]),
+            "train-loss": stats["loss"],
+            "ewc-penalty": stats["penalty"],
+        }
     )
     return Message(content=content, reply_to=msg)
 
@@ -302,13 +322,20 @@ def client_evaluate(msg: Message, context: Context) -> Message:
         row[f"d{j}-n"] = 0
         if live.any() and not live.all():
             m = evaluate_domain(model, images_to_tensor(proxy.images[mask]), proxy.species[mask], j)
-            row.update({f"d{j}-hter": m.hter, f"d{j}-acer": m.acer, f"d{j}-auc": m.auc,
-                        f"d{j}-domacc": 0.0 if math.isnan(m.domain_accuracy) else m.domain_accuracy,
-                        f"d{j}-n": m.n})
+            row.update(
+                {
+                    f"d{j}-hter": m.hter,
+                    f"d{j}-acer": m.acer,
+                    f"d{j}-auc": m.auc,
+                    f"d{j}-domacc": 0.0 if math.isnan(m.domain_accuracy) else m.domain_accuracy,
+                    f"d{j}-n": m.n,
+                }
+            )
             total += m.n
         metrics.update(row)
     metrics["num-examples"] = max(total, 1)
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    record = MetricRecord(metrics)  # type: ignore[arg-type]
+    return Message(content=RecordDict({"metrics": record}), reply_to=msg)
 
 
 def _num_domains(cfg: PADRunConfig, proxy: PADProxy) -> int:
@@ -345,11 +372,15 @@ class _PADFedAvg(FedAvg):
                 msg.content[EWC_KEY] = record
         return messages
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         replies = list(replies)
         lost = sum(1 for r in replies if r.has_error())
         if lost:
-            logger.warning("round %d: %d site(s) failed evaluation; averaging the rest", server_round, lost)
+            logger.warning(
+                "round %d: %d site(s) failed evaluation; averaging the rest", server_round, lost
+            )
         out = super().aggregate_evaluate(server_round, replies)
         if self.bar is not None:
             self.bar.update(1)
@@ -367,14 +398,15 @@ def aggregate_domain_metrics(contents: list[RecordDict], weight_key: str) -> Met
     for key in rows[0] if rows else []:
         m = re.match(r"^(d\d+)-(\w+)$", key)
         if m and m.group(2) == "n":
-            out[key] = float(sum(float(r[key]) for r in rows))  # type: ignore[arg-type]
+            out[key] = float(sum(float(r[key]) for r in rows))  # type: ignore[arg-type,misc]
             continue
         wkey = f"{m.group(1)}-n" if m else weight_key
         weights = [float(r.get(wkey, 0.0)) for r in rows]  # type: ignore[arg-type]
         total = sum(weights)
         out[key] = (
-            float(sum(w * float(r[key]) for w, r in zip(weights, rows, strict=True)) / total)  # type: ignore[arg-type]
-            if total > 0 else float("nan")
+            float(sum(w * float(r[key]) for w, r in zip(weights, rows, strict=True)) / total)  # type: ignore[arg-type,misc]
+            if total > 0
+            else float("nan")
         )
     return MetricRecord(out)  # type: ignore[arg-type]
 
@@ -387,7 +419,10 @@ def _consolidate(
     messages = [
         Message(
             content=RecordDict(
-                {"arrays": arrays, "config": ConfigRecord({"domain": domain, "phase": "consolidate"})}
+                {
+                    "arrays": arrays,
+                    "config": ConfigRecord({"domain": domain, "phase": "consolidate"}),
+                }
             ),
             message_type=MessageType.TRAIN,
             dst_node_id=node,
@@ -400,8 +435,11 @@ def _consolidate(
     n_total = 0
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
-            logger.warning("consolidation: node %d failed (%s); using the others",
-                           reply.metadata.src_node_id, reply.error.reason)
+            logger.warning(
+                "consolidation: node %d failed (%s); using the others",
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
             continue
         arr = _from_record(reply.content.array_records["arrays"])
         n = int(reply.content.metric_records["metrics"]["num-examples"])  # type: ignore[arg-type]
@@ -417,7 +455,11 @@ def _consolidate(
     mean = s1 / n_total
     var = np.maximum(s2 / n_total - mean**2, 1e-6)
     fisher_t = {k: torch.from_numpy((v / n_total).astype(np.float32)) for k, v in fisher.items()}
-    return fisher_t, torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(var.astype(np.float32))
+    return (
+        fisher_t,
+        torch.from_numpy(mean.astype(np.float32)),
+        torch.from_numpy(var.astype(np.float32)),
+    )
 
 
 def _row(metrics: Mapping[str, Any], metric: str, num_domains: int) -> list[float]:
@@ -439,7 +481,9 @@ def server_main(grid: Grid, context: Context) -> None:
         min_available_nodes=cfg.min_nodes,
     )
     total_rounds = num_domains * cfg.rounds_per_domain
-    strategy.bar = tqdm(total=total_rounds, desc=f"pad {cfg.method}", unit="round", disable=not cfg.progress)
+    strategy.bar = tqdm(
+        total=total_rounds, desc=f"pad {cfg.method}", unit="round", disable=not cfg.progress
+    )
     matrices: dict[str, list[list[float]]] = {m: [] for m in METRIC_NAMES}
     fisher_acc: dict[str, torch.Tensor] | None = None
     timeout = 3600.0
@@ -466,7 +510,9 @@ def server_main(grid: Grid, context: Context) -> None:
         for metric in METRIC_NAMES:
             matrices[metric].append(_row(last, metric, num_domains))
         if model.prompted:
-            fisher_t, mean, var = _consolidate(grid, _to_record(state_to_numpy(model)), domain, timeout)
+            fisher_t, mean, var = _consolidate(
+                grid, _to_record(state_to_numpy(model)), domain, timeout
+            )
             model.set_domain_key(domain, mean, var)
             fisher_acc = accumulate_fisher(fisher_acc, fisher_t)
             anchor = {n: p.detach().clone() for n, p in model.shared_parameters()}

@@ -82,8 +82,9 @@ def pretrain_visual(
     out_path: str | Path,
     *,
     skip_people: int,
-    num_images: int = 1200,
+    num_images: int = 1000,
     epochs: int = 6,
+    views: int = 2,
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = False,
@@ -100,7 +101,8 @@ def pretrain_visual(
     skip_people : int, keyword-only
         People (in the proxy's shuffled order, same ``seed``) the proxy uses;
         pretraining takes photos from the people after them.
-    num_images, epochs, lr, seed, progress : keyword-only
+    num_images, epochs, views, lr, seed, progress : keyword-only
+        Faces used, passes, degraded versions per face, AdamW rate, seed, tqdm bar.
 
     Returns
     -------
@@ -112,32 +114,37 @@ def pretrain_visual(
         raise InvalidArgument(f"no LFW folder at {root}")
     rng = np.random.default_rng(seed)
     people = sorted(p for p in root.iterdir() if p.is_dir())
-    rng.shuffle(people)  # type: ignore[arg-type]  # same order as build_pad_proxy
+    rng.shuffle(people)  # type: ignore[arg-type,unused-ignore]  # same order as build_pad_proxy
     files = [f for person in people[skip_people:] for f in sorted(person.glob("*.jpg"))[:1]]
     if len(files) < 64:
-        raise InvalidArgument(f"{root} has too few photos beyond the proxy's people for pretraining")
+        raise InvalidArgument(
+            f"{root} has too few photos beyond the proxy's people for pretraining"
+        )
     files = files[:num_images]
     faces = []
     for f in files:
-        with Image.open(f) as im:
-            im = im.convert("RGB")
+        with Image.open(f) as raw:
+            im = raw.convert("RGB")
             w, h = im.size
             s = int(min(w, h) * 0.5)
             left, top = (w - s) // 2, (h - s) // 2
-            crop = im.crop((left, top, left + s, top + s)).resize((96, 96), Image.Resampling.BILINEAR)
+            crop = im.crop((left, top, left + s, top + s)).resize(
+                (96, 96), Image.Resampling.BILINEAR
+            )
             faces.append(np.asarray(crop, dtype=np.uint8))
     torch.manual_seed(seed)
     tower = CLIPVisionTransformer(config)
     head = torch.nn.Linear(config.output_dim, NUM_TARGETS)
     opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
+    # a fixed pool of ``views`` degradations per face, rendered once (PIL is the slow part)
+    pairs = [degrade(face, config.image_size, rng) for face in faces for _ in range(views)]
+    x = images_to_tensor(np.stack([p[0] for p in pairs]))
+    y = torch.from_numpy(np.stack([p[1] for p in pairs]))
     bar = tqdm(range(epochs), desc="pretrain (proxy stand-in for CLIP)", disable=not progress)
     for _ in bar:
-        pairs = [degrade(face, config.image_size, rng) for face in faces]  # fresh degradations
-        x = images_to_tensor(np.stack([p[0] for p in pairs]))
-        y = torch.from_numpy(np.stack([p[1] for p in pairs]))
         losses = []
-        for idx in iter_batches(len(faces), 32, gen):
+        for idx in iter_batches(len(pairs), 32, gen):
             loss = F.mse_loss(head(tower(x[idx])), y[idx])
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]

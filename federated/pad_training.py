@@ -154,10 +154,14 @@ def train_domain(
         raise InvalidArgument(f"domain {domain} not added to the model")
     model.set_trainable(domain if prompted else None)
     prompt_params = [
-        p for n, p in model.named_parameters() if n.startswith(("domain_", "universal_")) and p.requires_grad
+        p
+        for n, p in model.named_parameters()
+        if n.startswith(("domain_", "universal_")) and p.requires_grad
     ]
     other = [
-        p for n, p in model.named_parameters() if not n.startswith(("domain_", "universal_")) and p.requires_grad
+        p
+        for n, p in model.named_parameters()
+        if not n.startswith(("domain_", "universal_")) and p.requires_grad
     ]
     shared_lr = settings.lr * (settings.shared_lr_scale if prompted and domain > 0 else 1.0)
     groups = [{"params": other, "lr": shared_lr}]

@@ -100,6 +100,7 @@ CAPTURE_DOMAINS: tuple[CaptureSetting, ...] = (
     CaptureSetting("O-like phone, bright", 96, 0.2, (1.05, 0.95, 1.05), 0.75, 1.2, 0.01, 92),
 )
 
+
 @dataclass
 class PADProxy:
     """The rendered proxy set (all arrays aligned on the first axis).
@@ -129,7 +130,8 @@ class PADProxy:
     @property
     def labels(self) -> npt.NDArray[np.int8]:
         """``(N,)`` int8, 1 = bona fide, 0 = attack."""
-        return (self.species == 0).astype(np.int8)
+        out: npt.NDArray[np.int8] = (self.species == 0).astype(np.int8)
+        return out
 
     def save(self, path: str | Path) -> None:
         """Write an ``.npz`` file (uncompressed)."""
@@ -217,16 +219,20 @@ def render_print(face: FloatImage, rng: np.random.Generator) -> FloatImage:
     out = black + (paper - black) * out
     # paper fibre texture: smoothed noise, multiplicative
     fibre = rng.normal(0.0, 1.0, (s, s)).astype(np.float32)
-    fibre = np.asarray(
-        _to_pil(np.repeat((fibre[..., None] * 0.15 + 0.5), 3, axis=2)).filter(
-            ImageFilter.GaussianBlur(1.2)
-        ),
-        dtype=np.float32,
-    )[..., 0] / 255.0
+    fibre = (
+        np.asarray(
+            _to_pil(np.repeat((fibre[..., None] * 0.15 + 0.5), 3, axis=2)).filter(
+                ImageFilter.GaussianBlur(1.2)
+            ),
+            dtype=np.float32,
+        )[..., 0]
+        / 255.0
+    )
     out = out * (1.0 + (fibre[..., None] - 0.5) * 0.35)
     if rng.random() < 0.4:  # the sheet's edge in the frame (as in pad-samples image_F1)
         out = _on_medium(out, np.array([0.55, 0.5, 0.45], dtype=np.float32), rng)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    result: FloatImage = np.clip(out, 0.0, 1.0).astype(np.float32)
+    return result
 
 
 def _on_medium(img: FloatImage, surround: FloatImage, rng: np.random.Generator) -> FloatImage:
@@ -234,8 +240,10 @@ def _on_medium(img: FloatImage, surround: FloatImage, rng: np.random.Generator) 
     s = img.shape[0]
     scale = rng.uniform(0.75, 0.9)
     inner = max(8, int(s * scale))
-    small = np.asarray(_to_pil(img).resize((inner, inner), Image.Resampling.BILINEAR),
-                       dtype=np.float32) / 255.0
+    small = (
+        np.asarray(_to_pil(img).resize((inner, inner), Image.Resampling.BILINEAR), dtype=np.float32)
+        / 255.0
+    )
     out = np.empty_like(img)
     out[...] = surround * rng.uniform(0.6, 1.1)
     top, left = rng.integers(0, s - inner + 1, 2)
@@ -271,9 +279,9 @@ def render_replay(face: FloatImage, rng: np.random.Generator) -> FloatImage:
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
-def capture(img: FloatImage, setting: CaptureSetting, out_size: int, rng: np.random.Generator) -> (
-    npt.NDArray[np.uint8]
-):
+def capture(
+    img: FloatImage, setting: CaptureSetting, out_size: int, rng: np.random.Generator
+) -> npt.NDArray[np.uint8]:
     """Pass an image through a domain's camera: blur, resolution, colour, noise, JPEG.
 
     Parameters
@@ -307,8 +315,8 @@ def capture(img: FloatImage, setting: CaptureSetting, out_size: int, rng: np.ran
 
 def _face_crop(path: Path) -> FloatImage:
     """LFW deep-funneled 250x250 -> central face crop at render size."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    with Image.open(path) as raw:
+        im = raw.convert("RGB")
         w, h = im.size
         side = int(min(w, h) * 0.5)
         left, top = (w - side) // 2, (h - side) // 2 + int(h * 0.02)
@@ -360,7 +368,7 @@ def build_pad_proxy(
         raise InvalidArgument(f"test_fraction must be in (0, 1), got {test_fraction}")
     rng = np.random.default_rng(seed)
     people = sorted(p for p in root.iterdir() if p.is_dir())
-    rng.shuffle(people)  # type: ignore[arg-type]
+    rng.shuffle(people)  # type: ignore[arg-type,unused-ignore]
     photos: list[list[Path]] = []
     for person in people:
         files = sorted(person.glob("*.jpg"))
@@ -390,7 +398,9 @@ def build_pad_proxy(
         chunk = chunks[d]
         ids = sorted({pid for pid, _ in chunk})
         test_ids = set(rng.choice(ids, size=max(1, int(len(ids) * test_fraction)), replace=False))
-        kinds = np.array([0] * (per_domain // 2) + [1] * (per_domain // 4) + [2] * (per_domain // 4))
+        kinds = np.array(
+            [0] * (per_domain // 2) + [1] * (per_domain // 4) + [2] * (per_domain // 4)
+        )
         rng.shuffle(kinds)
         for (pid, file), kind in zip(chunk, kinds, strict=True):
             face = _face_crop(file)
@@ -493,7 +503,11 @@ def compare_with_real_samples(
     """
     folder = Path(samples_dir)
     live_files = sorted(folder.glob("image_T*.jpg"))
-    files = {"live": live_files, "print": [folder / "image_F1.jpg"], "replay": [folder / "image_F2.jpg"]}
+    files = {
+        "live": live_files,
+        "print": [folder / "image_F1.jpg"],
+        "replay": [folder / "image_F2.jpg"],
+    }
     if not live_files or not all(f.is_file() for fs in files.values() for f in fs):
         raise InvalidArgument(
             f"{folder} must hold image_T*.jpg, image_F1.jpg and image_F2.jpg (pad-samples)"

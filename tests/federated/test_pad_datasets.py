@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from veilface.errors import InvalidArgument
 from veilface.federated.datasets_pad import (
     DatasetLayoutError,
     LabelMismatchError,
@@ -16,7 +17,6 @@ from veilface.federated.datasets_pad import (
     load_oulu_npu,
     load_replay_attack,
 )
-from veilface.errors import InvalidArgument
 
 
 def _touch(path: Path) -> Path:
@@ -104,10 +104,20 @@ def test_casia_fasd_missing_video(tmp_path: Path) -> None:
 def _replay(root: Path) -> Path:
     for folder in ("train", "devel", "test"):
         _touch(root / folder / "real" / "client001_session01_webcam_authenticate_adverse_1.mov")
-        _touch(root / folder / "attack" / "fixed"
-               / "attack_print_client001_session01_highdef_photo_adverse.mov")
-        _touch(root / folder / "attack" / "hand"
-               / "attack_mobile_client001_session01_mobile_video_controlled.mov")
+        _touch(
+            root
+            / folder
+            / "attack"
+            / "fixed"
+            / "attack_print_client001_session01_highdef_photo_adverse.mov"
+        )
+        _touch(
+            root
+            / folder
+            / "attack"
+            / "hand"
+            / "attack_mobile_client001_session01_mobile_video_controlled.mov"
+        )
     return root
 
 
@@ -119,7 +129,13 @@ def test_replay_attack(tmp_path: Path) -> None:
 
 def test_replay_attack_real_video_in_attack_folder(tmp_path: Path) -> None:
     root = _replay(tmp_path)
-    _touch(root / "test" / "attack" / "fixed" / "client002_session01_webcam_authenticate_controlled_2.mov")
+    _touch(
+        root
+        / "test"
+        / "attack"
+        / "fixed"
+        / "client002_session01_webcam_authenticate_controlled_2.mov"
+    )
     with pytest.raises(LabelMismatchError, match="real video inside attack"):
         load_replay_attack(root)
 
@@ -130,7 +146,9 @@ def test_replay_attack_real_video_in_attack_folder(tmp_path: Path) -> None:
 def _msu(root: Path) -> Path:
     for c in ("002", "003"):
         _touch(root / "scene01" / "real" / f"real_client{c}_android_SD_scene01.mp4")
-        _touch(root / "scene01" / "attack" / f"attack_client{c}_laptop_SD_printed_photo_scene01.mov")
+        _touch(
+            root / "scene01" / "attack" / f"attack_client{c}_laptop_SD_printed_photo_scene01.mov"
+        )
         _touch(root / "scene01" / "attack" / f"attack_client{c}_android_SD_ipad_video_scene01.mp4")
     (root / "train_sub_list.txt").write_text("002\n")
     (root / "test_sub_list.txt").write_text("003\n")

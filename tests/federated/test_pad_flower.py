@@ -6,11 +6,10 @@ import json
 import math
 from pathlib import Path
 
-from PIL import Image
-
 import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
+from PIL import Image
 
 from veilface.errors import InvalidArgument
 from veilface.federated.pad_flower import PADRunConfig
@@ -31,8 +30,7 @@ def fake_lfw(root: Path, people: int = 40) -> Path:
 
 
 def _context(run_config: dict[str, object]) -> Context:
-    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
-                   run_config=run_config)  # type: ignore[arg-type]
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config)  # type: ignore[arg-type]
 
 
 def test_run_config_errors() -> None:

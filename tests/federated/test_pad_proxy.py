@@ -102,8 +102,9 @@ def test_check_against_real_pad_samples(data_dir: Path, tmp_path: Path) -> None:
     samples = data_dir / "pad-samples"
     if not samples.is_dir():
         pytest.skip("pad-samples/ not found under the data root")
-    proxy = build_pad_proxy(data_dir / "lfw", per_domain=32, image_size=48,
-                            domains=CAPTURE_DOMAINS[:2])
+    proxy = build_pad_proxy(
+        data_dir / "lfw", per_domain=32, image_size=48, domains=CAPTURE_DOMAINS[:2]
+    )
     check = compare_with_real_samples(proxy, samples)
     assert set(check["real"]) == set(check["proxy"]) == {"live", "print", "replay"}
     # the one direction the real photos and the renderings agree on: prints are less saturated
