@@ -10,6 +10,12 @@ veilface.federated`` loads neither torch nor flwr:
   RegDB and LLCM indexes with layout validation, query/gallery protocols.
 - :mod:`veilface.federated.models_vireid` (torch): two-stream MobileNetV2
   ReID encoder, GeM, BN-neck, local identity classifier, ImageNet loader.
+- :mod:`veilface.federated.datasets_pad` (stdlib): OULU-NPU, CASIA-FASD,
+  Replay-Attack, MSU-MFSD and CelebA-Spoof indexes with layout/label checks.
+- :mod:`veilface.federated.models_pad` (torch): CLIP-style ViT with universal
+  and per-domain prompts, Selective EWC, CLIP weight loader.
+- :mod:`veilface.federated.proxy_pad` (numpy + Pillow): the LFW-rendered
+  incremental-PAD proxy and its check against real samples.
 """
 
 from __future__ import annotations
@@ -56,6 +62,21 @@ _EXPORTS: dict[str, str] = {
     "TwoStreamReID": "models_vireid",
     "imagenet_weights_path": "models_vireid",
     "load_imagenet_backbone": "models_vireid",
+    "PADSample": "datasets_pad",
+    "PADSplits": "datasets_pad",
+    "load_oulu_npu": "datasets_pad",
+    "load_casia_fasd": "datasets_pad",
+    "load_replay_attack": "datasets_pad",
+    "load_msu_mfsd": "datasets_pad",
+    "load_celeba_spoof": "datasets_pad",
+    "CLIPVisionConfig": "models_pad",
+    "CLIPVisionTransformer": "models_pad",
+    "PromptedPAD": "models_pad",
+    "SelectiveEWC": "models_pad",
+    "load_clip_visual": "models_pad",
+    "PADProxy": "proxy_pad",
+    "build_pad_proxy": "proxy_pad",
+    "compare_with_real_samples": "proxy_pad",
 }
 
 __all__ = [
@@ -68,6 +89,8 @@ __all__ = [
     "SYSU_LAYOUT",
     "SYSU_VISIBLE_CAMERAS",
     "BNNeck",
+    "CLIPVisionConfig",
+    "CLIPVisionTransformer",
     "CheckpointError",
     "DatasetLayoutError",
     "GeM",
@@ -76,21 +99,34 @@ __all__ = [
     "MobileNetV2",
     "Modality",
     "PADErrorRates",
+    "PADProxy",
+    "PADSample",
+    "PADSplits",
+    "PromptedPAD",
     "ReIDOutput",
     "ReIDSample",
     "ReIDSplits",
     "RetrievalMetrics",
+    "SelectiveEWC",
     "TwoStreamReID",
     "acer",
     "auc",
     "average_forgetting",
+    "build_pad_proxy",
+    "compare_with_real_samples",
     "eer_threshold",
     "evaluate_retrieval",
     "hter",
     "imagenet_weights_path",
+    "load_casia_fasd",
+    "load_celeba_spoof",
+    "load_clip_visual",
     "load_imagenet_backbone",
     "load_llcm",
+    "load_msu_mfsd",
+    "load_oulu_npu",
     "load_regdb",
+    "load_replay_attack",
     "load_sysu_mm01",
     "pad_error_rates",
     "relabel",
