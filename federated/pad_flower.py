@@ -73,7 +73,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from tqdm import tqdm
 
 from veilface.errors import InvalidArgument
@@ -94,6 +94,7 @@ from veilface.federated.pad_training import (
     images_to_tensor,
     train_domain,
 )
+from veilface.federated.privacy import prepare_strategy
 from veilface.federated.proxy_pad import PADProxy, load_pad_proxy
 from veilface.federated.run_artifacts import RunArtifacts
 
@@ -491,7 +492,7 @@ def server_main(grid: Grid, context: Context) -> None:
         if model.prompted:
             model.add_domain()
         strategy.round_offset = domain * cfg.rounds_per_domain
-        result = strategy.start(
+        result: Result = prepare_strategy(strategy, context, num_sampled_clients=cfg.min_nodes).start(
             grid=grid,
             initial_arrays=_to_record(state_to_numpy(model)),
             num_rounds=cfg.rounds_per_domain,
