@@ -392,7 +392,8 @@ def check_train_content(content: RecordDict, sender: str = "the strategy") -> No
         raise PrivacyConfigError(
             f"dp-mode/secagg need train messages with one ArrayRecord and one "
             f"ConfigRecord; {sender} sends {n_arrays} and {n_configs}. Use a plain "
-            "FedAvg strategy (vireid: method='fedavg') or turn the privacy options off"
+            "FedAvg strategy (vireid: method='fedavg'; pad: pad-method='naive') or turn "
+            "the privacy options off"
         )
 
 
