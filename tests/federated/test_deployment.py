@@ -152,3 +152,27 @@ def test_cli_registers_fed_deploy_local_and_parses_overrides() -> None:
         parse_overrides(["task=vireid"])
     with pytest.raises(deployment.InvalidArgument, match="KEY=VALUE"):
         parse_overrides(["novalue"])
+
+
+def test_a_process_that_dies_is_a_clear_error_with_its_log(tmp_path: Path) -> None:
+    """What start()/run() report when e.g. the SuperLink cannot bind its port."""
+    import sys
+    import time
+
+    dep = LocalDeployment(tmp_path)
+    script = "print('[Errno 98] address already in use'); raise SystemExit(3)"
+    dep._spawn("superlink", [sys.executable, "-c", script], tmp_path / "home")
+    dep._spawn("supernode-0", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path)
+    pids = list(dep.pids)
+    deadline = time.monotonic() + 30
+    with pytest.raises(DeploymentError, match=r"superlink exited with code 3(.|\n)*Errno 98"):
+        while time.monotonic() < deadline:
+            dep.check_alive()
+            time.sleep(0.1)
+    dep.stop(grace=5)
+    assert dep.pids == []
+    import os
+
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
