@@ -47,15 +47,15 @@ class VIReIDBenchConfig:
     lfw_dir: str
     work_dir: str
     protocol: str = "camera-isolation"
-    rounds: int = 8
-    local_epochs: int = 1
+    rounds: int = 5
+    local_epochs: int = 2
     num_train_ids: int = 100
     num_test_ids: int = 50
     image_size: int = 48
     width_mult: float = 1.0
     last_channel: int = 0
     pretrained: bool = True
-    lr: float = 3.5e-4
+    lr: float = 1e-3
     proto_weight: float = 1.0
     num_clients: int = 4
     seed: int = 0

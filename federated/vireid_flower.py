@@ -116,7 +116,7 @@ VIREID_DEFAULTS: dict[str, Any] = {
     "data-dir": str(Path.home() / ".cache" / "veilface" / "vireid-proxy"),
     "lfw-dir": "",
     "local-epochs": 1,
-    "lr": 3.5e-4,
+    "lr": 1e-3,
     "batch-ids": 8,
     "batch-instances": 4,
     "proto-weight": 1.0,

@@ -219,7 +219,8 @@ def test_client_keeps_classifier_local_and_sends_prototypes(
     assert any(k.startswith("stems.infrared") for k in arrays)
     pids, vectors, counts = read_prototypes(reply.content.array_records[PROTOTYPES_KEY])
     assert set(pids.tolist()) == set(range(8)) and counts.sum() > 0
-    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=0.2)
+    norms = np.linalg.norm(vectors, axis=1)  # means of unit vectors
+    assert np.all(norms > 0) and np.all(norms <= 1 + 1e-5)
     assert reply.content.metric_records["metrics"]["num-examples"] > 0
     first = ctx.state.array_records[CLASSIFIER_STATE_KEY]["fc.weight"].numpy().copy()
     assert first.shape == (8, 64)

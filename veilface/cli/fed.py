@@ -35,7 +35,7 @@ def _bench_vireid(args: argparse.Namespace) -> dict[str, Any]:
         lfw_dir=str(args.lfw or _default_lfw()),
         work_dir=str(args.work_dir),
         protocol=args.protocol,
-        rounds=args.rounds if args.rounds is not None else 8,
+        rounds=args.rounds if args.rounds is not None else 5,
         local_epochs=args.local_epochs,
         num_train_ids=args.train_ids,
         num_test_ids=args.test_ids,
@@ -77,7 +77,7 @@ def _bench_pad(args: argparse.Namespace) -> dict[str, Any]:
         samples_dir=str(lfw.parent / "pad-samples"),
         work_dir=str(args.work_dir),
         image_size=args.image_size,
-        rounds_per_domain=args.rounds if args.rounds is not None else 6,
+        rounds_per_domain=args.rounds if args.rounds is not None else 8,
         local_epochs=args.local_epochs,
         seed=args.seed,
     )
@@ -115,7 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("--lfw", type=Path, help="LFW folder (default $VEILFACE_DATA/lfw or "
                    "../shared/data/lfw)")
     b.add_argument("--rounds", type=int, help="federated rounds (task default)")
-    b.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (1)")
+    b.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (2)")
     b.add_argument("--protocol", default="camera-isolation",
                    choices=("camera-isolation", "entity-isolation", "entity-sharing"),
                    help="vireid: site partition (camera-isolation)")
