@@ -84,11 +84,11 @@ def require_protected(obj: object) -> ProtectedImage:
         ``obj`` is a ``ProtectedImage`` that was modified after protection
         (a subclass of :class:`UnprotectedImageError`).
     """
-    if type(obj) is not ProtectedImage:
+    if not isinstance(obj, ProtectedImage) or type(obj) is not ProtectedImage:
         logger.warning("refused to send an unprotected image (%s)", type(obj).__name__)
         raise UnprotectedImageError(
             f"only protected images may leave the device, but this is {_describe(obj)}; "
-            "protect it first with veilface.client.protect.deidentify() and pass the "
+            "protect it first with veilface.client.protect.cloak() or deidentify() and pass the "
             "ProtectedImage it returns"
         )
     obj.verify()
