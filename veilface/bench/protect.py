@@ -390,12 +390,19 @@ def plot_sweep(results: Sequence[ProtectBenchResult], path: Path) -> None:
 
     eps = [float(r.budget["epsilon"]) for r in results]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(eps, [r.psr for r in results], "o-", label="psr (dlib)")
+    ax.plot(eps, [r.psr for r in results], "o-", lw=2.5, ms=8, label="psr (dlib)")
     ax.plot(eps, [r.psr_jpeg75 for r in results], "s-", label="psr after JPEG q75 (dlib)")
     ax.plot(eps, [r.psr_surrogates for r in results], "^--", label="psr (surrogates, white box)")
     ax.plot(eps, [r.ssim for r in results], "k:", label="mean SSIM")
     base = results[0].baseline["psr_unprotected"]
     ax.axhline(base, color="grey", lw=0.8, label=f"unprotected psr ({base:.2f})")
+    dist = ax.twinx()
+    dist.plot(eps, [r.dlib_distance_after for r in results], "d-.", color="tab:purple",
+              label="dlib distance to own photos")
+    dist.axhline(DLIB_THRESHOLD, color="tab:purple", lw=0.8, ls=":")
+    dist.set_ylabel("mean dlib distance (match below 0.6)", color="tab:purple")
+    dist.set_ylim(0, 1.0)
+    dist.legend(fontsize=8, loc="center right")
     ax.set_xlabel("L-inf budget epsilon (grey levels, face region)")
     ax.set_ylabel("protection success rate / SSIM")
     ax.set_ylim(0, 1.02)
