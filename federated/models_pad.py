@@ -405,9 +405,8 @@ class PromptedPAD(nn.Module):
             init = 0.02 * torch.randn(self.config.layers, self.n_domain, self.config.width)
         self.domain_prompts.append(nn.Parameter(init))
         self.domain_heads.append(nn.Parameter(torch.zeros(self.config.output_dim + 1)))
-        key = torch.zeros(2, self.key_dim)
-        key[1] = 1.0
-        self.domain_keys.append(nn.Parameter(key, requires_grad=False))
+        # variance row 0 = "key not set yet" (the domain is not consolidated)
+        self.domain_keys.append(nn.Parameter(torch.zeros(2, self.key_dim), requires_grad=False))
         return self.num_domains - 1
 
     @property
@@ -495,14 +494,19 @@ class PromptedPAD(nn.Module):
         """Most likely domain per image: ``(B, 3, H, W)`` -> ``(B,)`` int64.
 
         Each domain key is a diagonal Gaussian (mean, variance) of
-        :meth:`query_descriptor`; the image goes to the highest log-likelihood.
+        :meth:`query_descriptor`; the image goes to the highest log-likelihood
+        among the domains whose key is set (consolidated).
         """
         if self.num_domains == 0:
             raise InvalidArgument("no domain added yet: train on a domain first")
         f = self.query_descriptor(x)
         keys = torch.stack(list(self.domain_keys))  # (T, 2, D)
+        is_set = keys[:, 1].sum(1) > 0
+        if not bool(is_set.any()):  # nothing consolidated yet: the first domain
+            return torch.zeros(x.shape[0], dtype=torch.int64)
         mean, var = keys[:, 0], keys[:, 1].clamp_min(1e-6)
         ll = -(((f[:, None, :] - mean[None]) ** 2) / var[None] + var.log()[None]).sum(2)
+        ll[:, ~is_set] = -torch.inf  # a domain still being trained has no key yet
         return ll.argmax(1)
 
     @torch.no_grad()

@@ -463,6 +463,24 @@ def _consolidate(
     )
 
 
+def _evaluate_once(
+    grid: Grid, strategy: _PADFedAvg, model: PromptedPAD, server_round: int, timeout: float
+) -> dict[str, float] | None:
+    """One federated evaluation of ``model`` (no training), aggregated like the rounds'."""
+    messages = strategy.configure_evaluate(
+        server_round, _to_record(state_to_numpy(model)), ConfigRecord(), grid
+    )
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    bar, strategy.bar = strategy.bar, None  # not a training round: no progress tick
+    try:
+        record = strategy.aggregate_evaluate(server_round, replies)
+    finally:
+        strategy.bar = bar
+    if record is None:
+        return None
+    return {k: float(v) for k, v in record.items()}  # type: ignore[arg-type]
+
+
 def _row(metrics: Mapping[str, Any], metric: str, num_domains: int) -> list[float]:
     return [float(metrics.get(f"d{j}-{metric}", float("nan"))) for j in range(num_domains)]
 
@@ -492,7 +510,9 @@ def server_main(grid: Grid, context: Context) -> None:
         if model.prompted:
             model.add_domain()
         strategy.round_offset = domain * cfg.rounds_per_domain
-        result: Result = prepare_strategy(strategy, context, num_sampled_clients=cfg.min_nodes).start(
+        result: Result = prepare_strategy(
+            strategy, context, num_sampled_clients=cfg.min_nodes
+        ).start(
             grid=grid,
             initial_arrays=_to_record(state_to_numpy(model)),
             num_rounds=cfg.rounds_per_domain,
@@ -508,8 +528,6 @@ def server_main(grid: Grid, context: Context) -> None:
             if artifacts is not None:
                 artifacts.log_round(global_round, row)
             last = row
-        for metric in METRIC_NAMES:
-            matrices[metric].append(_row(last, metric, num_domains))
         if model.prompted:
             fisher_t, mean, var = _consolidate(
                 grid, _to_record(state_to_numpy(model)), domain, timeout
@@ -520,6 +538,15 @@ def server_main(grid: Grid, context: Context) -> None:
             ewc = SelectiveEWC(fisher_acc, anchor, top_p=cfg.ewc_top_p)
             strategy.ewc = ewc.to_numpy()
             logger.info("domain %d consolidated: EWC covers %d weights", domain, ewc.num_masked)
+            # the domain's key changes routing: evaluate again, this is the domain's final row
+            last_round = strategy.round_offset + cfg.rounds_per_domain
+            final = _evaluate_once(grid, strategy, model, last_round, timeout)
+            if final is not None:
+                last = {**final, "domain": float(domain)}
+                if artifacts is not None:
+                    artifacts.log_round(last_round, last)
+        for metric in METRIC_NAMES:
+            matrices[metric].append(_row(last, metric, num_domains))
         if artifacts is not None:
             artifacts.save_checkpoint(
                 (domain + 1) * cfg.rounds_per_domain, state_to_numpy(model), model.model_id
