@@ -81,7 +81,8 @@ def _bench_pad(args: argparse.Namespace) -> dict[str, Any]:
         local_epochs=args.local_epochs,
         seed=args.seed,
     )
-    return run_pad_bench(cfg, progress=not args.no_progress)
+    result: dict[str, Any] = run_pad_bench(cfg, progress=not args.no_progress)
+    return result
 
 
 def _print_pad(result: dict[str, Any]) -> None:
