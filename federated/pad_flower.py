@@ -283,7 +283,7 @@ def client_train(msg: Message, context: Context) -> Message:
     if EWC_KEY in msg.content.array_records:
         ewc = SelectiveEWC.from_numpy(_from_record(msg.content.array_records[EWC_KEY]))
     pid, _ = _site(context)
-    round_no = int(config.get("server-round", 0))  # type: ignore[arg-type]
+    round_no = int(config.get("pad-round", 0))  # type: ignore[arg-type]
     stats = train_domain(
         model,
         x,
@@ -365,8 +365,9 @@ class _PADFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config["server-round"] = self.round_offset + server_round
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        for msg in messages:  # FedAvg sets "server-round" per start(); this counts all domains
+            msg.content.config_records["config"]["pad-round"] = self.round_offset + server_round
         if self.ewc:
             record = _to_record(self.ewc)
             for msg in messages:
@@ -519,7 +520,10 @@ def server_main(grid: Grid, context: Context) -> None:
             timeout=timeout,
             train_config=ConfigRecord({"domain": domain, "phase": "train"}),
         )
-        numpy_to_state(model, _from_record(result.arrays))
+        if len(result.arrays) > 0:
+            numpy_to_state(model, _from_record(result.arrays))
+        else:  # every training reply of every round failed
+            logger.warning("domain %d: no site returned a model; keeping the weights", domain)
         last: Mapping[str, Any] = {}
         for rnd, rec in sorted(result.evaluate_metrics_clientapp.items()):
             global_round = strategy.round_offset + rnd

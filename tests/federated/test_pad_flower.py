@@ -1,10 +1,12 @@
-"""The ``pad`` Flower task: a real Simulation Engine run (tiny model, 2 sites, 2 domains)."""
+"""The ``pad`` Flower task: a real Simulation Engine run (tiny model, 2 sites, 2 domains,
+one site lost mid-round)."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -44,11 +46,58 @@ def test_run_config_errors() -> None:
     assert cfg.rounds_per_domain == 2 and cfg.method == "svlp"
 
 
+def _client_losing_site_1_in_round_2(overrides: dict[str, object], marker: Path) -> Any:
+    """The real ClientApp, except that site 1 crashes in its round-2 training (domain 1)."""
+    from flwr.app import Message
+    from flwr.clientapp import ClientApp
+
+    from veilface.federated import pad_flower
+    from veilface.federated.server_app import run_config, with_run_config
+
+    def prepare(context: Context) -> Context:  # as the real ClientApp does
+        return with_run_config(context, run_config(context, overrides))
+
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        config = msg.content.config_records["config"]
+        if int(context.node_config.get("partition-id", 0)) == 1 and config.get("pad-round") == 2:
+            marker.write_text("lost")
+            raise RuntimeError("site 1 lost mid-round")
+        return pad_flower.client_train(msg, prepare(context))
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return pad_flower.client_evaluate(msg, prepare(context))
+
+    return app
+
+
+def test_aggregate_domain_metrics_weights_by_domain_counts() -> None:
+    from flwr.app import MetricRecord
+
+    from veilface.federated.pad_flower import aggregate_domain_metrics
+
+    a = RecordDict(
+        {"metrics": MetricRecord({"d0-hter": 0.2, "d0-n": 30, "loss": 1.0, "num-examples": 30})}
+    )
+    b = RecordDict(
+        {"metrics": MetricRecord({"d0-hter": 0.6, "d0-n": 10, "loss": 3.0, "num-examples": 10})}
+    )
+    empty = RecordDict(
+        {"metrics": MetricRecord({"d0-hter": 0.9, "d0-n": 0, "loss": 0.0, "num-examples": 1})}
+    )
+    out = aggregate_domain_metrics([a, b, empty], "num-examples")
+    assert out["d0-hter"] == pytest.approx((0.2 * 30 + 0.6 * 10) / 40)
+    assert out["d0-n"] == 40
+    assert out["loss"] == pytest.approx((1.0 * 30 + 3.0 * 10) / 41)
+
+
 @pytest.mark.slow
 def test_pad_task_runs_on_the_simulation_engine(tmp_path: Path) -> None:
     from flwr.simulation import run_simulation
 
-    from veilface.federated.client_app import make_client_app
     from veilface.federated.models_pad import PromptedPAD
     from veilface.federated.pad_training import MODEL_CONFIGS
     from veilface.federated.server_app import make_server_app
@@ -69,10 +118,11 @@ def test_pad_task_runs_on_the_simulation_engine(tmp_path: Path) -> None:
     }
     run_simulation(
         server_app=make_server_app(overrides),
-        client_app=make_client_app(overrides),
+        client_app=_client_losing_site_1_in_round_2(overrides, tmp_path / "lost"),
         num_supernodes=2,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
+    assert (tmp_path / "lost").read_text() == "lost"  # the round ran on without site 1
     results = json.loads((out / "pad_results.json").read_text())
     assert results["num_domains"] == 2
     assert len(results["hter_matrix"]) == 2 and len(results["hter_matrix"][1]) == 2
