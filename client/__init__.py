@@ -12,8 +12,8 @@ from veilface.client.sdk import (
     EnrollReceipt,
     Identification,
     QueryStats,
-    Verification,
     VeilClient,
+    Verification,
 )
 from veilface.client.tenant_state import TenantState, resolve_secret
 

@@ -120,11 +120,11 @@ class DiagonalLayout:
     def giants(self, stage: str) -> range:
         """Giant-step range of a stage: ``presel``, ``rest`` or ``full``."""
         if stage == "presel":
-            return range(0, self.presel_giants)
+            return range(self.presel_giants)
         if stage == "rest":
             return range(self.presel_giants, self.g2)
         if stage == "full":
-            return range(0, self.g2)
+            return range(self.g2)
         raise InvalidArgument(f"unknown scoring stage {stage!r}")
 
     # -- packing --------------------------------------------------------

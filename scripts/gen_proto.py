@@ -40,7 +40,7 @@ def generate(dest: Path) -> list[Path]:
     written = []
     for path in sorted((dest / "veilface" / "v1").glob("*_pb2*.py*")):
         text = path.read_text()
-        text = re.sub(r"^from veilface\.v1 import", "from . import", text, flags=re.M)
+        text = re.sub(r"^from veilface\.v1 import", "from . import", text, flags=re.MULTILINE)
         name = path.name.split("_pb2")[0] + ".proto"
         path.write_text(HEADER.format(name=name) + text)
         written.append(path)

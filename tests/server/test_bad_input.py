@@ -6,6 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
+from tests.server.conftest import make_client
 from veilface.client.transport import RemoteError, Transport
 from veilface.errors import (
     InvalidArgument,
@@ -16,7 +17,6 @@ from veilface.errors import (
 )
 from veilface.proto.v1 import veilface_pb2 as pb
 from veilface.server.launcher import LocalServer
-from tests.server.conftest import make_client
 
 pytestmark = pytest.mark.slow
 

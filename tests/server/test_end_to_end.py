@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.server.conftest import create_tenant, make_client, plaintext_top1
 from veilface.client.sdk import VeilClient
 from veilface.client.tenant_state import TenantState
 from veilface.errors import AlreadyExists, NotFound
 from veilface.server.launcher import LocalServer
-from tests.server.conftest import create_tenant, make_client, plaintext_top1
 
 pytestmark = pytest.mark.slow
 

@@ -7,12 +7,12 @@ import sqlite3
 import numpy as np
 import pytest
 
+from tests.server.conftest import make_client
 from veilface.client.face import FaceBox
 from veilface.client.protect import UnprotectedImageError, deidentify
 from veilface.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from veilface.proto.v1 import veilface_pb2 as pb
 from veilface.server.launcher import LocalServer
-from tests.server.conftest import make_client
 
 pytestmark = pytest.mark.slow
 

@@ -14,13 +14,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.server.conftest import create_tenant
 from veilface.client.sdk import VeilClient
 from veilface.client.tenant_state import TenantState
 from veilface.client.transport import Transport
 from veilface.errors import VeilfaceError
 from veilface.proto.v1 import veilface_pb2 as pb
 from veilface.server.launcher import LocalServer
-from tests.server.conftest import create_tenant
 
 pytestmark = pytest.mark.slow
 
