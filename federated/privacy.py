@@ -397,19 +397,12 @@ def check_train_content(content: RecordDict, sender: str = "the strategy") -> No
         )
 
 
-class _SingleRecordGuard(Strategy):
-    """Delegates to ``strategy``; refuses train messages Flower's privacy code cannot handle.
-
-    ``fixedclipping_mod`` and SecAgg+ work on exactly one ArrayRecord and one
-    ConfigRecord per train message (e.g. FedAvg's ``"arrays"``/``"config"``).
-    A strategy that sends more (prototypes, partial models) would have every
-    client reply with an error; this fails the run once, with the fix.
-    """
+class _Delegating(Strategy):
+    """A strategy wrapper: every call goes to ``self.strategy`` unless a subclass overrides it."""
 
     def __init__(self, strategy: Strategy) -> None:
         super().__init__()
         self.strategy = strategy
-        self.weighted_by_key = _weight_key(strategy)
 
     def __repr__(self) -> str:
         """The wrapped strategy's representation."""
@@ -422,11 +415,8 @@ class _SingleRecordGuard(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate, then check every message's record layout."""
-        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        for msg in messages:
-            check_train_content(msg.content, type(self.strategy).__name__)
-        return messages
+        """Delegate."""
+        return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -447,7 +437,30 @@ class _SingleRecordGuard(Strategy):
         return self.strategy.aggregate_evaluate(server_round, replies)
 
 
-class SecAggPlusStrategy(Strategy):
+class _SingleRecordGuard(_Delegating):
+    """Delegates to ``strategy``; refuses train messages Flower's privacy code cannot handle.
+
+    ``fixedclipping_mod`` and SecAgg+ work on exactly one ArrayRecord and one
+    ConfigRecord per train message (e.g. FedAvg's ``"arrays"``/``"config"``).
+    A strategy that sends more (prototypes, partial models) would have every
+    client reply with an error; this fails the run once, with the fix.
+    """
+
+    def __init__(self, strategy: Strategy) -> None:
+        super().__init__(strategy)
+        self.weighted_by_key = _weight_key(strategy)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate, then check every message's record layout."""
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        for msg in messages:
+            check_train_content(msg.content, type(self.strategy).__name__)
+        return messages
+
+
+class SecAggPlusStrategy(_Delegating):
     """Run every training round of ``strategy`` through Flower's SecAgg+ workflow.
 
     Evaluation rounds and every other call go to ``strategy`` unchanged. In
@@ -465,8 +478,7 @@ class SecAggPlusStrategy(Strategy):
     """
 
     def __init__(self, strategy: Strategy, cfg: PrivacyConfig) -> None:
-        super().__init__()
-        self.strategy = strategy
+        super().__init__(strategy)
         self.cfg = cfg
         self.current_round = 0
         self.rounds_completed = 0
@@ -492,24 +504,6 @@ class SecAggPlusStrategy(Strategy):
         """Delegate; remember the round for the secure grid."""
         self.current_round = server_round
         return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Delegate (the replies already carry the secure aggregate)."""
-        return self.strategy.aggregate_train(server_round, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def start(
         self,
