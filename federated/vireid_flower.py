@@ -345,8 +345,10 @@ def _local_classifier(
     return classifier
 
 
-def client_train(msg: Message, context: Context) -> Message:
-    """One round of local training on this site's data; replies with arrays, metrics, prototypes."""
+def _site_models(
+    msg: Message, context: Context
+) -> tuple[dict[str, Any], ReIDArrays, npt.NDArray[np.int64], TwoStreamReID, IdentityClassifier]:
+    """This site's config, data, local labels, the global encoder and its own classifier."""
     cfg = vireid_config(context.run_config)
     torch.set_num_threads(int(cfg["client-threads"]))
     data = _client_data(cfg, context)
@@ -357,6 +359,12 @@ def client_train(msg: Message, context: Context) -> Message:
     classifier = _local_classifier(cfg, context, model.feature_dim, num_ids)
     if cls:
         load_state_arrays(classifier, cls)
+    return cfg, data, labels, model, classifier
+
+
+def client_train(msg: Message, context: Context) -> Message:
+    """One round of local training on this site's data; replies with arrays, metrics, prototypes."""
+    cfg, data, labels, model, classifier = _site_models(msg, context)
     config = msg.content.config_records.get("config", ConfigRecord())
     server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
     protos: Prototypes | None = None
@@ -400,16 +408,7 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     between each image's embedding and its identity's local mean (higher =
     tighter identities).
     """
-    cfg = vireid_config(context.run_config)
-    torch.set_num_threads(int(cfg["client-threads"]))
-    data = _client_data(cfg, context)
-    labels, num_ids = _local_labels(cfg, data)
-    model = build_model(cfg)
-    enc, cls = _split_classifier(_record_to_numpy(msg.content.array_records["arrays"]))
-    load_state_arrays(model, enc)
-    classifier = _local_classifier(cfg, context, model.feature_dim, num_ids)
-    if cls:
-        load_state_arrays(classifier, cls)
+    _, data, labels, model, classifier = _site_models(msg, context)
     acc = local_accuracy(model, classifier, data, labels)
     x = embed(model, data)
     protos = compute_prototypes(model, data)
