@@ -530,7 +530,7 @@ class GalleryService:
         query_id = secrets.token_urlsafe(12)
         scored, staged_scores = await asyncio.gather(
             self._score(tenant_id, key_id, view, bins, probe, "presel", query_id),
-            self._score_staged(tenant_id, key_id, staged, probe, add_center=True),
+            self._score_staged(tenant_id, key_id, staged, probe, query_id, add_center=True),
         )
         self._remember_probe(query_id, tenant_id, key_id, list(probe))
         return scored, sum(len(b.occupied) for b in bins) + len(staged), query_id, staged_scores
@@ -541,6 +541,7 @@ class GalleryService:
         key_id: str,
         staged: Sequence[StagedRecord],
         probe: Sequence[bytes],
+        query_id: str = "",
         *,
         add_center: bool,
     ) -> list[StagedScore]:
@@ -558,7 +559,7 @@ class GalleryService:
                     key_id,
                     [r.blob for r in g],
                     list(probe),
-                    "",
+                    query_id,
                     add_center,
                 )
                 for i, g in enumerate(groups)

@@ -51,6 +51,19 @@ class _WorkerState:
             )
         return k
 
+    def probe(
+        self, kernel: BinKernel, tenant_id: str, key_id: str, query_id: str, blobs: Sequence[bytes]
+    ) -> Bin:
+        """The query's probe, loaded once per worker and kept for its later stages."""
+        probe = self.probes.get((tenant_id, key_id, query_id)) if query_id else None
+        if probe is None:
+            probe = kernel.load_probe(blobs)
+            if query_id:
+                self.probes[(tenant_id, key_id, query_id)] = probe
+                while len(self.probes) > 16:
+                    self.probes.popitem(last=False)
+        return probe
+
     def center_scores(self, tenant_id: str, key_id: str, bin_id: int, cached: _CachedBin) -> object:
         """The bin's full scores against the key's centering vector, cached per version."""
         hit = self.center_cache.get(bin_id)
@@ -204,13 +217,7 @@ def score(
     """
     state = _s()
     kernel = state.kernel(tenant_id, key_id)
-    probe = state.probes.get((tenant_id, key_id, query_id)) if query_id else None
-    if probe is None:
-        probe = kernel.load_probe(probe_blobs)
-        if query_id:
-            state.probes[(tenant_id, key_id, query_id)] = probe
-            while len(state.probes) > 16:
-                state.probes.popitem(last=False)
+    probe = state.probe(kernel, tenant_id, key_id, query_id, probe_blobs)
     out: list[bytes | None] = []
     for bin_id, version, g0, g1, add_center in units:
         cached = state.bin(bin_id, version)
@@ -250,9 +257,7 @@ def score_staged(
     """
     state = _s()
     kernel = state.kernel(tenant_id, key_id)
-    probe = state.probes.get((tenant_id, key_id, query_id)) if query_id else None
-    if probe is None:
-        probe = kernel.load_probe(probe_blobs)
+    probe = state.probe(kernel, tenant_id, key_id, query_id, probe_blobs)
     center = state.centers.get((tenant_id, key_id)) if add_center else None
     return [seal_io.to_bytes(kernel.score_staged(kernel.load_staged(b), probe, center)) for b in blobs]
 
