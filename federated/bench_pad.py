@@ -67,6 +67,7 @@ class PADBenchConfig:
     shared_lr_scale: float = 0.3
     num_clients: int = 2
     seed: int = 0
+    threads: int = 2
 
 
 def _proxy_path(cfg: PADBenchConfig) -> Path:
@@ -136,7 +137,11 @@ def _run_method(
         server_app=make_server_app(overrides),
         client_app=make_client_app(overrides),
         num_supernodes=cfg.num_clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            # threads = CPUs given to Ray: how many sites train at once (one torch thread each)
+            "init_args": {"num_cpus": cfg.threads},
+        },
     )
     results_file = out / "pad_results.json"
     if not results_file.is_file():
@@ -193,6 +198,8 @@ def run_pad_bench(cfg: PADBenchConfig, *, progress: bool = True) -> dict[str, An
     i, column = domain j) for both methods, ``targets``, ``proxy_check``
     (rendered vs real statistics), ``real_sample_scores``, ``seconds``.
     """
+    if cfg.threads < 1:
+        raise InvalidArgument(f"threads must be >= 1, got {cfg.threads}")
     t0 = time.perf_counter()
     data = _proxy_path(cfg)
     proxy = load_pad_proxy(data)

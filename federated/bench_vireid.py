@@ -59,6 +59,7 @@ class VIReIDBenchConfig:
     proto_weight: float = 1.0
     num_clients: int = 4
     seed: int = 0
+    threads: int = 2
 
 
 def _watch(path: Path, tick: Callable[[int], None], stop: threading.Event) -> None:
@@ -103,7 +104,7 @@ def _federated(
         "min-train-nodes": cfg.num_clients,
         "fraction-evaluate": 0.0,
         "client-threads": 1,
-        "server-threads": 2,
+        "server-threads": cfg.threads,
     }
     stop = threading.Event()
     watcher = threading.Thread(
@@ -117,7 +118,8 @@ def _federated(
             num_supernodes=cfg.num_clients,
             backend_config={
                 "client_resources": {"num_cpus": 1},
-                "init_args": {"log_to_driver": False},
+                # Ray's CPUs = sites training at once (one torch thread each)
+                "init_args": {"log_to_driver": False, "num_cpus": cfg.threads},
             },
         )
     finally:
@@ -146,7 +148,7 @@ def _centralized(
     from veilface.federated.vireid_flower import VIREID_DEFAULTS, build_model
     from veilface.federated.vireid_training import LocalTrainConfig, evaluate_model, local_train
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(cfg.threads)
     train = load_proxy(proxy_dir, "train")
     test = load_proxy(proxy_dir, "test")
     model_cfg = {
@@ -218,8 +220,8 @@ def run_vireid_bench(cfg: VIReIDBenchConfig, *, progress: bool = True) -> dict[s
     """
     from tqdm import tqdm
 
-    if cfg.rounds < 1 or cfg.local_epochs < 1:
-        raise InvalidArgument("rounds and local_epochs must be >= 1")
+    if cfg.rounds < 1 or cfg.local_epochs < 1 or cfg.threads < 1:
+        raise InvalidArgument("rounds, local_epochs and threads must be >= 1")
     if cfg.protocol == "camera-isolation" and cfg.num_clients != len(PROXY_CAMERAS):
         raise InvalidArgument(
             f"camera isolation has one client per proxy camera: num_clients must be "

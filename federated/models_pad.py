@@ -16,10 +16,13 @@ Multi-Aspect Prompting (MAP)
     ``t`` gets its own prompt set when it arrives (:meth:`PromptedPAD.add_domain`),
     trained only on that domain and frozen afterwards. At inference the domain
     is chosen per image by the **nearest domain key**: the key of domain ``t``
-    is the mean L2-normalised *prompt-free* feature of its training images,
-    computed once after training on it (a mean vector, not data: the method
-    stays rehearsal-free); an image uses the prompt set of the key with the
-    highest cosine similarity to its own prompt-free feature.
+    is the mean and covariance of a capture descriptor of its training images
+    (per-channel mean and log-std of the frozen tower's patch embedding),
+    computed once after training on it (statistics, not data: the method
+    stays rehearsal-free); an image uses the prompt set of the key nearest in
+    Mahalanobis distance under the covariance pooled over the keys (linear
+    discriminant analysis; on the proxy this routes 93-100 % of test images
+    to their domain, against 70-100 % with per-domain diagonal variances).
 
 Selective EWC (:class:`SelectiveEWC`)
     After each domain the diagonal (empirical) Fisher information of the
@@ -66,6 +69,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "KEY_RIDGE",
     "CLIPVisionConfig",
     "CLIPVisionTransformer",
     "CheckpointError",
@@ -330,6 +334,10 @@ def _resize_positions(pos: Tensor, grid: int) -> Tensor:
     return torch.cat([cls.float(), g.permute(0, 2, 3, 1).reshape(grid * grid, -1)], dim=0)
 
 
+KEY_RIDGE = 1e-3
+"""Ridge added to the pooled key covariance, relative to its mean variance."""
+
+
 class PromptedPAD(nn.Module):
     """CLIP-style ViT with universal + per-domain prompts and a live/spoof head.
 
@@ -378,7 +386,7 @@ class PromptedPAD(nn.Module):
         c = self.config
         return (
             f"veilface-pad-vit:i{c.image_size}-p{c.patch_size}-w{c.width}-l{c.layers}-"
-            f"h{c.heads}-o{c.output_dim}-u{self.n_universal}-d{self.n_domain}"
+            f"h{c.heads}-o{c.output_dim}-u{self.n_universal}-d{self.n_domain}-kcov"
         )
 
     @property
@@ -405,8 +413,11 @@ class PromptedPAD(nn.Module):
             init = 0.02 * torch.randn(self.config.layers, self.n_domain, self.config.width)
         self.domain_prompts.append(nn.Parameter(init))
         self.domain_heads.append(nn.Parameter(torch.zeros(self.config.output_dim + 1)))
-        # variance row 0 = "key not set yet" (the domain is not consolidated)
-        self.domain_keys.append(nn.Parameter(torch.zeros(2, self.key_dim), requires_grad=False))
+        # key = (1 + D, D): row 0 the descriptor mean, rows 1.. its covariance;
+        # a zero covariance = "key not set yet" (the domain is not consolidated)
+        self.domain_keys.append(
+            nn.Parameter(torch.zeros(1 + self.key_dim, self.key_dim), requires_grad=False)
+        )
         return self.num_domains - 1
 
     @property
@@ -493,41 +504,61 @@ class PromptedPAD(nn.Module):
     def select_domains(self, x: Tensor) -> Tensor:
         """Most likely domain per image: ``(B, 3, H, W)`` -> ``(B,)`` int64.
 
-        Each domain key is a diagonal Gaussian (mean, variance) of
-        :meth:`query_descriptor`; the image goes to the highest log-likelihood
-        among the domains whose key is set (consolidated).
+        Each domain key is the mean and covariance of :meth:`query_descriptor`
+        over the domain's training images. An image goes to the key nearest
+        in Mahalanobis distance under the covariance pooled (averaged) over
+        the consolidated domains, with a small ridge (``KEY_RIDGE`` times the
+        mean variance): linear discriminant analysis with equal priors.
+        Domains whose key is not set yet are skipped.
         """
         if self.num_domains == 0:
             raise InvalidArgument("no domain added yet: train on a domain first")
-        f = self.query_descriptor(x)
-        keys = torch.stack(list(self.domain_keys))  # (T, 2, D)
-        is_set = keys[:, 1].sum(1) > 0
+        f = self.query_descriptor(x).double()
+        keys = torch.stack(list(self.domain_keys)).double()  # (T, 1 + D, D)
+        covs = keys[:, 1:]
+        is_set = covs.diagonal(dim1=1, dim2=2).sum(1) > 0
         if not bool(is_set.any()):  # nothing consolidated yet: the first domain
             return torch.zeros(x.shape[0], dtype=torch.int64)
-        mean, var = keys[:, 0], keys[:, 1].clamp_min(1e-6)
-        ll = -(((f[:, None, :] - mean[None]) ** 2) / var[None] + var.log()[None]).sum(2)
-        ll[:, ~is_set] = -torch.inf  # a domain still being trained has no key yet
-        return ll.argmax(1)
+        pooled = covs[is_set].mean(0)
+        ridge = KEY_RIDGE * float(pooled.diagonal().mean().clamp_min(1e-12))
+        pooled = pooled + ridge * torch.eye(pooled.shape[0], dtype=pooled.dtype)
+        chol = torch.linalg.cholesky(pooled)
+        diff = f[:, None, :] - keys[None, :, 0, :]  # (B, T, D)
+        white = torch.linalg.solve_triangular(
+            chol, diff.reshape(-1, diff.shape[2]).T, upper=False
+        )  # (D, B*T)
+        dist = (white**2).sum(0).reshape(diff.shape[0], diff.shape[1])
+        dist[:, ~is_set] = torch.inf  # a domain still being trained has no key yet
+        return dist.argmin(1)
 
     @torch.no_grad()
-    def set_domain_key(self, domain: int, mean: Tensor, var: Tensor) -> None:
-        """Store domain ``domain``'s descriptor mean and variance (each ``(key_dim,)``)."""
-        self.domain_keys[domain].copy_(torch.stack([mean, var.clamp_min(1e-6)]))
+    def set_domain_key(self, domain: int, mean: Tensor, cov: Tensor) -> None:
+        """Store domain ``domain``'s descriptor mean ``(key_dim,)`` and covariance
+        ``(key_dim, key_dim)`` (symmetrised; its diagonal floored at 1e-6)."""
+        d = self.key_dim
+        if tuple(mean.shape) != (d,) or tuple(cov.shape) != (d, d):
+            raise InvalidArgument(
+                f"a domain key needs mean ({d},) and covariance ({d}, {d}), got "
+                f"{tuple(mean.shape)} and {tuple(cov.shape)}"
+            )
+        cov = 0.5 * (cov + cov.T)
+        cov = cov + torch.diag((1e-6 - cov.diagonal()).clamp_min(0.0))
+        self.domain_keys[domain].copy_(torch.cat([mean[None], cov]).to(torch.float32))
 
     @torch.no_grad()
     def domain_key_sums(self, x: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-        """Sums of the descriptor and of its square over ``x``, each ``(key_dim,)``.
+        """Sums of the descriptor ``(key_dim,)`` and of its outer products ``(key_dim, key_dim)``.
 
         Sums (not means) so that sites can add them up: with ``n`` images in
-        total, ``mean = s1 / n`` and ``var = s2 / n - mean**2``.
+        total, ``mean = s1 / n`` and ``cov = s2 / n - outer(mean, mean)``.
         """
-        s1 = torch.zeros(self.key_dim)
-        s2 = torch.zeros(self.key_dim)
+        s1 = torch.zeros(self.key_dim, dtype=torch.float64)
+        s2 = torch.zeros(self.key_dim, self.key_dim, dtype=torch.float64)
         for i in range(0, x.shape[0], batch_size):
-            f = self.query_descriptor(x[i : i + batch_size])
+            f = self.query_descriptor(x[i : i + batch_size]).double()
             s1 += f.sum(0)
-            s2 += (f**2).sum(0)
-        return s1, s2
+            s2 += f.T @ f
+        return s1.float(), s2.float()
 
     @torch.no_grad()
     def score(self, x: Tensor, batch_size: int = 128) -> Tensor:

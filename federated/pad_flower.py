@@ -21,7 +21,8 @@ Domains arrive one after another. For each domain ``t``:
    weights on its share of ``t`` and the sums of the query descriptor; the
    server averages the Fisher (weighted by examples), accumulates it over
    domains, keeps the top-``pad-ewc-top-p`` weights (:class:`SelectiveEWC`)
-   and stores domain ``t``'s key (a diagonal Gaussian).
+   and stores domain ``t``'s key (descriptor mean and covariance; images are
+   routed by linear discriminant analysis over the keys).
 
 Method ``"naive"`` is sequential fine-tuning of the same model without
 prompts, domain heads or penalty: the baseline that forgets.
@@ -455,12 +456,12 @@ def _consolidate(
     if n_total == 0 or s1 is None or s2 is None:
         raise InvalidArgument(f"no site answered the consolidation of domain {domain}")
     mean = s1 / n_total
-    var = np.maximum(s2 / n_total - mean**2, 1e-6)
+    cov = s2 / n_total - np.outer(mean, mean)
     fisher_t = {k: torch.from_numpy((v / n_total).astype(np.float32)) for k, v in fisher.items()}
     return (
         fisher_t,
         torch.from_numpy(mean.astype(np.float32)),
-        torch.from_numpy(var.astype(np.float32)),
+        torch.from_numpy(cov.astype(np.float32)),
     )
 
 
@@ -533,10 +534,10 @@ def server_main(grid: Grid, context: Context) -> None:
                 artifacts.log_round(global_round, row)
             last = row
         if model.prompted:
-            fisher_t, mean, var = _consolidate(
+            fisher_t, mean, cov = _consolidate(
                 grid, _to_record(state_to_numpy(model)), domain, timeout
             )
-            model.set_domain_key(domain, mean, var)
+            model.set_domain_key(domain, mean, cov)
             fisher_acc = accumulate_fisher(fisher_acc, fisher_t)
             anchor = {n: p.detach().clone() for n, p in model.shared_parameters()}
             ewc = SelectiveEWC(fisher_acc, anchor, top_p=cfg.ewc_top_p)

@@ -202,7 +202,8 @@ def domain_fisher(
     fisher : dict[str, Tensor]
         See :func:`~veilface.federated.models_pad.compute_fisher`.
     key_s1, key_s2 : Tensor
-        ``(key_dim,)`` sums of the query descriptor and of its square
+        ``(key_dim,)`` sum of the query descriptor and ``(key_dim, key_dim)``
+        sum of its outer products
         (:meth:`~veilface.federated.models_pad.PromptedPAD.domain_key_sums`).
     """
     dom = domain if model.prompted else None

@@ -117,7 +117,7 @@ def test_domain_selection_by_nearest_key() -> None:
         model.add_domain()
         s1, s2 = model.domain_key_sums(x)
         mean = s1 / len(x)
-        model.set_domain_key(d, mean, s2 / len(x) - mean**2)
+        model.set_domain_key(d, mean, s2 / len(x) - torch.outer(mean, mean))
     assert model.select_domains(dark).tolist() == [0] * 16
     assert model.select_domains(light).tolist() == [1] * 16
 

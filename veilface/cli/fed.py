@@ -41,6 +41,7 @@ def _bench_vireid(args: argparse.Namespace) -> dict[str, Any]:
         num_test_ids=args.test_ids,
         image_size=args.image_size,
         seed=args.seed,
+        threads=args.threads,
     )
     return run_vireid_bench(cfg, progress=not args.no_progress)
 
@@ -80,6 +81,7 @@ def _bench_pad(args: argparse.Namespace) -> dict[str, Any]:
         rounds_per_domain=args.rounds if args.rounds is not None else 8,
         local_epochs=args.local_epochs,
         seed=args.seed,
+        threads=args.threads,
     )
     result: dict[str, Any] = run_pad_bench(cfg, progress=not args.no_progress)
     return result
@@ -124,6 +126,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("--test-ids", type=int, default=50, help="vireid: test identities (50)")
     b.add_argument("--image-size", type=int, default=48, help="vireid: image side in pixels (48)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=2,
+                   help="CPU threads for the whole run: Ray CPUs (sites training at once, one "
+                   "torch thread each) and torch threads of the server/centralized parts (2)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run_bench)
 
