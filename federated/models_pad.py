@@ -529,7 +529,8 @@ class PromptedPAD(nn.Module):
         )  # (D, B*T)
         dist = (white**2).sum(0).reshape(diff.shape[0], diff.shape[1])
         dist[:, ~is_set] = torch.inf  # a domain still being trained has no key yet
-        return dist.argmin(1)
+        chosen: Tensor = dist.argmin(1)
+        return chosen
 
     @torch.no_grad()
     def set_domain_key(self, domain: int, mean: Tensor, cov: Tensor) -> None:

@@ -13,9 +13,42 @@ def test_fed_bench_parses_and_dispatches_by_task() -> None:
         ["fed", "bench", "--task", "vireid", "--json", "out.json", "--rounds", "2"]
     )
     assert args.task == "vireid" and args.rounds == 2 and str(args.json) == "out.json"
-    assert args.local_epochs == 2 and args.protocol == "camera-isolation"
+    assert args.local_epochs is None and args.protocol == "camera-isolation"
+    assert args.threads == 2 and args.lr is None
     bench, show = BENCH_TASKS["vireid"]
     assert callable(bench) and callable(show)
+
+
+def test_fed_bench_task_defaults_and_threads_reach_the_configs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from veilface.federated import bench_pad, bench_vireid
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(bench_vireid, "run_vireid_bench", lambda cfg, progress: seen.update(v=cfg))
+    monkeypatch.setattr(bench_pad, "run_pad_bench", lambda cfg, progress: seen.update(p=cfg))
+    parser = build_parser()
+    BENCH_TASKS["vireid"][0](parser.parse_args(["fed", "bench", "--task", "vireid", "--threads", "1"]))
+    v = seen["v"]
+    assert isinstance(v, bench_vireid.VIReIDBenchConfig)
+    assert (v.rounds, v.local_epochs, v.lr, v.threads) == (10, 1, 3e-3, 1)
+    BENCH_TASKS["pad"][0](parser.parse_args(["fed", "bench", "--task", "pad"]))
+    p = seen["p"]
+    assert isinstance(p, bench_pad.PADBenchConfig)
+    assert (p.rounds_per_domain, p.local_epochs, p.threads) == (8, 2, 2)
+
+
+def test_fed_bench_refuses_zero_threads(tmp_path: object) -> None:
+    from veilface.errors import InvalidArgument
+    from veilface.federated.bench_pad import PADBenchConfig, run_pad_bench
+    from veilface.federated.bench_vireid import VIReIDBenchConfig, run_vireid_bench
+
+    with pytest.raises(InvalidArgument, match="threads"):
+        run_vireid_bench(VIReIDBenchConfig(lfw_dir="x", work_dir=str(tmp_path), threads=0))
+    with pytest.raises(InvalidArgument, match="threads"):
+        run_pad_bench(
+            PADBenchConfig(lfw_dir="x", samples_dir="y", work_dir=str(tmp_path), threads=0)
+        )
 
 
 def test_fed_bench_rejects_unknown_task_and_protocol(capsys: pytest.CaptureFixture[str]) -> None:

@@ -35,15 +35,17 @@ def _bench_vireid(args: argparse.Namespace) -> dict[str, Any]:
         lfw_dir=str(args.lfw or _default_lfw()),
         work_dir=str(args.work_dir),
         protocol=args.protocol,
-        rounds=args.rounds if args.rounds is not None else 5,
-        local_epochs=args.local_epochs,
+        rounds=args.rounds if args.rounds is not None else 10,
+        local_epochs=args.local_epochs if args.local_epochs is not None else 1,
+        lr=args.lr if args.lr is not None else 3e-3,
         num_train_ids=args.train_ids,
         num_test_ids=args.test_ids,
         image_size=args.image_size,
         seed=args.seed,
         threads=args.threads,
     )
-    return run_vireid_bench(cfg, progress=not args.no_progress)
+    result: dict[str, Any] = run_vireid_bench(cfg, progress=not args.no_progress)
+    return result
 
 
 def _print_vireid(result: dict[str, Any]) -> None:
@@ -79,7 +81,7 @@ def _bench_pad(args: argparse.Namespace) -> dict[str, Any]:
         work_dir=str(args.work_dir),
         image_size=args.image_size,
         rounds_per_domain=args.rounds if args.rounds is not None else 8,
-        local_epochs=args.local_epochs,
+        local_epochs=args.local_epochs if args.local_epochs is not None else 2,
         seed=args.seed,
         threads=args.threads,
     )
@@ -118,7 +120,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("--lfw", type=Path, help="LFW folder (default $VEILFACE_DATA/lfw or "
                    "../shared/data/lfw)")
     b.add_argument("--rounds", type=int, help="federated rounds (task default)")
-    b.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (2)")
+    b.add_argument("--local-epochs", type=int,
+                   help="local epochs per round (vireid 1, pad 2)")
+    b.add_argument("--lr", type=float, help="vireid: Adam learning rate of every method (0.003)")
     b.add_argument("--protocol", default="camera-isolation",
                    choices=("camera-isolation", "entity-isolation", "entity-sharing"),
                    help="vireid: site partition (camera-isolation)")
