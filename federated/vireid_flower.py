@@ -377,8 +377,10 @@ def client_train(msg: Message, context: Context) -> Message:
         model, classifier, data, labels, _train_config(cfg), prototypes=protos,
         round_seed=server_round * 97 + int(context.node_config.get("partition-id", 0)),
     )
+    train_seconds = time.monotonic() - t0
     context.state[CLASSIFIER_STATE_KEY] = _numpy_to_record(state_arrays(classifier))
     arrays = state_arrays(model)
+    t1 = time.monotonic()
     content = RecordDict()
     if cfg["method"] == "l2rw":
         # send only what this site trained: drop stems of modalities it does not hold
@@ -395,7 +397,8 @@ def client_train(msg: Message, context: Context) -> Message:
     content["arrays"] = _numpy_to_record(arrays)
     metrics: dict[str, float] = {k: float(v) for k, v in stats.items()}
     metrics["num-examples"] = float(len(data))
-    metrics["train-seconds"] = time.monotonic() - t0
+    metrics["train-seconds"] = train_seconds  # local_train only
+    metrics["proto-seconds"] = time.monotonic() - t1 if cfg["method"] == "l2rw" else 0.0
     content["metrics"] = MetricRecord(metrics)  # type: ignore[arg-type]
     return Message(content=content, reply_to=msg)
 

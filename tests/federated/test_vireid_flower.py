@@ -221,7 +221,9 @@ def test_client_keeps_classifier_local_and_sends_prototypes(
     assert set(pids.tolist()) == set(range(8)) and counts.sum() > 0
     norms = np.linalg.norm(vectors, axis=1)  # means of unit vectors
     assert np.all(norms > 0) and np.all(norms <= 1 + 1e-5)
-    assert reply.content.metric_records["metrics"]["num-examples"] > 0
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["num-examples"] > 0
+    assert metrics["train-seconds"] > 0 and metrics["proto-seconds"] > 0  # cost breakdown
     first = ctx.state.array_records[CLASSIFIER_STATE_KEY]["fc.weight"].numpy().copy()
     assert first.shape == (8, 64)
 
@@ -244,6 +246,7 @@ def test_client_keeps_classifier_local_and_sends_prototypes(
     keys = set(reply3.content.array_records["arrays"])
     assert "classifier.fc.weight" in keys and any(k.startswith("stems.infrared") for k in keys)
     assert PROTOTYPES_KEY not in reply3.content.array_records
+    assert reply3.content.metric_records["metrics"]["proto-seconds"] == 0.0
 
 
 def test_client_without_partition_config_is_a_clear_error(

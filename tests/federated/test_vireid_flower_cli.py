@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from veilface.cli.fed import BENCH_TASKS
@@ -38,7 +41,7 @@ def test_fed_bench_task_defaults_and_threads_reach_the_configs(
     assert (p.rounds_per_domain, p.local_epochs, p.threads) == (8, 2, 2)
 
 
-def test_fed_bench_refuses_zero_threads(tmp_path: object) -> None:
+def test_fed_bench_refuses_zero_threads(tmp_path: Path) -> None:
     from veilface.errors import InvalidArgument
     from veilface.federated.bench_pad import PADBenchConfig, run_pad_bench
     from veilface.federated.bench_vireid import VIReIDBenchConfig, run_vireid_bench
@@ -58,3 +61,12 @@ def test_fed_bench_rejects_unknown_task_and_protocol(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         parser.parse_args(["fed", "bench", "--task", "vireid", "--protocol", "everyone"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_site_seconds_sum_the_rounds_of_run_json(tmp_path: Path) -> None:
+    from veilface.federated.bench_vireid import _site_seconds
+
+    rounds = {"1": {"train-seconds": 2.0, "proto-seconds": 0.5}, "2": {"train-seconds": 3.0}}
+    (tmp_path / "run.json").write_text(json.dumps({"train_metrics": rounds}))
+    assert _site_seconds(tmp_path, 4) == {"train": 20.0, "proto": 2.0}
+    assert _site_seconds(tmp_path / "missing", 4) == {}
