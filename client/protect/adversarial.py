@@ -116,6 +116,8 @@ PRESETS: Final[Mapping[CloakPresetName, CloakPreset]] = {
 }
 
 _MOMENTUM: Final = 1.0
+#: Stages whose feature maps the feature term pushes away (mid-level: they transfer best).
+_FEATURE_STAGES: Final = slice(1, 4)
 _SSIM_PENALTY: Final = 20.0
 
 
@@ -225,9 +227,10 @@ def _objective(
             _, clean_maps = model.features(clean_crops[model.crop_size])
         cos = F.cosine_similarity(emb, anchor.repeat(reps, 1), dim=1).mean()
         feat = first.new_zeros(())
-        for a, c in zip(maps[1:4], clean_maps[1:4], strict=True):
+        stages = list(zip(maps, clean_maps, strict=True))[_FEATURE_STAGES]
+        for a, c in stages:
             feat = feat + ((a - c) ** 2).mean() / (c**2).mean().clamp(min=1e-6)
-        total = total + cos - feature_weight * feat / 3.0
+        total = total + cos - feature_weight * feat / len(stages)
         sims += float(cos.detach())
     return total / len(ensemble.models), sims / len(ensemble.models)
 
