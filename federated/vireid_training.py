@@ -53,6 +53,7 @@ __all__ = [
     "load_state_arrays",
     "local_accuracy",
     "local_train",
+    "make_optimizer",
     "modality_bn_copy",
     "state_arrays",
 ]
@@ -237,6 +238,24 @@ def _prototype_loss(
     return pull + contrast
 
 
+def make_optimizer(
+    model: TwoStreamReID, classifier: IdentityClassifier, config: LocalTrainConfig
+) -> torch.optim.Adam:
+    """Adam over the encoder (stems and backbone at ``lr * backbone_lr_mult``), GeM and
+    BN-neck, and the classifier (at ``lr``), with ``config.weight_decay``."""
+    head_params = list(model.neck.parameters()) + list(model.pool.parameters())
+    head_ids = {id(p) for p in head_params}
+    base = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
+    return torch.optim.Adam(
+        [
+            {"params": base, "lr": config.lr * config.backbone_lr_mult},
+            {"params": [p for p in head_params if p.requires_grad], "lr": config.lr},
+            {"params": list(classifier.parameters()), "lr": config.lr},
+        ],
+        weight_decay=config.weight_decay,
+    )
+
+
 def local_train(
     model: TwoStreamReID,
     classifier: IdentityClassifier,
@@ -246,6 +265,7 @@ def local_train(
     *,
     prototypes: Prototypes | None = None,
     round_seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
     """Train ``model`` and ``classifier`` in place on one site's data.
 
@@ -264,6 +284,10 @@ def local_train(
         ``config.proto_weight > 0``.
     round_seed : int, keyword-only
         Mixed into the sampling seed so rounds differ.
+    optimizer : torch.optim.Optimizer, optional, keyword-only
+        Reused across calls when given (centralized training keeps one Adam
+        state over all its epochs); default a fresh :func:`make_optimizer`,
+        as each federated round starts anew.
 
     Returns
     -------
@@ -277,17 +301,7 @@ def local_train(
         raise InvalidArgument(f"labels must be ({len(data)},), got {labels.shape}")
     rng = np.random.default_rng(config.seed * 1000 + round_seed)
     gen = torch.Generator().manual_seed(config.seed * 1000 + round_seed)
-    head_params = list(model.neck.parameters()) + list(model.pool.parameters())
-    head_ids = {id(p) for p in head_params}
-    base = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
-    opt = torch.optim.Adam(
-        [
-            {"params": base, "lr": config.lr * config.backbone_lr_mult},
-            {"params": [p for p in head_params if p.requires_grad], "lr": config.lr},
-            {"params": list(classifier.parameters()), "lr": config.lr},
-        ],
-        weight_decay=config.weight_decay,
-    )
+    opt = optimizer if optimizer is not None else make_optimizer(model, classifier, config)
     x_all = _to_tensor(data.images)
     mods = torch.from_numpy(data.modalities)
     pids_all = torch.from_numpy(data.pids)

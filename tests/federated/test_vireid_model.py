@@ -229,3 +229,33 @@ def test_package_exports_match_submodules() -> None:
         assert name in importlib.import_module(f"veilface.federated.{module}").__all__
     with pytest.raises(AttributeError):
         fed.no_such_name  # noqa: B018
+
+
+def test_local_train_reuses_a_given_optimizer_and_otherwise_starts_fresh() -> None:
+    import numpy as np
+
+    from veilface.federated.proxy_vireid import ReIDArrays
+    from veilface.federated.vireid_training import LocalTrainConfig, local_train, make_optimizer
+
+    torch.manual_seed(0)
+    model = TwoStreamReID(**TINY)
+    head = IdentityClassifier(model.feature_dim, 4)
+    rng = np.random.default_rng(0)
+    data = ReIDArrays(
+        images=rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8),
+        pids=np.repeat(np.arange(4), 4).astype(np.int64),
+        camids=np.ones(16, np.int64),
+        modalities=np.zeros(16, np.int64),
+    )
+    labels = data.pids.copy()
+    cfg = LocalTrainConfig(epochs=1, batch_ids=2, batch_instances=2)
+    opt = make_optimizer(model, head, cfg)
+    local_train(model, head, data, labels, cfg, optimizer=opt)
+    p = head.fc.weight
+    steps = int(opt.state[p]["step"])
+    assert steps == 4  # 16 images / (2 x 2) batches
+    local_train(model, head, data, labels, cfg, optimizer=opt, round_seed=1)
+    assert int(opt.state[p]["step"]) == 2 * steps  # the Adam state carried over
+    before = head.fc.weight.detach().clone()
+    local_train(model, head, data, labels, cfg, round_seed=2)  # a fresh optimiser
+    assert int(opt.state[p]["step"]) == 2 * steps and not torch.equal(before, head.fc.weight)
