@@ -312,9 +312,9 @@ def cloak(
         anchors = [
             F.normalize(m(_crops(x0, squares, gen, False, m.crop_size))) for m in ens.models
         ]
-    # start from a small random point inside the box (helps leave the flat region)
     # the perturbation lives on a grid `cfg.grid` times coarser than the pixels and is
-    # upsampled: smooth perturbations cost less SSIM and survive JPEG and resampling
+    # upsampled: smooth perturbations cost less SSIM and survive JPEG and resampling.
+    # It starts from a small random point inside the box (helps leave the flat region).
     grid_shape = (1, 3, math.ceil(height / cfg.grid), math.ceil(width / cfg.grid))
     param = (torch.rand(grid_shape, generator=gen) * 2 - 1) * eps * 0.25
 
