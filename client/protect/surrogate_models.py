@@ -1,8 +1,15 @@
-"""The surrogate face recognizers' architectures (our own small CNNs, no torchvision).
+"""The surrogate face recognizers' architectures (our own definitions, no torchvision).
 
-Three architectures, different enough that a perturbation fooling all of them
-is less tied to one model's quirks (which is what makes it transfer to an
-unseen recognizer such as dlib's):
+``"mnv2"`` (shipped, the default)
+    :class:`ImageNetMobileNet`: MobileNetV2 up to its 320-channel block,
+    initialised from ImageNet weights (:func:`load_imagenet_features`) before
+    face training, 112 px crops. The only one strong enough (held-out AUC
+    0.95) for its perturbations to move dlib's recognizer.
+
+Three small nets trained from scratch on 64 px crops, kept for experiments
+(``load_ensemble(dir, archs=...)``) but no longer shipped: they reach AUC
+0.73-0.80 on LFW alone and, added to the ensemble, pulled the perturbation
+toward directions that fool only them (``docs/protection.md``):
 
 ``"resnet"``
     :class:`SmallResNet`: a 4-stage ResNet with basic blocks (PReLU, BN),
