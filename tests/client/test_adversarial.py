@@ -197,5 +197,9 @@ def test_imagenet_mobilenet_surrogate_loads_the_deep_sort_weights(tmp_path: Path
     # a file of another network is refused, not half-loaded
     bad = tmp_path / "other.pt"
     torch.save({"features.0.0.weight": torch.zeros(8, 3, 3, 3)}, bad)
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(InvalidArgument, match="does not fit"):
         load_imagenet_features(ImageNetMobileNet(), bad)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(InvalidArgument, match="cannot be read"):
+        load_imagenet_features(ImageNetMobileNet(), junk)
