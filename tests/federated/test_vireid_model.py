@@ -259,3 +259,12 @@ def test_local_train_reuses_a_given_optimizer_and_otherwise_starts_fresh() -> No
     before = head.fc.weight.detach().clone()
     local_train(model, head, data, labels, cfg, round_seed=2)  # a fresh optimiser
     assert int(opt.state[p]["step"]) == 2 * steps and not torch.equal(before, head.fc.weight)
+    # a fractional epoch trains on that share of an epoch's batches
+    local_train(model, head, data, labels, LocalTrainConfig(epochs=0.5, batch_ids=2,
+                batch_instances=2), optimizer=opt, round_seed=3)
+    assert int(opt.state[p]["step"]) == 2 * steps + 2
+    local_train(model, head, data, labels, LocalTrainConfig(epochs=1.5, batch_ids=2,
+                batch_instances=2), optimizer=opt, round_seed=4)
+    assert int(opt.state[p]["step"]) == 2 * steps + 2 + 6
+    with pytest.raises(InvalidArgument, match="local epochs must be > 0"):
+        local_train(model, head, data, labels, LocalTrainConfig(epochs=0.0))

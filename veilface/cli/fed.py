@@ -31,13 +31,21 @@ def _default_lfw() -> Path:
 def _bench_vireid(args: argparse.Namespace) -> dict[str, Any]:
     from veilface.federated.bench_vireid import VIReIDBenchConfig, run_vireid_bench
 
+    given = {
+        key: value
+        for key, value in (
+            ("rounds", args.rounds),
+            ("local_epochs", args.local_epochs),
+            ("lr", args.lr),
+            ("server_momentum", args.server_momentum),
+        )
+        if value is not None  # otherwise VIReIDBenchConfig's default
+    }
     cfg = VIReIDBenchConfig(
         lfw_dir=str(args.lfw or _default_lfw()),
         work_dir=str(args.work_dir),
         protocol=args.protocol,
-        rounds=args.rounds if args.rounds is not None else 10,
-        local_epochs=args.local_epochs if args.local_epochs is not None else 1,
-        lr=args.lr if args.lr is not None else 3e-3,
+        **given,
         num_train_ids=args.train_ids,
         num_test_ids=args.test_ids,
         image_size=args.image_size,
@@ -71,6 +79,12 @@ def _print_vireid(result: dict[str, Any]) -> None:
     print(f"total {result['seconds']['total']:.0f} s; plot {result['plot']}")
 
 
+def _whole(value: float, flag: str) -> int:
+    if not float(value).is_integer():
+        raise InvalidArgument(f"{flag} must be a whole number for this task, got {value}")
+    return int(value)
+
+
 def _bench_pad(args: argparse.Namespace) -> dict[str, Any]:
     from veilface.federated.bench_pad import PADBenchConfig, run_pad_bench
 
@@ -81,7 +95,9 @@ def _bench_pad(args: argparse.Namespace) -> dict[str, Any]:
         work_dir=str(args.work_dir),
         image_size=args.image_size,
         rounds_per_domain=args.rounds if args.rounds is not None else 8,
-        local_epochs=args.local_epochs if args.local_epochs is not None else 2,
+        local_epochs=(
+            _whole(args.local_epochs, "--local-epochs") if args.local_epochs is not None else 2
+        ),
         seed=args.seed,
         threads=args.threads,
     )
@@ -120,9 +136,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("--lfw", type=Path, help="LFW folder (default $VEILFACE_DATA/lfw or "
                    "../shared/data/lfw)")
     b.add_argument("--rounds", type=int, help="federated rounds (task default)")
-    b.add_argument("--local-epochs", type=int,
-                   help="local epochs per round (vireid 1, pad 2)")
+    b.add_argument("--local-epochs", type=float,
+                   help="local epochs per round (vireid 0.5, pad 2; vireid may be fractional)")
     b.add_argument("--lr", type=float, help="vireid: Adam learning rate of every method (0.003)")
+    b.add_argument("--server-momentum", type=float,
+                   help="vireid: FedAvgM beta of the l2rw method (0.5); 0 = plain averaging")
     b.add_argument("--protocol", default="camera-isolation",
                    choices=("camera-isolation", "entity-isolation", "entity-sharing"),
                    help="vireid: site partition (camera-isolation)")
