@@ -74,6 +74,7 @@ class VIReIDBenchConfig:
     lr: float = 3e-3
     proto_weight: float = 1.0
     server_momentum: float = 0.5
+    proto_source: str = "local"
     num_clients: int = 4
     seed: int = 0
     threads: int = 2
@@ -131,6 +132,7 @@ def _federated(
         "lr": cfg.lr,
         "proto-weight": cfg.proto_weight,
         "server-momentum": cfg.server_momentum,
+        "proto-source": cfg.proto_source,
         "seed": cfg.seed,
         "min-available-nodes": cfg.num_clients,
         "min-train-nodes": cfg.num_clients,

@@ -19,6 +19,10 @@ Run-config keys (``[tool.flwr.app.config]`` or ``--run-config``), defaults in
 - ``local-epochs`` (may be fractional: 0.5 = half an epoch's batches per
   round), ``lr``, ``batch-ids``, ``batch-instances``, ``proto-weight``,
   ``seed``: local training (:class:`LocalTrainConfig`).
+- ``proto-source``: ``"local"`` (default: each site embeds its images for
+  its prototypes with the model it has just trained) or ``"global"`` (with
+  the global model it received, before training: every site's prototypes
+  then share one embedding space).
 - ``server-momentum``: FedAvgM's beta for ``l2rw`` (0 = plain averaging;
   :class:`~veilface.federated.vireid_strategy.PrototypeFedAvg`); the
   ``fedavg`` baseline ignores it.
@@ -105,6 +109,7 @@ __all__ = [
 ]
 
 METHODS: tuple[str, ...] = ("l2rw", "fedavg")
+PROTO_SOURCES: tuple[str, ...] = ("local", "global")
 CLASSIFIER_STATE_KEY = "vireid-classifier"
 _CLASSIFIER_PREFIX = "classifier."
 
@@ -125,6 +130,7 @@ VIREID_DEFAULTS: dict[str, Any] = {
     "batch-instances": 4,
     "proto-weight": 1.0,
     "server-momentum": 0.5,
+    "proto-source": "local",
     "seed": 0,
     "width-mult": 1.0,
     "last-channel": 0,
@@ -158,6 +164,10 @@ def vireid_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidArgument("num-server-rounds must be >= 1")
     if not float(cfg["local-epochs"]) > 0:
         raise InvalidArgument(f"local-epochs must be > 0, got {cfg['local-epochs']!r}")
+    if cfg["proto-source"] not in PROTO_SOURCES:
+        raise InvalidArgument(
+            f"run-config proto-source={cfg['proto-source']!r}; expected one of {PROTO_SOURCES}"
+        )
     if not 0.0 <= float(cfg["server-momentum"]) < 1.0:
         raise InvalidArgument(
             f"server-momentum must be in [0, 1), got {cfg['server-momentum']!r}"
@@ -387,6 +397,12 @@ def client_train(msg: Message, context: Context) -> Message:
         pids, vectors, counts = read_prototypes(msg.content.array_records.get(PROTOTYPES_KEY))
         if pids.size:
             protos = Prototypes(pids, vectors, counts)
+    early: Prototypes | None = None
+    proto_seconds = 0.0
+    if cfg["method"] == "l2rw" and cfg["proto-source"] == "global":
+        t = time.monotonic()
+        early = compute_prototypes(model, data)  # the received model: one space for all sites
+        proto_seconds = time.monotonic() - t
     t0 = time.monotonic()
     stats = local_train(
         model, classifier, data, labels, _train_config(cfg), prototypes=protos,
@@ -405,7 +421,7 @@ def client_train(msg: Message, context: Context) -> Message:
             for k, v in arrays.items()
             if not (k.startswith("stems.") and k.split(".")[1] not in held)
         }
-        local = compute_prototypes(model, data)
+        local = early if early is not None else compute_prototypes(model, data)
         content[PROTOTYPES_KEY] = prototypes_record(local.pids, local.vectors, local.counts)
     else:
         arrays.update({_CLASSIFIER_PREFIX + k: v for k, v in state_arrays(classifier).items()})
@@ -413,7 +429,9 @@ def client_train(msg: Message, context: Context) -> Message:
     metrics: dict[str, float] = {k: float(v) for k, v in stats.items()}
     metrics["num-examples"] = float(len(data))
     metrics["train-seconds"] = train_seconds  # local_train only
-    metrics["proto-seconds"] = time.monotonic() - t1 if cfg["method"] == "l2rw" else 0.0
+    if cfg["method"] == "l2rw":
+        proto_seconds += time.monotonic() - t1
+    metrics["proto-seconds"] = proto_seconds
     content["metrics"] = MetricRecord(metrics)  # type: ignore[arg-type]
     return Message(content=content, reply_to=msg)
 

@@ -56,7 +56,7 @@ from veilface.federated.vireid_strategy import (
     prototypes_record,
     read_prototypes,
 )
-from veilface.federated.vireid_training import state_arrays
+from veilface.federated.vireid_training import compute_prototypes, state_arrays
 
 TWO_CAMERAS = (PROXY_CAMERAS[0], PROXY_CAMERAS[2])  # one visible, one infrared
 
@@ -180,6 +180,8 @@ def test_dispatch_and_config_errors() -> None:
         vireid_config({**base, "protocol": "x"})
     with pytest.raises(InvalidArgument, match="pretrained=true needs width-mult=1.0"):
         vireid_config({**base, "width-mult": 0.5, "pretrained": True})
+    with pytest.raises(InvalidArgument, match="proto-source='server'"):
+        vireid_config({**base, "proto-source": "server"})
     with pytest.raises(InvalidArgument, match="local-epochs must be > 0"):
         vireid_config({**base, "local-epochs": 0})
     with pytest.raises(InvalidArgument, match=r"server-momentum must be in \[0, 1\)"):
@@ -238,6 +240,19 @@ def test_client_keeps_classifier_local_and_sends_prototypes(
     assert reply2.content.metric_records["metrics"]["proto_loss"] > 0
     second = ctx.state.array_records[CLASSIFIER_STATE_KEY]["fc.weight"].numpy()
     assert not np.array_equal(first, second)
+
+    # proto-source=global: the prototypes are those of the received model, not the trained one
+    gcfg = {**cfg, "proto-source": "global"}
+    gctx = Context(1, 0, {"partition-id": 1, "num-partitions": 2}, RecordDict(), gcfg)
+    gmsg = _train_message(gcfg, 1)
+    greply = client_train(gmsg, gctx)
+    received = build_model(gcfg)
+    data = partition(load_proxy(cfg["data-dir"], "train"), cfg["protocol"], 1, 2)
+    expected = compute_prototypes(received, data)
+    gpids, gvectors, _ = read_prototypes(greply.content.array_records[PROTOTYPES_KEY])
+    assert gpids.tolist() == expected.pids.tolist()
+    np.testing.assert_allclose(gvectors, expected.vectors, atol=1e-5)
+    assert not np.allclose(vectors, gvectors, atol=1e-3)  # local ones came after training
 
     ev = client_evaluate(_train_message(cfg, 2), ctx)
     m = ev.content.metric_records["metrics"]

@@ -38,6 +38,7 @@ def _bench_vireid(args: argparse.Namespace) -> dict[str, Any]:
             ("local_epochs", args.local_epochs),
             ("lr", args.lr),
             ("server_momentum", args.server_momentum),
+            ("proto_source", args.proto_source),
         )
         if value is not None  # otherwise VIReIDBenchConfig's default
     }
@@ -141,6 +142,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("--lr", type=float, help="vireid: Adam learning rate of every method (0.003)")
     b.add_argument("--server-momentum", type=float,
                    help="vireid: FedAvgM beta of the l2rw method (0.5); 0 = plain averaging")
+    b.add_argument("--proto-source", choices=("local", "global"),
+                   help="vireid: l2rw sites embed their prototypes with the model they just "
+                   "trained (local, default) or with the global model they received (global)")
     b.add_argument("--protocol", default="camera-isolation",
                    choices=("camera-isolation", "entity-isolation", "entity-sharing"),
                    help="vireid: site partition (camera-isolation)")
