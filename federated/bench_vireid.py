@@ -74,7 +74,7 @@ class VIReIDBenchConfig:
     lr: float = 3e-3
     proto_weight: float = 1.0
     server_momentum: float = 0.5
-    proto_source: str = "local"
+    proto_source: str = "global"
     num_clients: int = 4
     seed: int = 0
     threads: int = 2

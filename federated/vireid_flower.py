@@ -19,10 +19,10 @@ Run-config keys (``[tool.flwr.app.config]`` or ``--run-config``), defaults in
 - ``local-epochs`` (may be fractional: 0.5 = half an epoch's batches per
   round), ``lr``, ``batch-ids``, ``batch-instances``, ``proto-weight``,
   ``seed``: local training (:class:`LocalTrainConfig`).
-- ``proto-source``: ``"local"`` (default: each site embeds its images for
-  its prototypes with the model it has just trained) or ``"global"`` (with
-  the global model it received, before training: every site's prototypes
-  then share one embedding space).
+- ``proto-source``: ``"global"`` (default: each site embeds its images for
+  its prototypes with the global model it received, before training, so
+  every site's prototypes share one embedding space) or ``"local"`` (with
+  the model it has just trained, as L2RW).
 - ``server-momentum``: FedAvgM's beta for ``l2rw`` (0 = plain averaging;
   :class:`~veilface.federated.vireid_strategy.PrototypeFedAvg`); the
   ``fedavg`` baseline ignores it.
@@ -130,7 +130,7 @@ VIREID_DEFAULTS: dict[str, Any] = {
     "batch-instances": 4,
     "proto-weight": 1.0,
     "server-momentum": 0.5,
-    "proto-source": "local",
+    "proto-source": "global",
     "seed": 0,
     "width-mult": 1.0,
     "last-channel": 0,

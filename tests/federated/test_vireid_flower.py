@@ -211,7 +211,7 @@ def _train_message(cfg: dict[str, Any], round_: int, protos: ArrayRecord | None 
 def test_client_keeps_classifier_local_and_sends_prototypes(
     proxy_dir: Path, task_identity: None
 ) -> None:
-    cfg = vireid_config(_overrides(proxy_dir, method="l2rw"))
+    cfg = vireid_config({**_overrides(proxy_dir, method="l2rw"), "proto-source": "local"})
     ctx = Context(
         run_id=1,
         node_id=0,

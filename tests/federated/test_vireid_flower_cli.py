@@ -36,17 +36,17 @@ def test_fed_bench_task_defaults_and_threads_reach_the_configs(
     v = seen["v"]
     assert isinstance(v, bench_vireid.VIReIDBenchConfig)
     assert (v.rounds, v.local_epochs, v.lr, v.threads) == (20, 0.5, 3e-3, 1)
-    assert v.server_momentum == 0.5 and v.proto_source == "local"
+    assert v.server_momentum == 0.5 and v.proto_source == "global"
     BENCH_TASKS["vireid"][0](
         parser.parse_args(
             ["fed", "bench", "--task", "vireid", "--local-epochs", "1", "--server-momentum", "0",
-             "--proto-source", "global"]
+             "--proto-source", "local"]
         )
     )
     v = seen["v"]
     assert isinstance(v, bench_vireid.VIReIDBenchConfig)
     assert (v.rounds, v.local_epochs, v.server_momentum) == (20, 1.0, 0.0)
-    assert v.proto_source == "global"
+    assert v.proto_source == "local"
     BENCH_TASKS["pad"][0](parser.parse_args(["fed", "bench", "--task", "pad"]))
     p = seen["p"]
     assert isinstance(p, bench_pad.PADBenchConfig)

@@ -143,8 +143,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("--server-momentum", type=float,
                    help="vireid: FedAvgM beta of the l2rw method (0.5); 0 = plain averaging")
     b.add_argument("--proto-source", choices=("local", "global"),
-                   help="vireid: l2rw sites embed their prototypes with the model they just "
-                   "trained (local, default) or with the global model they received (global)")
+                   help="vireid: l2rw sites embed their prototypes with the global model they "
+                   "received (global, default) or with the model they just trained (local)")
     b.add_argument("--protocol", default="camera-isolation",
                    choices=("camera-isolation", "entity-isolation", "entity-sharing"),
                    help="vireid: site partition (camera-isolation)")
