@@ -265,6 +265,10 @@ def run_vireid_bench(cfg: VIReIDBenchConfig, *, progress: bool = True) -> dict[s
 
     if cfg.rounds < 1 or cfg.threads < 1 or not cfg.local_epochs > 0:
         raise InvalidArgument("rounds and threads must be >= 1, local_epochs > 0")
+    if not 0.0 <= cfg.server_momentum < 1.0:
+        raise InvalidArgument(f"server_momentum must be in [0, 1), got {cfg.server_momentum}")
+    if cfg.proto_source not in ("local", "global"):
+        raise InvalidArgument(f"proto_source must be 'local' or 'global', got {cfg.proto_source!r}")
     if cfg.protocol == "camera-isolation" and cfg.num_clients != len(PROXY_CAMERAS):
         raise InvalidArgument(
             f"camera isolation has one client per proxy camera: num_clients must be "

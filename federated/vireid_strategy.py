@@ -171,11 +171,11 @@ class PrototypeFedAvg(FedAvg):
                 if np.issubdtype(dtype, np.integer):
                     mean = np.rint(mean)
                 elif base is not None and _has_momentum(key, self.server_momentum):
-                    step = mean - base.astype(np.float64)
+                    prev = base.astype(np.float64)
                     vel = self.velocity.get(key)
-                    vel = step if vel is None else self.server_momentum * vel + step
+                    vel = mean - prev if vel is None else self.server_momentum * vel + mean - prev
                     self.velocity[key] = vel
-                    mean = base.astype(np.float64) + vel
+                    mean = prev + vel
                 out[key] = Array(np.asarray(mean, dtype=dtype))
             elif base is not None:
                 out[key] = Array(np.asarray(base))

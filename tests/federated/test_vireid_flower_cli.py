@@ -64,6 +64,10 @@ def test_fed_bench_refuses_zero_threads(tmp_path: Path) -> None:
 
     with pytest.raises(InvalidArgument, match="threads"):
         run_vireid_bench(VIReIDBenchConfig(lfw_dir="x", work_dir=str(tmp_path), threads=0))
+    with pytest.raises(InvalidArgument, match="server_momentum"):
+        run_vireid_bench(VIReIDBenchConfig("x", str(tmp_path), server_momentum=1.5))
+    with pytest.raises(InvalidArgument, match="proto_source"):
+        run_vireid_bench(VIReIDBenchConfig("x", str(tmp_path), proto_source="server"))
     with pytest.raises(InvalidArgument, match="threads"):
         run_pad_bench(
             PADBenchConfig(lfw_dir="x", samples_dir="y", work_dir=str(tmp_path), threads=0)
