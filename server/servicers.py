@@ -16,8 +16,10 @@ from veilface.errors import InvalidArgument
 from veilface.proto.v1 import veilface_pb2 as pb
 from veilface.proto.v1 import veilface_pb2_grpc as pb_grpc
 from veilface.server.auth import TokenIndex, require_admin, require_tenant
+from veilface.server.enrollment import BulkChunk
 from veilface.server.errors_map import mapped
-from veilface.server.service import BinScore, BulkChunk, GalleryService, KeyView, hash_token
+from veilface.server.identification import BinScore
+from veilface.server.service import GalleryService, KeyView, hash_token
 from veilface.server.store.records import StagedRecord
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
@@ -107,7 +109,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
     @mapped
     async def ReserveSlots(self, request: pb.ReserveSlotsRequest, context: Ctx) -> pb.ReserveSlotsResponse:
         require_tenant(request.tenant_id)
-        res = await self.service.reserve(request.tenant_id, request.key_id, request.label, request.count)
+        res = await self.service.enrollment.reserve(request.tenant_id, request.key_id, request.label, request.count)
         return pb.ReserveSlotsResponse(
             reservation_id=res.reservation_id,
             bin_id=res.bin_id,
@@ -131,7 +133,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
                     raise InvalidArgument("only the first message names the reservation and handles")
                 yield list(msg.ciphertexts)
 
-        res, version = await self.service.enroll(
+        res, version = await self.service.enrollment.enroll(
             first.tenant_id,
             first.key_id,
             first.reservation_id,
@@ -162,7 +164,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
                     [(r.bin_id, r.version) for r in c.replaces],
                 )
 
-        bins, subjects = await self.service.bulk_enroll(chunks(), tenant)
+        bins, subjects = await self.service.enrollment.bulk_enroll(chunks(), tenant)
         return pb.BulkEnrollResponse(bins=len(bins), subjects=subjects, bin_ids=bins)
 
     @mapped
@@ -172,7 +174,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
         require_tenant(request.tenant_id)
         from veilface.server.store.blobs import unpack_blobs
 
-        found = await self.service.fetch_subject_bin(request.tenant_id, request.handle)
+        found = await self.service.enrollment.fetch_subject_bin(request.tenant_id, request.handle)
         if isinstance(found, StagedRecord):
             return pb.FetchSubjectBinResponse(key_id=found.key_id, staged=True)
         key_id, info, slot, blob = found
@@ -188,7 +190,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
     @mapped
     async def DeleteSubject(self, request: pb.DeleteSubjectRequest, context: Ctx) -> pb.DeleteSubjectResponse:
         require_tenant(request.tenant_id)
-        version = await self.service.delete_subject(
+        version = await self.service.enrollment.delete_subject(
             request.tenant_id,
             request.handle,
             request.bin_id,
@@ -200,7 +202,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
     @mapped
     async def ListBins(self, request: pb.ListBinsRequest, context: Ctx) -> pb.ListBinsResponse:
         require_tenant(request.tenant_id)
-        found = await self.service.list_key_bins(request.tenant_id, request.key_id)
+        found = await self.service.enrollment.list_key_bins(request.tenant_id, request.key_id)
         return pb.ListBinsResponse(
             bins=[pb.BinRef(bin_id=b, label=lab, version=v, subjects=n) for b, lab, v, n in found]
         )
@@ -210,7 +212,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
         require_tenant(request.tenant_id)
         from veilface.server.store.blobs import unpack_blobs
 
-        key_id, info, subjects, blob = await self.service.fetch_bin(request.tenant_id, request.bin_id)
+        key_id, info, subjects, blob = await self.service.enrollment.fetch_bin(request.tenant_id, request.bin_id)
         return pb.FetchBinResponse(
             key_id=key_id,
             bin_id=info.bin_id,
@@ -224,7 +226,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
     @mapped
     async def EnrollStaged(self, request: pb.EnrollStagedRequest, context: Ctx) -> pb.EnrollStagedResponse:
         require_tenant(request.tenant_id)
-        staged_id = await self.service.enroll_staged(
+        staged_id = await self.service.enrollment.enroll_staged(
             request.tenant_id, request.key_id, request.label, request.handle, request.ciphertext
         )
         return pb.EnrollStagedResponse(staged_id=staged_id)
@@ -232,7 +234,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
     @mapped
     async def FetchStaged(self, request: pb.FetchStagedRequest, context: Ctx) -> pb.FetchStagedResponse:
         require_tenant(request.tenant_id)
-        found = await self.service.fetch_staged(request.tenant_id, request.key_id, request.limit)
+        found = await self.service.enrollment.fetch_staged(request.tenant_id, request.key_id, request.limit)
         return pb.FetchStagedResponse(
             staged=[
                 pb.StagedTemplate(staged_id=r.staged_id, handle=r.handle, label=r.label, ciphertext=r.blob)
@@ -279,7 +281,7 @@ class IdentificationServicer(pb_grpc.IdentificationServicer):
         mode = _MODES.get(request.mode)
         if mode is None:
             raise InvalidArgument("search mode must be SEARCH_MODE_STRICT or SEARCH_MODE_ROUTED")
-        scores, searched, query_id, staged = await self.service.preselect(
+        scores, searched, query_id, staged = await self.service.identification.preselect(
             request.tenant_id, request.key_id, mode, list(request.labels), list(request.probe_ciphertexts)
         )
         return pb.ScoresResponse(
@@ -292,7 +294,7 @@ class IdentificationServicer(pb_grpc.IdentificationServicer):
     @mapped
     async def ScoreCandidates(self, request: pb.ScoreCandidatesRequest, context: Ctx) -> pb.ScoresResponse:
         require_tenant(request.tenant_id)
-        scores = await self.service.score_candidates(
+        scores = await self.service.identification.score_candidates(
             request.tenant_id,
             request.key_id,
             [(c.bin_id, list(c.slots)) for c in request.candidates],
@@ -304,7 +306,7 @@ class IdentificationServicer(pb_grpc.IdentificationServicer):
     @mapped
     async def Verify(self, request: pb.VerifyRequest, context: Ctx) -> pb.VerifyResponse:
         require_tenant(request.tenant_id)
-        slot, scores = await self.service.verify(
+        slot, scores = await self.service.identification.verify(
             request.tenant_id, request.key_id, request.handle, list(request.probe_ciphertexts)
         )
         return pb.VerifyResponse(key_id=request.key_id, slot=slot, scores=scores)
@@ -314,7 +316,7 @@ class IdentificationServicer(pb_grpc.IdentificationServicer):
         self, request: pb.ResolveHandlesRequest, context: Ctx
     ) -> pb.ResolveHandlesResponse:
         require_tenant(request.tenant_id)
-        found = await self.service.resolve_handles(
+        found = await self.service.identification.resolve_handles(
             request.tenant_id, [(c.bin_id, list(c.slots)) for c in request.slots]
         )
         return pb.ResolveHandlesResponse(

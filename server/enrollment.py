@@ -1,0 +1,359 @@
+"""Enrollment: slot reservations, contributions, bulk import, staging, deletion.
+
+Every method checks its input at the boundary before any ciphertext is
+deserialized, and makes a write durable before acknowledging it. The shared
+pieces (key views, the worker pool, background tasks) live in
+:class:`veilface.server.service.GalleryService`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from veilface.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from veilface.server import worker
+from veilface.server.store.blobs import pack_blobs
+from veilface.server.store.records import BinInfo, Reservation, StagedRecord
+from veilface.server.validation import check_count, check_handles, check_label
+
+if TYPE_CHECKING:
+    from veilface.server.service import GalleryService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BulkChunk:
+    tenant_id: str
+    key_id: str
+    label: str
+    handles: Sequence[str]
+    slots: Sequence[int]
+    ciphertexts: Sequence[bytes]
+    replaces: Sequence[tuple[int, int]] = ()  # first chunk: (bin id, version) swapped out at the end
+
+
+@dataclass
+class _Compactions:
+    scheduled: set[int] = field(default_factory=set)
+    last_write: dict[int, float] = field(default_factory=dict)
+
+
+class EnrollmentService:
+    """Writes to a tenant's gallery (enroll, bulk import, staging, delete, re-pack reads)."""
+
+    def __init__(self, core: GalleryService) -> None:
+        self.core = core
+        self.store = core.store
+        self.pool = core.pool
+        self.settings = core.settings
+        self._compactions = _Compactions()
+        self._staged_turn = 0
+
+    async def reserve(self, tenant_id: str, key_id: str, label: str, count: int) -> Reservation:
+        view = await self.core.key(tenant_id, key_id)
+        check_label(label)
+        if count < 1:
+            raise InvalidArgument("reserve at least one slot")
+        limit = min(self.settings.max_reserve, view.layout.capacity)
+        if count > limit:
+            raise ResourceExhausted(f"at most {limit} slots per reservation; use BulkEnroll")
+        return await asyncio.to_thread(
+            self.store.reserve,
+            tenant_id,
+            key_id,
+            label,
+            count,
+            view.layout.capacity,
+            self.settings.reservation_ttl_s,
+        )
+
+    async def enroll(
+        self,
+        tenant_id: str,
+        key_id: str,
+        reservation_id: str,
+        handles: Sequence[str],
+        chunks: AsyncIterator[Sequence[bytes]],
+        staged_id: int = 0,
+    ) -> tuple[Reservation, int]:
+        """Validate a contribution as its ciphertexts stream in, then make it durable.
+
+        With ``staged_id`` the contribution is the fold of that staged
+        template (one handle): the bin delta is written and the staged row
+        removed in one transaction.
+        """
+        view = await self.core.key(tenant_id, key_id)
+        res = await asyncio.to_thread(self.store.get_reservation, tenant_id, reservation_id)
+        if res.key_id != key_id:
+            raise InvalidArgument("the reservation was made for another key")
+        check_handles(handles)
+        if len(handles) != len(res.slots):
+            raise InvalidArgument(f"the reservation holds {len(res.slots)} slots; send as many handles")
+        if staged_id and len(handles) != 1:
+            raise InvalidArgument("a fold of a staged template carries exactly one handle")
+        expected = view.layout.n_ciphertexts
+        blobs: list[bytes] = []
+        checks: list[asyncio.Future[None]] = []
+        try:
+            async for chunk in chunks:
+                if len(blobs) + len(chunk) > expected:
+                    raise InvalidArgument(f"a contribution is {expected} ciphertexts for this key")
+                blobs.extend(chunk)
+                # Each chunk is checked by the next worker while more arrive.
+                worker_idx = len(checks) % self.pool.n
+                checks.append(
+                    asyncio.ensure_future(
+                        self.pool.call(worker_idx, worker.check_part, tenant_id, key_id, list(chunk))
+                    )
+                )
+            check_count(blobs, expected, "contribution")
+            await asyncio.gather(*checks)
+        except BaseException:
+            for c in checks:
+                c.cancel()
+            await asyncio.gather(*checks, return_exceptions=True)
+            raise
+        version = await asyncio.to_thread(
+            self.store.commit_enroll, res, list(handles), pack_blobs(blobs), staged_id
+        )
+        # Durable now: acknowledge. The owner folds the new delta into its
+        # in-memory bin when the bin is next scored or compacted (whichever
+        # comes first), so a burst of enrollments never waits for it.
+        self._schedule_compaction(res.bin_id)
+        return res, version
+
+    async def enroll_staged(
+        self, tenant_id: str, key_id: str, label: str, handle: str, ciphertext: bytes
+    ) -> int:
+        """Keep one template in the key's staging area; acknowledged once durable."""
+        await self.core.key(tenant_id, key_id)
+        check_label(label)
+        check_handles([handle])
+        if not ciphertext:
+            raise InvalidArgument("a staged template is one ciphertext; got none")
+        # Any worker can check it; alternate so two kiosks enrolling at once use both cores.
+        self._staged_turn = (self._staged_turn + 1) % self.pool.n
+        ok = await self.pool.call(self._staged_turn, worker.check_staged, tenant_id, key_id, ciphertext)
+        if not ok:
+            raise FailedPrecondition(
+                "this key's public context has no staged-scoring rotations; "
+                "register a new key (or enroll straight into a bin)"
+            )
+        return await asyncio.to_thread(
+            self.store.stage_template,
+            tenant_id,
+            key_id,
+            label,
+            handle,
+            ciphertext,
+            self.settings.max_staged,
+        )
+
+    async def fetch_staged(self, tenant_id: str, key_id: str, limit: int) -> list[StagedRecord]:
+        await self.core.key(tenant_id, key_id)
+        cap = self.settings.max_staged
+        return await asyncio.to_thread(
+            self.store.staged_templates, tenant_id, key_id, None, limit=min(limit or cap, cap)
+        )
+
+    async def bulk_enroll(self, chunks: AsyncIterator[BulkChunk], tenant_of_call: str) -> tuple[list[int], int]:
+        """Stage every chunk as a new bin; activate them all only at the end.
+
+        A stream whose first chunk names bins it ``replaces`` is a re-pack
+        (routing retrained, key rotation): at the end the named bins go and
+        the new ones take over their handles, in one transaction.
+        """
+        stream_id = secrets.token_hex(12)
+        staged: list[tuple[int, int, str]] = []  # (bin_id, owner, token)
+        replaces: list[tuple[int, int]] = []
+        try:
+            async for chunk in chunks:
+                if chunk.replaces:
+                    if staged or replaces:
+                        raise InvalidArgument("only the first chunk of a stream names the bins it replaces")
+                    if len(chunk.replaces) > self.settings.max_bins_per_request:
+                        raise ResourceExhausted(
+                            f"a re-pack replaces at most {self.settings.max_bins_per_request} bins"
+                        )
+                    replaces = [(int(b), int(v)) for b, v in chunk.replaces]
+                if chunk.tenant_id != tenant_of_call:
+                    raise PermissionDenied("a bulk stream may only write to its own tenant")
+                view = await self.core.key(chunk.tenant_id, chunk.key_id)
+                check_label(chunk.label)
+                check_handles(chunk.handles)
+                if not chunk.handles or len(chunk.handles) != len(chunk.slots):
+                    raise InvalidArgument("each bulk chunk needs one slot per handle, and at least one")
+                view.layout.check_slots(chunk.slots)
+                check_count(chunk.ciphertexts, view.layout.n_ciphertexts, "bin")
+                bin_id = await asyncio.to_thread(
+                    self.store.stage_bin,
+                    chunk.tenant_id,
+                    chunk.key_id,
+                    chunk.label,
+                    stream_id,
+                    list(chunk.handles),
+                    [int(s) for s in chunk.slots],
+                    pack_blobs(chunk.ciphertexts),
+                    repack=bool(replaces),
+                )
+                owner = self.pool.owner(bin_id)
+                try:
+                    token = await self._validate_bin(
+                        chunk.tenant_id, chunk.key_id, list(chunk.ciphertexts), bin_id
+                    )
+                except BaseException:
+                    staged.append((bin_id, owner, ""))
+                    raise
+                staged.append((bin_id, owner, token))
+            if not staged:
+                raise InvalidArgument("empty bulk stream")
+            bins, subjects = await asyncio.to_thread(
+                self.store.activate_stream, stream_id, tenant_of_call, replaces
+            )
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(self.store.abort_stream, stream_id))
+            for _, owner, token in staged:
+                if token:
+                    await self.pool.call(owner, worker.discard, token)
+            raise
+        if replaces:
+            gone = [b for b, _ in replaces]
+            await self.pool.broadcast(worker.forget, gone)
+            for b in gone:
+                self.core.occupancy_cache.pop(b, None)
+            log.info("tenant %s re-packed %d bins into %d", tenant_of_call, len(gone), len(bins))
+        for _, owner, token in staged:  # queued on the owners before any later request
+            self.core.background(self.pool.call(owner, worker.commit, token, 1), "bin fold-in")
+        self._warm_centers(tenant_of_call, [b for b, _, _ in staged])
+        return bins, subjects
+
+    async def _validate_bin(self, tenant_id: str, key_id: str, blobs: list[bytes], bin_id: int) -> str:
+        """Validate a bin's ciphertexts on two workers at once; the owner keeps its half."""
+        owner = self.pool.owner(bin_id)
+        if self.pool.n == 1:
+            return await self.pool.call(owner, worker.validate, tenant_id, key_id, blobs, bin_id)
+        half = len(blobs) // 2
+        results = await asyncio.gather(
+            self.pool.call(owner, worker.validate, tenant_id, key_id, blobs, bin_id, (0, half)),
+            self.pool.call((owner + 1) % self.pool.n, worker.check_part, tenant_id, key_id, blobs[half:]),
+            return_exceptions=True,
+        )
+        token, other = results
+        if isinstance(token, BaseException):
+            raise token
+        if isinstance(other, BaseException):
+            await self.pool.call(owner, worker.discard, token)
+            raise other
+        return str(token)
+
+    def _warm_centers(self, tenant_id: str, bin_ids: Sequence[int]) -> None:
+        """Precompute the bins' scores against the key's center, off the query path."""
+        by_owner: dict[int, list[int]] = {}
+        for b in bin_ids:
+            by_owner.setdefault(self.pool.owner(b), []).append(b)
+        for owner, group in by_owner.items():
+            self.core.background(self._warm(owner, tenant_id, group), "center precompute")
+
+    async def _warm(self, owner: int, tenant_id: str, bin_ids: list[int]) -> None:
+        _, key_id = await asyncio.to_thread(self.store.bin_owner, bin_ids[0])
+        await self.pool.call(owner, worker.precompute_centers, tenant_id, key_id, bin_ids)
+
+    async def list_key_bins(self, tenant_id: str, key_id: str) -> list[tuple[int, str, int, int]]:
+        """(bin id, label, version, subjects) of every active bin of a key."""
+        await self.core.key(tenant_id, key_id)
+        return await asyncio.to_thread(self.store.key_bins, tenant_id, key_id)
+
+    async def fetch_bin(
+        self, tenant_id: str, bin_id: int
+    ) -> tuple[str, BinInfo, list[tuple[int, str]], bytes]:
+        """A bin whole: (key id, info, (slot, handle) pairs, packed ciphertexts)."""
+        info = await asyncio.to_thread(self.store.bin_info, tenant_id, bin_id, with_occupancy=False)
+        key_id = (await asyncio.to_thread(self.store.bin_owner, bin_id))[1]
+        current = await self.pool.call(self.pool.owner(bin_id), worker.current, bin_id)
+        if current is None:
+            raise NotFound("the bin holds no ciphertext")
+        version, blob = current
+        subjects = await asyncio.to_thread(self.store.bin_subjects, bin_id)
+        if version != info.version:
+            raise FailedPrecondition("the bin is changing; try again")
+        return key_id, info, subjects, blob
+
+    async def fetch_subject_bin(
+        self, tenant_id: str, handle: str
+    ) -> tuple[str, BinInfo, int, bytes] | StagedRecord:
+        """The subject's bin (key id, bin, slot, packed ciphertexts), or its staged record."""
+        check_handles([handle])
+        staged = await asyncio.to_thread(self.store.staged_subject, tenant_id, handle)
+        if staged is not None:
+            return staged
+        ref = await asyncio.to_thread(self.store.subject, tenant_id, handle)
+        current = await self.pool.call(self.pool.owner(ref.bin_id), worker.current, ref.bin_id)
+        if current is None:
+            raise NotFound("the subject's bin holds no ciphertext")
+        info = await asyncio.to_thread(self.store.bin_info, tenant_id, ref.bin_id)
+        version, blob = current
+        if version != info.version:
+            raise FailedPrecondition("the bin is changing; try again")
+        return ref.key_id, info, ref.slot, blob
+
+    async def delete_subject(
+        self, tenant_id: str, handle: str, bin_id: int, version: int, ciphertexts: Sequence[bytes]
+    ) -> int:
+        check_handles([handle])
+        if bin_id == 0 and not ciphertexts:  # a staged subject: nothing to re-pack
+            await asyncio.to_thread(self.store.delete_staged, tenant_id, handle)
+            log.info("tenant %s deleted a staged subject", tenant_id)
+            return 0
+        ref = await asyncio.to_thread(self.store.subject, tenant_id, handle)
+        view = await self.core.key(tenant_id, ref.key_id)
+        check_count(ciphertexts, view.layout.n_ciphertexts, "bin")
+        owner = self.pool.owner(bin_id)
+        token = await self.pool.call(owner, worker.validate, tenant_id, ref.key_id, list(ciphertexts), bin_id)
+        await self.pool.call(owner, worker.discard, token)
+        new_version = await asyncio.to_thread(
+            self.store.repack_delete, tenant_id, handle, bin_id, version, pack_blobs(ciphertexts)
+        )
+        await self.pool.call(owner, worker.forget, [bin_id])
+        log.info("tenant %s deleted a subject; bin %d re-packed", tenant_id, bin_id)
+        return new_version
+
+    def _schedule_compaction(self, bin_id: int) -> None:
+        self._compactions.last_write[bin_id] = time.monotonic()
+        if bin_id in self._compactions.scheduled:
+            return
+        self._compactions.scheduled.add(bin_id)
+        self.core.spawn(self._compact(bin_id))
+
+    async def _compact(self, bin_id: int) -> None:
+        # Wait until the bin has been quiet for compact_delay_s, so that a burst
+        # of enrollments costs one rewrite of the bin and never delays them.
+        while True:
+            idle = time.monotonic() - self._compactions.last_write.get(bin_id, 0.0)
+            if idle >= self.settings.compact_delay_s:
+                break
+            await asyncio.sleep(self.settings.compact_delay_s - idle)
+        self._compactions.scheduled.discard(bin_id)
+        try:
+            current = await self.pool.call(self.pool.owner(bin_id), worker.current, bin_id)
+            if current is not None:
+                version, blob = current
+                await asyncio.to_thread(self.store.compact, bin_id, blob, version)
+                tenant_id, key_id = await asyncio.to_thread(self.store.bin_owner, bin_id)
+                await self.pool.call(
+                    self.pool.owner(bin_id), worker.precompute_centers, tenant_id, key_id, [bin_id]
+                )
+        except Exception:  # compaction is an optimisation; the deltas stay valid
+            log.exception("compaction of bin %d failed", bin_id)
