@@ -45,6 +45,17 @@ class ParamSet:
     def scale(self) -> float:
         return float(2**self.log_scale)
 
+    @property
+    def max_ciphertext_bytes(self) -> int:
+        """Upper bound on a serialized fresh (two-component) ciphertext of this set.
+
+        Two polynomials of N 64-bit words per data prime (the last prime is the
+        key-switching prime, absent from ciphertexts), plus SEAL's header; used
+        to refuse an oversized blob the moment it arrives, before any parsing.
+        """
+        data_primes = len(self.coeff_modulus_bits) - 1
+        return 2 * self.poly_modulus_degree * data_primes * 8 + 1024
+
     def seal_parameters(self) -> seal.EncryptionParameters:
         parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
         parms.set_poly_modulus_degree(self.poly_modulus_degree)

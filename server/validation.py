@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from veilface.errors import InvalidArgument
+from veilface.errors import InvalidArgument, ResourceExhausted
 
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -45,3 +45,12 @@ def check_label(label: str) -> str:
 def check_count(items: Sequence[bytes], expected: int, what: str) -> None:
     if len(items) != expected:
         raise InvalidArgument(f"a {what} is {expected} ciphertexts for this key, got {len(items)}")
+
+
+def check_blob_sizes(blobs: Sequence[bytes], max_each: int, what: str) -> None:
+    """Refuse any blob over ``max_each`` bytes before it is parsed or kept."""
+    for i, b in enumerate(blobs):
+        if len(b) > max_each:
+            raise ResourceExhausted(
+                f"{what} ciphertext {i} is {len(b)} bytes; at most {max_each} for this key"
+            )
