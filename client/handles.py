@@ -14,6 +14,12 @@ What a handle hides and what it does not:
   so the tenant can find, verify and delete a subject by id): the server
   sees when two requests name the same subject, and a handle from one
   tenant key never matches one from another key.
+
+Each tenant key has its own handle key, and key rotation draws a new one
+(:meth:`veilface.client.tenant_state.TenantState.rotated`): the re-pack
+gives every subject a new handle, unlinkable to the old one without both
+keys, so handles are renewable (ISO/IEC 24745). A handle decodes only under
+the key that made it; use the old key's codec to read old handles.
 """
 
 from __future__ import annotations

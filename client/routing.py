@@ -5,23 +5,34 @@ into ``nlist`` lists. Each template is enrolled into the bins of its nearest
 list, and a query names its ``nprobe`` nearest lists. The server never sees
 centroids or list ids, only a keyed *label* per list:
 
-    label(list_id) = hex(HMAC-SHA256(label_key, f"{version}:{list_id}")[:16])
+    label(list_id) = hex(HMAC-SHA256(label_key, json([DOMAIN, key_id, version, list_id]))[:16])
 
-so labels are unlinkable across tenants (keys) and across router versions
-(re-training bumps the version, and with it every label).
+so labels are unlinkable across tenants and tenant keys (each key has its own
+label key, and the key id is part of the message, so no (key, version, list)
+input repeats across keys even under one label key) and across router
+versions (re-training bumps the version, and with it every label). Routers
+saved before key ids entered the labels (format ``veilface-router/1``, no
+``key_id``) keep their old labels, ``f"{version}:{list_id}"``, so galleries
+enrolled under them still route; any re-training or key rotation moves to
+the new labels.
 
 What routing leaks to the server, even with decoys: the size of every list
 (how many templates each label holds) and, per query, the set of labels
-named. :meth:`Router.decoy_labels` adds labels of other lists chosen
-uniformly at random, so a single query does not show which of the named
-lists are the probe's nearest. Decoys do **not** hide:
+named. :meth:`Router.query_labels` adds decoys drawn as whole fake queries
+(:meth:`Router.decoy_lists`: the nearest lists of a fake probe placed near
+a list drawn in proportion to its training size), so that neither a
+label's size nor which labels come together tells a decoy from a real list;
+the SDK re-ranks every named label alike (``veilface.client.search``).
+Decoys do **not** hide:
 
 - the real lists across repeated queries of the same person: real labels
   recur and decoys vary, so intersecting the label sets of linked queries
   exposes them;
-- popularity: when list sizes or query frequencies are skewed, uniform decoys
-  are statistically distinguishable from real picks over many queries;
-- anything in the scores' timing or the number of bins per list.
+- popularity beyond the training sizes: when the gallery grew unevenly
+  since training, or some people are queried far more often than others,
+  decoys drawn by training size are distinguishable over many queries;
+- a decoy list that holds no bin (the server sees a label matching nothing);
+- anything in the scores' timing.
 
 Use the ``strict`` mode (score every bin) where that is not acceptable.
 
@@ -35,10 +46,11 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import faiss
@@ -49,7 +61,10 @@ from veilface.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "veilface-router/1"
+FORMAT = "veilface-router/2"
+#: Routers saved before the key id entered the labels (read, never written).
+LEGACY_FORMAT = "veilface-router/1"
+LABEL_DOMAIN = "veilface-label/2"
 LABEL_KEY_BYTES = 32
 LABEL_BYTES = 16
 #: faiss warns below this many training points per centroid.
@@ -106,11 +121,23 @@ class Router:
     label_key
         32-byte HMAC key of the labels. Secret: persist it only sealed
         (:class:`veilface.client.tenant_state.TenantState`).
+    key_id
+        The tenant key whose lists these are; part of every label's HMAC
+        message. ``None`` only for routers of the legacy format (labels
+        without key id, kept so that their galleries still route).
+    list_sizes, list_spread
+        Training templates per list, and their RMS distance per dimension
+        to their centroid (``None`` for routers saved before they were
+        kept): fake queries of decoys are drawn from them
+        (:meth:`decoy_lists`).
     """
 
     centroids: Float32Array = field(repr=False)
     version: int
     label_key: bytes = field(repr=False)
+    key_id: str | None = None
+    list_sizes: tuple[int, ...] | None = field(default=None, repr=False)
+    list_spread: float | None = field(default=None, repr=False)
     _index: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -127,9 +154,23 @@ class Router:
             raise InvalidArgument(
                 f"a label key is {LABEL_KEY_BYTES} bytes; make one with secrets.token_bytes(32)"
             )
+        if self.key_id is not None and (not isinstance(self.key_id, str) or not self.key_id):
+            raise InvalidArgument("a router's key id must be a non-empty string (or None: legacy labels)")
+        if self.list_sizes is not None:
+            sizes = tuple(int(n) for n in self.list_sizes)
+            if len(sizes) != cents.shape[0] or min(sizes) < 0:
+                raise InvalidArgument("list sizes must be one count >= 0 per list")
+            object.__setattr__(self, "list_sizes", sizes)
+        if self.list_spread is not None and not (
+            np.isfinite(self.list_spread) and 0.0 <= float(self.list_spread) < 10.0
+        ):
+            raise InvalidArgument("list spread must be a finite value in [0, 10)")
 
     def __repr__(self) -> str:
-        return f"Router(nlist={self.nlist}, dim={self.dim}, version={self.version})"
+        return (
+            f"Router(nlist={self.nlist}, dim={self.dim}, version={self.version}, "
+            f"key_id={self.key_id!r})"
+        )
 
     @property
     def nlist(self) -> int:
@@ -150,6 +191,7 @@ class Router:
         *,
         nlist: int,
         label_key: bytes,
+        key_id: str | None = None,
         version: int = 1,
         seed: int = 0,
         niter: int = 20,
@@ -165,6 +207,9 @@ class Router:
             39 * nlist points (a warning is logged below that).
         label_key
             32-byte secret key of the list labels.
+        key_id
+            The tenant key the lists serve (enters every label). ``None``
+            gives legacy labels without key id: only for tests and old files.
         version
             Router version; use the previous version + 1 when re-training.
         seed, niter
@@ -200,7 +245,12 @@ class Router:
         km = faiss.Kmeans(d, nlist, niter=niter, spherical=True, seed=seed, gpu=gpu, verbose=False)
         km.train(x)
         logger.info("trained router: nlist=%d dim=%d version=%d gpu=%s", nlist, d, version, gpu)
-        return cls(np.array(km.centroids, dtype="float32"), version, label_key)
+        router = cls(np.array(km.centroids, dtype="float32"), version, label_key, key_id)
+        assigned = router.assign(x)
+        sizes = np.bincount(assigned, minlength=nlist)
+        residual = x - router.centroids[assigned]
+        spread = float(np.sqrt(np.mean(np.sum(residual.astype(np.float64) ** 2, axis=1)) / d))
+        return replace(router, list_sizes=tuple(int(n) for n in sizes), list_spread=spread)
 
     # -- routing ----------------------------------------------------------------
 
@@ -268,9 +318,17 @@ class Router:
     def label(self, list_id: int) -> str:
         """The opaque label of a list: 32 hex characters.
 
-        HMAC-SHA256(label_key, f"{version}:{list_id}") truncated to 16 bytes.
+        HMAC-SHA256(label_key, m) truncated to 16 bytes, where ``m`` is the
+        compact JSON ``[LABEL_DOMAIN, key_id, version, list_id]`` (legacy
+        routers, ``key_id`` None: ``f"{version}:{list_id}"``).
         """
-        msg = f"{self.version}:{self._check_id(list_id)}".encode("ascii")
+        list_id = self._check_id(list_id)
+        if self.key_id is None:
+            msg = f"{self.version}:{list_id}".encode("ascii")
+        else:
+            msg = json.dumps(
+                [LABEL_DOMAIN, self.key_id, self.version, list_id], separators=(",", ":")
+            ).encode("utf-8")
         return hmac.new(self.label_key, msg, hashlib.sha256).digest()[:LABEL_BYTES].hex()
 
     def labels(self, list_ids: Iterable[int] | npt.NDArray[np.integer[Any]]) -> list[str]:
@@ -330,7 +388,72 @@ class Router:
         are real.
         """
         real = [self._check_id(i) for i in np.asarray(list(list_ids)).ravel()]
-        return sorted(set(self.labels(real)) | set(self.decoy_labels(real, decoys, rng)))
+        fake = self.decoy_lists(real, decoys, group=len(set(real)), rng=rng)
+        return sorted(set(self.labels(real)) | set(self.labels(fake)))
+
+    def decoy_lists(
+        self,
+        exclude: Iterable[int],
+        count: int,
+        *,
+        group: int,
+        rng: np.random.Generator | None = None,
+    ) -> list[int]:
+        """``count`` decoy lists drawn as whole fake queries of ``group`` lists each.
+
+        A real query names the ``nprobe`` lists nearest its probe. Uniform
+        decoys differ from that twice over: the server sees each label's
+        size, and a probe's nearest list is a large list more often; and over
+        many queries real labels keep coming with their neighbours while
+        uniform decoys come with anything. So each fake query here is a fake
+        probe: the centroid of a list drawn in proportion to
+        :attr:`list_sizes` (uniformly when unknown) among the lists not
+        taken, plus isotropic Gaussian noise of the templates' spread around
+        their centroids (:attr:`list_spread`, measured at training; none
+        when unknown); its nearest ``group`` lists not taken join the
+        decoys (fewer for the last fake query). Lists in ``exclude`` (the
+        real ones) are never taken. Draws use the OS CSPRNG unless ``rng``
+        is given (tests: a server that could predict the decoys could tell
+        them apart).
+
+        This matches a real query's distribution only as far as the
+        training gallery and an isotropic spread describe the probes; the
+        residual bias is measured in ``tests/client/test_search.py``.
+
+        Returns
+        -------
+        list of int
+            ``count`` distinct list ids, none in ``exclude``.
+        """
+        excluded = {self._check_id(i) for i in exclude}
+        free = [i for i in range(self.nlist) if i not in excluded]
+        if not isinstance(count, int) or not 0 <= count <= len(free):
+            raise InvalidArgument(
+                f"cannot pick {count!r} decoys: only {len(free)} lists are not excluded"
+            )
+        if not isinstance(group, int) or group < 1:
+            raise InvalidArgument(f"a decoy group holds at least one list, got {group!r}")
+        sizes = np.asarray(self.list_sizes or [1] * self.nlist, dtype=np.float64)
+        spread = self.list_spread or 0.0
+        sysrand = secrets.SystemRandom()
+        chosen: list[int] = []
+        while len(chosen) < count:
+            taken = excluded | set(chosen)
+            seeds = [i for i in range(self.nlist) if i not in taken]
+            weights = sizes[seeds]
+            if weights.sum() <= 0:
+                weights = np.ones(len(seeds))
+            if rng is None:
+                seed = sysrand.choices(seeds, weights=weights.tolist())[0]
+                noise = np.array([sysrand.gauss(0.0, 1.0) for _ in range(self.dim)])
+            else:
+                seed = int(rng.choice(seeds, p=weights / weights.sum()))
+                noise = rng.standard_normal(self.dim)
+            fake = self.centroids[seed] + spread * noise
+            near = self.probe_lists(fake / np.linalg.norm(fake), self.nlist)
+            members = [int(j) for j in near if int(j) not in taken]
+            chosen.extend(members[: min(group, count - len(chosen))])
+        return chosen
 
     # -- persistence ------------------------------------------------------------
 
@@ -338,7 +461,9 @@ class Router:
         """A JSON-serializable dict. It holds the secret label key: seal it."""
         cents = np.ascontiguousarray(self.centroids, dtype="<f4")
         return {
-            "format": FORMAT,
+            # a legacy router stays legacy: its labels are what its bins carry
+            "format": LEGACY_FORMAT if self.key_id is None else FORMAT,
+            **({} if self.key_id is None else {"key_id": self.key_id}),
             "version": self.version,
             "label_key": base64.b64encode(self.label_key).decode("ascii"),
             "centroids": {
@@ -346,6 +471,8 @@ class Router:
                 "shape": [int(s) for s in cents.shape],
                 "data": base64.b64encode(cents.tobytes()).decode("ascii"),
             },
+            **({} if self.list_sizes is None else {"list_sizes": list(self.list_sizes)}),
+            **({} if self.list_spread is None else {"list_spread": float(self.list_spread)}),
         }
 
     @classmethod
@@ -358,10 +485,14 @@ class Router:
             Not a router dict of this format, or inconsistent fields.
         """
         try:
-            if data["format"] != FORMAT:
+            fmt = data["format"]
+            if fmt not in (FORMAT, LEGACY_FORMAT):
                 raise InvalidArgument(
-                    f"not a router of format {FORMAT!r} (got {data['format']!r}); upgrade veilface?"
+                    f"not a router of format {FORMAT!r} (got {fmt!r}); upgrade veilface?"
                 )
+            key_id = data["key_id"] if fmt == FORMAT else None
+            if fmt == LEGACY_FORMAT and "key_id" in data:
+                raise InvalidArgument("a legacy router dict cannot carry a key id")
             cents = data["centroids"]
             shape = tuple(int(s) for s in cents["shape"])
             if cents["dtype"] != "<f4" or len(shape) != 2:
@@ -369,12 +500,27 @@ class Router:
             raw = base64.b64decode(cents["data"], validate=True)
             label_key = base64.b64decode(data["label_key"], validate=True)
             version = data["version"]
+            sizes = data.get("list_sizes")  # optional: absent in routers saved before them
+            spread = data.get("list_spread")
         except (KeyError, TypeError, binascii.Error) as exc:
             raise InvalidArgument(f"router dict is malformed ({type(exc).__name__})") from exc
         if len(raw) != 4 * shape[0] * shape[1]:
             raise InvalidArgument("router centroid data does not match its shape")
         centroids = np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
-        return cls(centroids, version, label_key)
+        if sizes is not None and (
+            not isinstance(sizes, list) or not all(isinstance(n, int) for n in sizes)
+        ):
+            raise InvalidArgument("router list sizes must be a list of integers")
+        if spread is not None and not isinstance(spread, (int, float)):
+            raise InvalidArgument("router list spread must be a number")
+        return cls(
+            centroids,
+            version,
+            label_key,
+            key_id,
+            None if sizes is None else tuple(sizes),
+            None if spread is None else float(spread),
+        )
 
 
-__all__ = ["LABEL_BYTES", "LABEL_KEY_BYTES", "Router"]
+__all__ = ["LABEL_BYTES", "LABEL_DOMAIN", "LABEL_KEY_BYTES", "Router"]

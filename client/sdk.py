@@ -9,69 +9,75 @@ preselection top-K, final top-1, threshold.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
+from veilface.client import convert
+from veilface.client.convert import KeyInfo, TenantInfo
 from veilface.client.protect import ProtectedImage
 from veilface.client.routing import Router
+from veilface.client.search import (  # the result types are re-exported from here
+    Candidate,  # noqa: F401
+    Identification,
+    QueryStats,
+    Searcher,
+    SearchMode,
+    SearchOptions,
+    Verification,
+)
+from veilface.client.slot_maps import SlotMaps
 from veilface.client.tenant_state import TenantState
 from veilface.client.transport import Transport
 from veilface.crypto.tenant_crypto import TenantCrypto
-from veilface.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from veilface.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from veilface.proto.v1 import veilface_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
 
-
-@dataclass(frozen=True)
-class Candidate:
-    subject_id: str
-    handle: str
-    score: float
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
-@dataclass
-class QueryStats:
-    """Where the time and bytes of one query went (for benchmarks)."""
+def _not_for_kiosk(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Refuse the method, before any RPC, when the client's state is a kiosk export.
 
-    encrypt_ms: float = 0.0
-    preselect_ms: float = 0.0
-    rerank_ms: float = 0.0
-    decrypt_ms: float = 0.0
-    total_ms: float = 0.0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    bins_preselected: int = 0
-    bins_reranked: int = 0
-    searched_templates: int = 0
+    A kiosk (``TenantState.role == "kiosk"``, a query-scope token) only
+    identifies and verifies; the server would refuse the rest too, but
+    this says why before anything is encrypted or sent.
+    """
 
+    def wrap(method: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(method)
+        def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            state = getattr(args[0], "state", None)
+            if getattr(state, "role", "full") == "kiosk":
+                raise PermissionDenied(
+                    f"this tenant state is a kiosk export: it identifies and verifies only; "
+                    f"{what} needs the back office's full state and a token with that scope"
+                )
+            return method(*args, **kwargs)
 
-@dataclass
-class Identification:
-    """Result of a 1:N search. ``match`` applies the tenant's threshold to ``score``."""
+        return guarded
 
-    subject_id: str | None
-    score: float
-    match: bool
-    candidates: list[Candidate] = field(default_factory=list)
-    stats: QueryStats = field(default_factory=QueryStats)
-
-
-@dataclass(frozen=True)
-class Verification:
-    subject_id: str
-    score: float
-    match: bool
+    return wrap
 
 
 @dataclass(frozen=True)
@@ -97,17 +103,19 @@ class BulkReceipt:
 
 @dataclass(frozen=True)
 class RepackReport:
-    """What a re-pack did: subjects moved, bins before and after, the key they are under."""
+    """What a re-pack did: subjects moved, bins before and after, the key they are under.
+
+    For a key rotation also the photos re-sealed under the new key, and
+    those left under the old one when that step failed after the gallery
+    moved (finish with :func:`veilface.client.repack.reseal_photos`).
+    """
 
     subjects: int
     old_bins: int
     new_bins: int
     key_id: str
-
-
-def _bits(occupancy: bytes, capacity: int) -> npt.NDArray[np.bool_]:
-    arr = np.unpackbits(np.frombuffer(occupancy, dtype=np.uint8), bitorder="little")
-    return arr[:capacity].astype(bool)
+    photos: int = 0
+    photo_subjects_left: int = 0
 
 
 class VeilClient:
@@ -118,7 +126,11 @@ class VeilClient:
     target : ``host:port`` of the server
     state : the tenant's keys, routing and thresholds (:class:`TenantState`)
     token : the tenant's API token
-    root_cert : PEM root certificate to verify the server (TLS); None for plaintext
+    root_cert : PEM root certificate to verify the server (TLS). Without it a
+        loopback target is plaintext and any other target is TLS against the
+        system roots (``client/transport.py``)
+    insecure : allow plaintext to a non-loopback target that has no root_cert
+        (logged as a warning: the token travels in clear)
     encrypt_workers : processes that encrypt in parallel (0 or 1: in this process)
     """
 
@@ -129,6 +141,7 @@ class VeilClient:
         *,
         token: str,
         root_cert: Path | None = None,
+        insecure: bool = False,
         timeout_s: float = 300.0,
         encrypt_workers: int = 2,
     ) -> None:
@@ -137,12 +150,23 @@ class VeilClient:
         self.layout = self.crypto.layout
         self._mix = state.mixing_matrix()
         self._handles = state.handles()
-        self.transport = Transport(target, token=token, root_cert=root_cert, timeout_s=timeout_s)
+        self.transport = Transport(
+            target, token=token, root_cert=root_cert, insecure=insecure, timeout_s=timeout_s
+        )
         self._folder: ThreadPoolExecutor | None = None
         self._folds: set[Future[None]] = set()
         self._folds_lock = threading.Lock()
         self._staging = True  # False once the server says this key cannot stage
         self._center_checked = False
+        # Identification stages; keeps this key's copy of the bins' slot -> handle maps.
+        self._search = Searcher(
+            self.transport,
+            self.crypto,
+            self._handles,
+            SlotMaps(),
+            tenant_id=state.tenant_id,
+            key_id=state.key_id,
+        )
 
     def close(self) -> None:
         """Finish pending folds of staged enrollments, then close the channel."""
@@ -184,6 +208,7 @@ class VeilClient:
         c = getattr(self.state, "center", None)
         return np.zeros(self.state.dim) if c is None else np.asarray(c, dtype=np.float64)
 
+    @_not_for_kiosk("calibrating the key")
     def calibrate(self, embeddings: npt.ArrayLike) -> None:
         """Fix the centering vector from the tenant's own templates (once per key).
 
@@ -199,6 +224,7 @@ class VeilClient:
         self.state.center = self.normalize(embeddings).mean(axis=0)
         self.register_center()
 
+    @_not_for_kiosk("registering the centering vector")
     def register_center(self) -> None:
         """Send the encrypted centering vector (the server adds ``(x - mu) . mu`` at re-ranking)."""
         mixed = self._mix @ self.center
@@ -259,8 +285,9 @@ class VeilClient:
 
     # -- tenant ---------------------------------------------------------
 
-    def register_key(self) -> pb.KeyInfo:
-        """Register the public context (and the center, if already fixed)."""
+    @_not_for_kiosk("registering a key")
+    def register_key(self) -> KeyInfo:
+        """Register the public context (and the center, if already fixed); the key as registered."""
         keys = self.state.keys()
         resp = self.transport.call(
             self.transport.tenants.RegisterKey,
@@ -272,16 +299,17 @@ class VeilClient:
         )
         if getattr(self.state, "center", None) is not None and not resp.key.has_center:
             self.register_center()
-        key: pb.KeyInfo = resp.key
-        return key
+        return convert.key_info_from_proto(resp.key)
 
-    def describe(self) -> pb.DescribeTenantResponse:
-        resp: pb.DescribeTenantResponse = self.transport.call(
+    def describe(self) -> TenantInfo:
+        """The tenant's keys with their parameters and counts (subjects, bins, bytes at rest)."""
+        resp = self.transport.call(
             self.transport.tenants.DescribeTenant,
             pb.DescribeTenantRequest(tenant_id=self.state.tenant_id),
         )
-        return resp
+        return convert.tenant_info_from_proto(resp)
 
+    @_not_for_kiosk("training the routing lists")
     def train_routing(
         self, embeddings: npt.ArrayLike, *, nlist: int, seed: int = 0, force: bool = False
     ) -> Router:
@@ -303,12 +331,18 @@ class VeilClient:
         x = (self.normalize(embeddings) @ self._mix.T).astype(np.float32)
         version = (self.state.router.version + 1) if self.state.router else 1
         self.state.router = Router.train(
-            x, nlist=nlist, label_key=self.state.label_key, version=version, seed=seed
+            x,
+            nlist=nlist,
+            label_key=self.state.label_key,
+            key_id=self.state.key_id,
+            version=version,
+            seed=seed,
         )
         return self.state.router
 
     # -- enrollment -----------------------------------------------------
 
+    @_not_for_kiosk("enrolling")
     def enroll(
         self,
         subject_id: str,
@@ -391,6 +425,7 @@ class VeilClient:
             if f.exception(timeout=timeout_s) is not None:
                 continue  # logged by the done callback; the template stays staged
 
+    @_not_for_kiosk("folding staged templates")
     def fold_staged(self, *, limit: int = 0) -> int:
         """Fold staged templates left by any client of this key (for example one that died).
 
@@ -457,27 +492,32 @@ class VeilClient:
         for i, lab in enumerate(labels):
             order.setdefault(lab, []).append(i)
         cap = self.layout.capacity
+        # The first chunk declares how many follow: the server imports
+        # nothing unless that many arrive (a cut stream leaves nothing).
+        plan = [
+            (lab, rows[i : i + cap]) for lab, rows in order.items() for i in range(0, len(rows), cap)
+        ]
         bar = tqdm(total=len(x), unit="tpl", desc="encrypting bins", disable=not progress)
         try:
-            for lab, rows in order.items():
-                for start in range(0, len(rows), cap):
-                    idx = rows[start : start + cap]
-                    slots = list(range(len(idx)))
-                    cts = self.crypto.encrypt_contribution(x[idx], slots)
-                    bar.update(len(idx))
-                    yield pb.BulkEnrollChunk(
-                        tenant_id=self.state.tenant_id,
-                        key_id=self.state.key_id,
-                        label=lab,
-                        handles=[handles[i] for i in idx],
-                        slots=slots,
-                        ciphertexts=cts,
-                        replaces=list(replaces) if first else [],
-                    )
-                    first = False
+            for lab, idx in plan:
+                slots = list(range(len(idx)))
+                cts = self.crypto.encrypt_contribution(x[idx], slots)
+                bar.update(len(idx))
+                yield pb.BulkEnrollChunk(
+                    tenant_id=self.state.tenant_id,
+                    key_id=self.state.key_id,
+                    label=lab,
+                    handles=[handles[i] for i in idx],
+                    slots=slots,
+                    ciphertexts=cts,
+                    replaces=list(replaces) if first else [],
+                    total_bins=len(plan) if first else 0,
+                )
+                first = False
         finally:
             bar.close()
 
+    @_not_for_kiosk("bulk enrollment")
     def enroll_many(
         self, subject_ids: Sequence[str], embeddings: npt.ArrayLike, *, progress: bool = False
     ) -> BulkReceipt:
@@ -495,12 +535,13 @@ class VeilClient:
         )
         return BulkReceipt(resp.bins, resp.subjects)
 
+    @_not_for_kiosk("re-packing or rotating the gallery")
     def repack(
         self,
         *,
         nlist: int | None = None,
         target: VeilClient | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         progress: bool = False,
     ) -> RepackReport:
         """Re-pack this key's whole gallery in one atomic swap.
@@ -508,9 +549,14 @@ class VeilClient:
         ``nlist``: retrain the routing lists on the gallery itself (as it
         grows) and regroup every template under the new lists. ``target``:
         a client of a new key of the same tenant (key rotation, see
-        :meth:`TenantState.rotated`); the gallery moves to it. The old bins
+        :meth:`TenantState.rotated`); the gallery moves to it under new
+        handles, new list labels, in a random order, and the subjects'
+        photos are then re-sealed under the new key. The old bins
         keep serving until the server swaps them out in one transaction
         (FAILED_PRECONDITION if one changed meanwhile: run it again).
+        ``seed``: k-means seed of the retrained lists (default 0 for a
+        re-pack, a random one for a rotation, so that the new lists are not
+        the old ones under new names).
         """
         from veilface.client.repack import repack
 
@@ -522,7 +568,7 @@ class VeilClient:
         self,
         embedding: npt.ArrayLike,
         *,
-        mode: str = "strict",
+        mode: str | SearchMode = "strict",
         k: int = 32,
         nprobe: int = 8,
         decoys: int = 0,
@@ -533,173 +579,46 @@ class VeilClient:
     ) -> Identification:
         """1:N search: preselect on the first coordinates, re-rank the top ``k``, decide.
 
+        The stages are in :mod:`veilface.client.search`; in routed mode every
+        named label, decoy or real, is re-ranked alike, and the winner's
+        handle is read from this client's own slot maps (no request names it).
+
         Parameters
         ----------
         embedding : float array [dim]
-        mode : ``strict`` (every bin) or ``routed`` (the ``nprobe`` nearest lists)
+        mode : ``strict`` (every bin) or ``routed`` (the ``nprobe`` nearest lists);
+            a :class:`~veilface.client.search.SearchMode` or its value
         k : candidates kept after preselection; their bins are scored in full
-            (0: score every searched bin in full, exact but with no saving)
+            (0: score every searched bin in full, exact but with no saving).
+            Routed mode gives each named label ``ceil(k / real lists)`` of them
         top_n : candidates returned (with handles), best first
-        rerank_all_above : when the candidates' bins are at least this share of
-            the searched bins, every searched bin is re-ranked
-        decoys : extra random lists searched in routed mode, to blur which are real
+        rerank_all_above : when the re-ranked bins would be at least this share
+            of the searched bins, every searched bin is re-ranked
+        decoys : extra lists searched in routed mode, drawn as fake queries, to
+            blur which are real (ignored in strict mode)
         threshold : cosine threshold for ``match`` (default: the tenant's)
+        rng : generator for the decoys (tests only; default: the OS CSPRNG)
         """
         t0 = time.perf_counter()
+        opts = SearchOptions(SearchMode.parse(mode), k, nprobe, decoys, top_n, rerank_all_above)
         self._check_center()
         stats = QueryStats()
         xn = self.normalize(embedding)
         x, offset = self.prepare_probe(xn, centered=True)
         probe = self.crypto.encrypt_probe(x)
-        x_route = self._mix @ xn[0]
         stats.encrypt_ms = (time.perf_counter() - t0) * 1e3
-        labels: list[str] = []
-        if mode == "routed":
-            router = self.state.router
-            if router is None:
-                raise FailedPrecondition("routed mode needs trained routing (train_routing)")
-            lists = router.probe_lists(x_route.astype(np.float32), min(nprobe, router.nlist))
-            # real and decoy labels together, sorted, decoys from the OS CSPRNG
-            labels = router.query_labels(np.asarray(lists).reshape(-1).tolist(), decoys=decoys, rng=rng)
-        elif mode != "strict":
-            raise InvalidArgument("mode must be 'strict' or 'routed'")
-        req = pb.PreselectRequest(
-            tenant_id=self.state.tenant_id,
-            key_id=self.state.key_id,
-            mode=pb.SEARCH_MODE_ROUTED if mode == "routed" else pb.SEARCH_MODE_STRICT,
-            labels=labels,
-            probe_ciphertexts=probe,
+        result = self._search.identify(
+            probe,
+            offset,
+            self._mix @ xn[0],
+            opts,
+            router=self.state.router,
+            threshold=self.state.threshold if threshold is None else threshold,
+            stats=stats,
+            rng=rng,
         )
-        t1 = time.perf_counter()
-        pre = self.transport.call(self.transport.identification.Preselect, req)
-        stats.preselect_ms = (time.perf_counter() - t1) * 1e3
-        stats.bytes_up += req.ByteSize()
-        stats.bytes_down += pre.ByteSize()
-        stats.bins_preselected = len(pre.bins)
-        stats.searched_templates = pre.searched_templates
-
-        td = time.perf_counter()
-        # Staged templates come back fully scored (the same score in every slot).
-        staged = [
-            Candidate(
-                self._handles.decode(t.handle),
-                t.handle,
-                float(np.mean(self.crypto.decrypt_scores(t.scores)) + offset),
-            )
-            for t in pre.staged
-        ]
-        cap = self.layout.capacity
-        presel: dict[int, FloatArray] = {}
-        cand_bins, cand_slots, cand_scores = [], [], []
-        for b in pre.bins:
-            scores = self._decrypt(b)
-            presel[b.bin_id] = scores
-            occ = np.flatnonzero(_bits(b.occupancy, cap))
-            cand_bins.append(np.full(occ.size, b.bin_id))
-            cand_slots.append(occ)
-            cand_scores.append(scores[occ])
-        stats.decrypt_ms += (time.perf_counter() - td) * 1e3
-        if not cand_scores or sum(c.size for c in cand_scores) == 0:
-            return self._decide(staged, stats, t0, threshold, top_n)
-        all_bins = np.concatenate(cand_bins)
-        all_slots = np.concatenate(cand_slots)
-        all_scores = np.concatenate(cand_scores)
-        groups: dict[int, list[int]] = {}
-        if k <= 0:  # exhaustive: every searched bin is scored in full
-            top = np.argsort(-all_scores)[:top_n]
-            groups = {b.bin_id: [] for b in pre.bins}
-        else:
-            top = np.argsort(-all_scores)[:k]
-        for i in top:
-            groups.setdefault(int(all_bins[i]), []).append(int(all_slots[i]))
-        if len(groups) >= rerank_all_above * len(pre.bins):
-            # The candidates already span most searched bins: scoring the rest
-            # too costs little more and makes the search exact over them.
-            for b in pre.bins:
-                groups.setdefault(b.bin_id, [])
-
-        req2 = pb.ScoreCandidatesRequest(
-            tenant_id=self.state.tenant_id,
-            key_id=self.state.key_id,
-            candidates=[pb.CandidateSlots(bin_id=b, slots=s) for b, s in groups.items()],
-            query_id=pre.query_id,  # the server still holds the probe
-        )
-        t2 = time.perf_counter()
-        try:
-            rest = self.transport.call(self.transport.identification.ScoreCandidates, req2)
-        except NotFound:  # the server forgot the probe (restart, expiry): send it again
-            req2.query_id = ""
-            req2.probe_ciphertexts.extend(probe)
-            rest = self.transport.call(self.transport.identification.ScoreCandidates, req2)
-        stats.rerank_ms = (time.perf_counter() - t2) * 1e3
-        stats.bytes_up += req2.ByteSize()
-        stats.bytes_down += rest.ByteSize()
-        stats.bins_reranked = len(rest.bins)
-
-        td = time.perf_counter()
-        # Every slot of a re-ranked bin now has its full score.
-        f_bins, f_slots, f_scores = [], [], []
-        known: dict[tuple[int, int], str] = {}
-        for b in rest.bins:
-            full = presel[b.bin_id] + self._decrypt(b) + offset
-            occ = np.flatnonzero(_bits(b.occupancy, cap))
-            f_bins.append(np.full(occ.size, b.bin_id))
-            f_slots.append(occ)
-            f_scores.append(full[occ])
-            known.update({(b.bin_id, int(s)): h for s, h in zip(b.slots, b.handles, strict=True)})
-        stats.decrypt_ms += (time.perf_counter() - td) * 1e3
-        if not f_scores or sum(f.size for f in f_scores) == 0:
-            return self._decide(staged, stats, t0, threshold, top_n)
-        fb, fs, fv = np.concatenate(f_bins), np.concatenate(f_slots), np.concatenate(f_scores)
-        best = np.argsort(-fv)[:top_n]
-        missing: dict[int, list[int]] = {}
-        for i in best:
-            if (int(fb[i]), int(fs[i])) not in known:
-                missing.setdefault(int(fb[i]), []).append(int(fs[i]))
-        if missing:
-            req3 = pb.ResolveHandlesRequest(
-                tenant_id=self.state.tenant_id,
-                slots=[pb.CandidateSlots(bin_id=b, slots=s) for b, s in missing.items()],
-            )
-            res3 = self.transport.call(self.transport.identification.ResolveHandles, req3)
-            stats.bytes_up += req3.ByteSize()
-            stats.bytes_down += res3.ByteSize()
-            for b in res3.bins:
-                known.update({(b.bin_id, int(s)): h for s, h in zip(b.slots, b.handles, strict=True)})
-        candidates = [
-            Candidate(self._handles.decode(h), h, float(fv[i]))
-            for i in best
-            if (h := known.get((int(fb[i]), int(fs[i])), ""))
-        ]
-        return self._decide(candidates + staged, stats, t0, threshold, top_n)
-
-    def _decide(
-        self,
-        candidates: list[Candidate],
-        stats: QueryStats,
-        t0: float,
-        threshold: float | None,
-        top_n: int,
-    ) -> Identification:
-        """Best score per subject (a template being folded may be seen twice), top-1, threshold."""
-        best: dict[str, Candidate] = {}
-        for c in candidates:
-            if c.handle not in best or c.score > best[c.handle].score:
-                best[c.handle] = c
-        ranked = sorted(best.values(), key=lambda c: -c.score)[:top_n]
         stats.total_ms = (time.perf_counter() - t0) * 1e3
-        if not ranked:
-            return Identification(None, float("-inf"), False, [], stats)
-        first = ranked[0]
-        thr = self.state.threshold if threshold is None else threshold
-        return Identification(first.subject_id, first.score, first.score >= thr, ranked, stats)
-
-    def _decrypt(self, b: pb.BinScores) -> FloatArray:
-        """A bin's scores: one ciphertext, or parts scored by several workers."""
-        if b.score_parts:
-            parts = [self.crypto.decrypt_scores(p) for p in b.score_parts]
-            return np.asarray(np.sum(parts, axis=0), dtype=np.float64)
-        return self.crypto.decrypt_scores(b.scores)
+        return result
 
     def verify(
         self, subject_id: str, embedding: npt.ArrayLike, *, threshold: float | None = None
@@ -707,21 +626,22 @@ class VeilClient:
         """1:1 against a claimed subject; the tenant decrypts and applies its threshold."""
         self._check_center()
         x, offset = self.prepare_probe(embedding)
-        resp = self.transport.call(
-            self.transport.identification.Verify,
-            pb.VerifyRequest(
-                tenant_id=self.state.tenant_id,
-                handle=self._handles.encode(subject_id),
-                key_id=self.state.key_id,
-                probe_ciphertexts=self.crypto.encrypt_probe(x),
-            ),
+        req = convert.verify_request(
+            self.state.tenant_id,
+            self.state.key_id,
+            self._handles.encode(subject_id),
+            self.crypto.encrypt_probe(x),
         )
-        score = float(self.crypto.decrypt_scores(resp.scores)[resp.slot] + offset)
+        reply = convert.verify_from_proto(
+            self.transport.call(self.transport.identification.Verify, req)
+        )
+        score = float(self.crypto.decrypt_scores(reply.scores)[reply.slot] + offset)
         thr = self.state.threshold if threshold is None else threshold
         return Verification(subject_id, score, score >= thr)
 
     # -- photos -----------------------------------------------------------
 
+    @_not_for_kiosk("keeping photos")
     def upload_photo(self, subject_id: str, image: ProtectedImage) -> str:
         """Keep a protected photo of an enrolled subject; returns its photo id.
 
@@ -729,11 +649,11 @@ class VeilClient:
         (made by ``deidentify`` or another protector); it is sealed with the
         tenant's key before it leaves, and deleted with the subject.
         """
-        from veilface.client.photos import photo_key, seal_photo
+        from veilface.client.photos import seal_photo
 
         handle = self._handles.encode(subject_id)
         sealed, method = seal_photo(
-            image, key=photo_key(self.state.handle_key), tenant_id=self.state.tenant_id, handle=handle
+            image, key=self.state.photo_key, tenant_id=self.state.tenant_id, handle=handle
         )
         resp = self.transport.call(
             self.transport.photos.UploadPhoto,
@@ -743,6 +663,7 @@ class VeilClient:
         )
         return str(resp.photo_id)
 
+    @_not_for_kiosk("listing photos")
     def list_photos(self, subject_id: str) -> list[str]:
         resp = self.transport.call(
             self.transport.photos.ListPhotos,
@@ -750,9 +671,10 @@ class VeilClient:
         )
         return list(resp.photo_ids)
 
+    @_not_for_kiosk("fetching photos")
     def fetch_photo(self, photo_id: str) -> tuple[str, bytes, dict[str, object]]:
         """(subject id, JPEG bytes, protection record) of a kept photo."""
-        from veilface.client.photos import open_photo, photo_key
+        from veilface.client.photos import open_photo
 
         resp = self.transport.call(
             self.transport.photos.FetchPhoto,
@@ -760,12 +682,13 @@ class VeilClient:
         )
         jpeg, meta = open_photo(
             resp.sealed_photo,
-            key=photo_key(self.state.handle_key),
+            key=self.state.photo_key,
             tenant_id=self.state.tenant_id,
             handle=resp.handle,
         )
         return self._handles.decode(resp.handle), jpeg, meta
 
+    @_not_for_kiosk("deleting a subject")
     def delete(self, subject_id: str, *, retries: int = 3) -> None:
         """Delete a subject: re-pack its bin without it; the server forgets the handle and its photos."""
         handle = self._handles.encode(subject_id)

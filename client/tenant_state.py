@@ -9,8 +9,16 @@ The file is JSON::
 The clear header says which tenant and key the file belongs to (so tools can
 list files without the passphrase) and is the AAD of the sealed part: it
 cannot be edited without the file failing to open. The sealed part holds the
-CKKS secret key, the label and handle keys, the mixing seed, the router, the
-threshold and the centering vector.
+CKKS secret key, the label, handle and photo keys, the mixing seed, the
+router, the threshold and the centering vector. (Files written before the
+photo key was stored lack it: it is then derived from the handle key, as it
+was when they were written.)
+
+A *kiosk* state (:meth:`TenantState.export_kiosk`, ``veilface keys export
+--role kiosk``) holds only what identifying and verifying need: no photo
+key, and, unless it routes, no router and no label key. Its header carries
+``"role": "kiosk"`` (authenticated like the rest of the header); a full
+state's header has no role field, as before.
 """
 
 from __future__ import annotations
@@ -25,16 +33,23 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from veilface.client.handles import KEY_BYTES as HANDLE_KEY_BYTES
 from veilface.client.handles import HandleCodec
+from veilface.client.photos import PHOTO_KEY_BYTES, legacy_photo_key, new_photo_key
 from veilface.client.routing import LABEL_KEY_BYTES, Router
 from veilface.crypto.keys import TenantKeys
-from veilface.crypto.keystore import SCRYPT_N, open_blob, seal_blob
+from veilface.crypto.keystore import (
+    PassphraseKdf,
+    open_blob,
+    read_passphrase_file,
+    read_private_file,
+    seal_blob,
+)
 from veilface.crypto.params import DEFAULT_PARAM_SET, get_param_set
 from veilface.errors import InvalidArgument, KeystoreError, VeilfaceError
 
@@ -43,6 +58,9 @@ logger = logging.getLogger(__name__)
 FORMAT = "veilface-tenant/1"
 DEFAULT_THRESHOLD = 0.5
 _HEADER_FIELDS = ("format", "tenant_id", "key_id", "param_set", "dim", "presel_dims", "created_at")
+#: What a state is for: ``full`` (the back office: everything) or ``kiosk``
+#: (identify and verify only; the SDK refuses the rest before any RPC).
+ROLES = ("full", "kiosk")
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -81,6 +99,12 @@ class TenantState:
     center
         float64 [dim] centering vector of the templates (fixed once per key
         by the SDK's calibration), or None before calibration.
+    photo_key
+        32-byte AES-256-GCM key of the key's sealed photos. Left empty, it
+        is derived from the handle key (what states written before it was
+        stored used). Empty in a kiosk state.
+    role
+        ``"full"`` or ``"kiosk"`` (see :data:`ROLES`).
     created_at
         ISO 8601 UTC time of creation.
 
@@ -100,6 +124,8 @@ class TenantState:
     threshold: float = DEFAULT_THRESHOLD
     created_at: str = ""
     center: FloatArray | None = field(default=None, repr=False)
+    photo_key: bytes = field(default=b"", repr=False)
+    role: str = "full"
     _keys: TenantKeys | None = field(default=None, init=False, repr=False)
     _mixing: FloatArray | None = field(default=None, init=False, repr=False)
 
@@ -113,10 +139,21 @@ class TenantState:
             raise InvalidArgument(f"template dimension must be an integer >= 2, got {self.dim!r}")
         if not isinstance(self.presel_dims, int) or self.presel_dims < 0:
             raise InvalidArgument(f"presel_dims must be an integer >= 0, got {self.presel_dims!r}")
-        if len(self.label_key) != LABEL_KEY_BYTES:
+        if self.role not in ROLES:
+            raise InvalidArgument(f"a tenant state's role is one of {list(ROLES)}, got {self.role!r}")
+        kiosk = self.role == "kiosk"
+        if len(self.label_key) != LABEL_KEY_BYTES and not (kiosk and not self.label_key and self.router is None):
             raise InvalidArgument(f"the label key must be {LABEL_KEY_BYTES} bytes")
         if len(self.handle_key) != HANDLE_KEY_BYTES:
             raise InvalidArgument(f"the handle key must be {HANDLE_KEY_BYTES} bytes")
+        if kiosk:
+            if self.photo_key:
+                raise InvalidArgument("a kiosk state holds no photo key")
+        else:
+            if not self.photo_key:
+                self.photo_key = legacy_photo_key(self.handle_key)
+            if len(self.photo_key) != PHOTO_KEY_BYTES:
+                raise InvalidArgument(f"the photo key must be {PHOTO_KEY_BYTES} bytes")
         if not self.secret_key:
             raise InvalidArgument("the secret key is empty")
         if not -1.0 <= float(self.threshold) <= 1.0:
@@ -142,6 +179,10 @@ class TenantState:
             )
         if router.label_key != self.label_key:
             raise InvalidArgument("the router's label key is not this tenant's label key")
+        if router.key_id is not None and router.key_id != self.key_id:
+            raise InvalidArgument(
+                f"the router labels lists of key {router.key_id!r}, this state is key {self.key_id!r}"
+            )
 
     # -- creation -----------------------------------------------------------------
 
@@ -174,18 +215,25 @@ class TenantState:
             label_key=secrets.token_bytes(LABEL_KEY_BYTES),
             handle_key=HandleCodec.new_key(),
             mixing_seed=secrets.randbits(128),
+            photo_key=new_photo_key(),
         )
         state._keys = keys
         logger.info("created tenant state for %s (key %s, %s)", tenant_id, key_id, param_set)
         return state
 
     def rotated(self, key_id: str, *, param_set: str | None = None) -> TenantState:
-        """A new key for the same tenant (key rotation).
+        """A new key for the same tenant (key rotation, renewing everything the server sees).
 
-        Fresh CKKS secret key and mixing seed; the tenant's handle and label
-        keys and threshold carry over, so subject handles stay the same.
+        Fresh CKKS secret key, mixing seed, label key, handle key and photo
+        key; only the threshold carries over (the router is retrained by the
+        move, the centering vector recomputed). So nothing the server stores
+        under the new key (ciphertexts, list labels, subject handles, photo
+        blobs and ids) can be matched to what it stored under the old one
+        (ISO/IEC 24745 renewability and unlinkability).
         Register it, then move the gallery with ``VeilClient.repack(target=...)``
-        while the old key keeps serving.
+        while the old key keeps serving: the move maps each subject's old
+        handle to its new one and re-seals its photos. Keep the old state
+        until the move has finished (it is needed to read the old gallery).
         """
         if key_id == self.key_id:
             raise InvalidArgument("a rotated key needs a new key id")
@@ -198,14 +246,62 @@ class TenantState:
             dim=self.dim,
             presel_dims=self.presel_dims,
             secret_key=keys.secret_key_bytes(),
-            label_key=self.label_key,
-            handle_key=self.handle_key,
+            label_key=secrets.token_bytes(LABEL_KEY_BYTES),
+            handle_key=HandleCodec.new_key(),
             mixing_seed=secrets.randbits(128),
             threshold=self.threshold,
+            photo_key=new_photo_key(),
         )
         state._keys = keys
         logger.info("rotated tenant %s from key %s to %s", self.tenant_id, self.key_id, key_id)
         return state
+
+    def export_kiosk(self, *, keep_router: bool = True) -> TenantState:
+        """A copy of this state for a kiosk: identify and verify, nothing else.
+
+        Kept: the CKKS secret key (a kiosk encrypts its probes and decrypts
+        its own scores), the handle key (subject ids to handles and back),
+        the mixing seed, the centering vector and the threshold, and the
+        router with its label key when ``keep_router`` (routed queries need
+        the centroids). Left out: the photo key, and the router and label
+        key without ``keep_router``. No state holds relinearization or
+        Galois keys (they are derived from the secret key when a key is
+        registered, which a kiosk refuses); what a kiosk key holder can
+        still learn is in docs/protocol.md ("Token scopes").
+
+        Raises
+        ------
+        FailedPrecondition
+            The key's centering vector is not fixed yet (export after the
+            key's first enrollment, from the state saved then).
+        """
+        from veilface.errors import FailedPrecondition
+
+        if self.center is None:
+            raise FailedPrecondition(
+                "this state has no centering vector yet: export the kiosk state after the "
+                "key's first enrollment, from the state file saved then"
+            )
+        router = self.router if keep_router else None
+        kiosk = TenantState(
+            tenant_id=self.tenant_id,
+            key_id=self.key_id,
+            param_set=self.param_set,
+            dim=self.dim,
+            presel_dims=self.presel_dims,
+            secret_key=self.secret_key,
+            label_key=self.label_key if router is not None else b"",
+            handle_key=self.handle_key,
+            mixing_seed=self.mixing_seed,
+            router=router,
+            threshold=self.threshold,
+            created_at=self.created_at,
+            center=None if self.center is None else np.array(self.center, dtype=np.float64),
+            role="kiosk",
+        )
+        kiosk._keys = self._keys
+        logger.info("exported a kiosk state of tenant %s (key %s)", self.tenant_id, self.key_id)
+        return kiosk
 
     # -- derived objects ------------------------------------------------------------
 
@@ -260,6 +356,7 @@ class TenantState:
             templates,
             nlist=nlist,
             label_key=self.label_key,
+            key_id=self.key_id,
             version=version,
             seed=seed,
             niter=niter,
@@ -270,7 +367,7 @@ class TenantState:
     # -- persistence ------------------------------------------------------------------
 
     def _header(self) -> dict[str, Any]:
-        return {
+        header: dict[str, Any] = {
             "format": FORMAT,
             "tenant_id": self.tenant_id,
             "key_id": self.key_id,
@@ -279,6 +376,9 @@ class TenantState:
             "presel_dims": self.presel_dims,
             "created_at": self.created_at,
         }
+        if self.role != "full":  # full states keep the header older versions wrote
+            header["role"] = self.role
+        return header
 
     def _secret_payload(self) -> bytes:
         self._check_center()
@@ -287,6 +387,7 @@ class TenantState:
                 "secret_key": _b64e(self.secret_key),
                 "label_key": _b64e(self.label_key),
                 "handle_key": _b64e(self.handle_key),
+                "photo_key": _b64e(self.photo_key),
                 "mixing_seed": self.mixing_seed,
                 "router": None if self.router is None else self.router.to_dict(),
                 "threshold": float(self.threshold),
@@ -300,9 +401,14 @@ class TenantState:
         *,
         passphrase: str | None = None,
         key_file: Path | None = None,
-        scrypt_n: int = SCRYPT_N,
+        kdf: PassphraseKdf | None = None,
+        scrypt_n: int | None = None,
     ) -> None:
         """Write the state to ``path`` atomically, sealed, with mode 0600.
+
+        The file is written to a temporary file created 0600 in the same
+        directory, synced, then renamed over ``path``: a reader never sees
+        a partial file, and the secrets are never in a file others can read.
 
         Parameters
         ----------
@@ -310,8 +416,12 @@ class TenantState:
             Destination; an existing file is replaced atomically.
         passphrase, key_file
             Exactly one (see :func:`veilface.crypto.keystore.seal_blob`).
+        kdf
+            Cost of the passphrase KDF (default: Argon2id, see
+            :func:`veilface.crypto.keystore.default_passphrase_kdf`); lower
+            it only in tests.
         scrypt_n
-            scrypt cost for a passphrase (lower it only in tests).
+            Older knob: scrypt with this cost instead (lower it only in tests).
 
         Raises
         ------
@@ -327,6 +437,7 @@ class TenantState:
             aad=_canonical_json(header),
             passphrase=passphrase,
             key_file=key_file,
+            kdf=kdf,
             scrypt_n=scrypt_n,
         )
         data = json.dumps({**header, "sealed": sealed}, indent=2, sort_keys=True).encode() + b"\n"
@@ -356,23 +467,20 @@ class TenantState:
     def load(
         cls, path: Path, *, passphrase: str | None = None, key_file: Path | None = None
     ) -> TenantState:
-        """Read and open a file written by :meth:`save`.
+        """Read and open a file written by :meth:`save` (by this version or an older one).
 
         Raises
         ------
         KeystoreError
-            Missing, unreadable, truncated or foreign file; wrong passphrase
-            or key file; any edit to the header or the sealed part.
+            Missing, unreadable, truncated or foreign file; a file (or key
+            file) that group or others may read or write (fix: ``chmod 600``);
+            wrong passphrase or key file; any edit to the header or the
+            sealed part.
         InvalidArgument
             Neither or both of ``passphrase`` and ``key_file``.
         """
         path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise KeystoreError(
-                f"cannot read tenant file {str(path)!r} ({exc.strerror or type(exc).__name__})"
-            ) from exc
+        raw = read_private_file(path, what="tenant file")
         try:
             doc = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -389,6 +497,8 @@ class TenantState:
         if missing:
             raise KeystoreError(f"tenant file {str(path)!r} lacks fields {missing}; it is corrupt")
         header = {k: doc[k] for k in _HEADER_FIELDS}
+        if "role" in doc:  # authenticated with the rest of the header
+            header["role"] = doc["role"]
         payload = open_blob(
             doc["sealed"], aad=_canonical_json(header), passphrase=passphrase, key_file=key_file
         )
@@ -409,6 +519,9 @@ class TenantState:
                 threshold=float(secret["threshold"]),
                 created_at=header["created_at"],
                 center=None if secret["center"] is None else np.asarray(secret["center"]),
+                # absent from files older than the stored photo key: derived as then
+                photo_key=base64.b64decode(secret.get("photo_key", ""), validate=True),
+                role=header.get("role", "full"),
             )
         except (VeilfaceError, KeyError, TypeError, ValueError, binascii.Error) as exc:
             # Authenticated, so written by a veilface that disagrees with this one.
@@ -421,7 +534,11 @@ class TenantState:
 
 
 def resolve_secret(
-    passphrase_env: str | None, key_file: Path | None
+    passphrase_env: str | None,
+    key_file: Path | None,
+    *,
+    passphrase_file: Path | None = None,
+    remove_env: bool = False,
 ) -> tuple[str | None, Path | None]:
     """The ``(passphrase, key_file)`` pair to pass to :meth:`TenantState.load`/``save``.
 
@@ -433,6 +550,13 @@ def resolve_secret(
         command line.
     key_file
         Path of a key file.
+    passphrase_file
+        Path of a file holding the passphrase (mode 0600; see
+        :func:`veilface.crypto.keystore.read_passphrase_file`).
+    remove_env
+        Delete the variable from ``os.environ`` once read, so that child
+        processes started later do not inherit the passphrase (the CLI does
+        this). Off by default for callers that read it more than once.
 
     Returns
     -------
@@ -442,24 +566,28 @@ def resolve_secret(
     Raises
     ------
     InvalidArgument
-        Neither or both given.
+        Not exactly one of the three given.
     KeystoreError
-        The environment variable is unset or empty.
+        The environment variable is unset or empty; the passphrase file is
+        unreadable, empty or accessible to group or others.
     """
-    if key_file is not None and passphrase_env is None:
-        return None, Path(key_file)
-    if passphrase_env is None or key_file is not None:
+    given = sum(x is not None for x in (passphrase_env, key_file, passphrase_file))
+    if given != 1:
         raise InvalidArgument(
             "give exactly one way to unlock the tenant secrets: the name of an environment "
-            "variable holding the passphrase, or a key file"
+            "variable holding the passphrase, a passphrase file, or a key file"
         )
-    value = os.environ.get(passphrase_env)
+    if key_file is not None:
+        return None, Path(key_file)
+    if passphrase_file is not None or passphrase_env is None:
+        return read_passphrase_file(Path(cast(Path, passphrase_file))), None
+    value = os.environ.pop(passphrase_env, None) if remove_env else os.environ.get(passphrase_env)
     if not value:
         raise KeystoreError(
             f"environment variable {passphrase_env!r} is unset or empty; "
-            "export the passphrase in it, or use a key file"
+            "export the passphrase in it, or use a passphrase file or a key file"
         )
     return value, None
 
 
-__all__ = ["DEFAULT_THRESHOLD", "FORMAT", "TenantState", "resolve_secret"]
+__all__ = ["DEFAULT_THRESHOLD", "FORMAT", "ROLES", "TenantState", "resolve_secret"]

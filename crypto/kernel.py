@@ -6,12 +6,24 @@ products (~0.09 ms each, no relinearization), 8 relinearizations and 7
 rotations: ~20 ms, about 10 us per template. SEAL's evaluator is
 single-threaded and holds the GIL, so the server parallelizes over bins in
 worker processes (``veilface.server.scoring``).
+
+Masking (:meth:`BinKernel.mask`): a score ciphertext holds a score in every
+slot, but a response needs only some of them (the claimed subject's slot
+for a verification, the requested slots for a re-ranking). Every other slot
+gets a fresh uniform random value, real and imaginary parts in
+``[-M, M]``, so a key holder decrypting the response learns nothing useful
+there. ``M`` is as large as the modulus allows; see :func:`mask_magnitude`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import tenseal.sealapi as seal
 
 from veilface.crypto import seal_io
@@ -19,6 +31,61 @@ from veilface.crypto.ciphertext_checks import load_checked, load_many
 from veilface.crypto.public_context import PublicContext
 
 Bin = list[seal.Ciphertext]
+ScoreCiphertext = seal.Ciphertext  # one relinearized score ciphertext (scale^2)
+FloatArray = npt.NDArray[Any]  # float64 or complex128 slot vectors
+
+# Chance, per masked response ciphertext, that a mask must be drawn again
+# (see :func:`mask_magnitude`).
+MASK_RETRY_LOG2 = -40
+# Room left under the decryption bound for the kept scores themselves
+# (their coefficients are at most 2/N * sum |score| <= 2 * max |score|).
+SCORE_HEADROOM = 4.0
+
+
+def mask_magnitude(poly_modulus_degree: int, data_modulus: int, score_scale: float) -> float:
+    """The largest mask magnitude ``M`` a score ciphertext can carry safely.
+
+    A score ciphertext has one data prime ``q`` (a 60-bit prime) and scale
+    ``score_scale`` (2^52: the product of two 2^26 encodings, no rescale).
+    Decryption gives polynomial coefficients in ``(-q/2, q/2)``; divided by
+    the scale they must stay under ``q / 2 / score_scale`` (128) or they
+    wrap and every slot, the kept ones too, decodes to garbage.
+
+    SEAL's encoder is stricter: it refuses a plaintext with a coefficient
+    over ``2^(log2 q - 2)``, i.e. 64 in slot units (``ceil(log2 c) + 1`` must
+    stay under the modulus' 60 bits). So a mask that encodes at all keeps
+    every coefficient of the response under 64 + 4 < 128: it can never
+    corrupt the kept slots. What remains is how often a mask must be drawn
+    again because it does not encode.
+
+    A slot vector ``z`` of ``N/2`` values becomes the coefficients
+    ``c_k = 2/N * sum_j Re(z_j * w_jk)`` with ``|w_jk| = 1``. With real and
+    imaginary parts uniform in ``[-M, M]`` each ``c_k`` is a weighted sum of
+    independent uniforms, which are strictly sub-Gaussian, so
+    ``P(|c_k| > t) <= 2 exp(-t^2 / (2 s^2))`` with ``s = M * sqrt(2 / (3N))``
+    (N = 4096: M / 78). Asking that none of the ``N`` coefficients exceeds
+    ``t = 64`` but with probability ``2^MASK_RETRY_LOG2`` gives
+    ``t / s >= sqrt(2 (ln 2N - MASK_RETRY_LOG2 ln 2))`` (8.6), hence
+    ``M`` = 585 at N = 4096 and 819 at N = 8192. A redraw that rare leaves
+    the masks' distribution uniform up to 2^-40 in statistical distance.
+    """
+    n = poly_modulus_degree
+    decrypt_bound = data_modulus / 2 / score_scale
+    encode_bound = 2.0 ** (data_modulus.bit_length() - 2) / score_scale
+    if encode_bound + SCORE_HEADROOM > decrypt_bound:
+        raise ValueError("the score modulus leaves no room for masks")
+    z = math.sqrt(2 * (math.log(2 * n) - MASK_RETRY_LOG2 * math.log(2)))
+    return float(math.floor(encode_bound / z * math.sqrt(1.5 * n)))
+
+
+_MASK_ATTEMPTS = 8
+
+
+def _uniform(n: int, magnitude: float) -> FloatArray:
+    """``n`` floats uniform in ``[-magnitude, magnitude)`` from the OS CSPRNG."""
+    raw = np.frombuffer(secrets.token_bytes(8 * n), dtype=np.uint64)
+    unit = (raw >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return np.asarray((2.0 * unit - 1.0) * magnitude, dtype=np.float64)
 
 
 class BinKernel:
@@ -30,13 +97,20 @@ class BinKernel:
         self._ctx = public.context
         self._scale = public.param_set.scale
         self._evaluator = seal.Evaluator(self._ctx)
+        self._encoder = seal.CKKSEncoder(self._ctx)
+        data_modulus = self._ctx.first_context_data().parms().coeff_modulus()[0].value()
+        self.mask_magnitude = mask_magnitude(
+            public.param_set.poly_modulus_degree, data_modulus, self._scale * self._scale
+        )
 
     # -- loading --------------------------------------------------------
 
     def load_bin(self, blobs: Sequence[bytes]) -> Bin:
         """Load and validate a bin (or a contribution to one): ``d_pad`` ciphertexts."""
-        return load_many(
-            self._ctx, blobs, expected=self.layout.n_ciphertexts, scale=self._scale, what="bin"
+        return list(
+            load_many(
+                self._ctx, blobs, expected=self.layout.n_ciphertexts, scale=self._scale, what="bin"
+            )
         )
 
     def load_some(self, blobs: Sequence[bytes], start: int, stop: int) -> Bin:
@@ -61,7 +135,9 @@ class BinKernel:
         return load_checked(self._ctx, blob, scale=self._scale, what="staged template")
 
     def load_probe(self, blobs: Sequence[bytes]) -> Bin:
-        return load_many(self._ctx, blobs, expected=self.layout.g1, scale=self._scale, what="probe")
+        return list(
+            load_many(self._ctx, blobs, expected=self.layout.g1, scale=self._scale, what="probe")
+        )
 
     # -- enrollment -----------------------------------------------------
 
@@ -105,6 +181,70 @@ class BinKernel:
             ev.rotate_vector(out, step, self.public.galois_keys, tmp)
             ev.add_inplace(out, tmp)
         return out
+
+    # -- masking --------------------------------------------------------
+
+    def mask(self, ct: seal.Ciphertext, keep: Sequence[int]) -> None:
+        """Drown every slot but ``keep`` under fresh uniform random values, in place.
+
+        Real and imaginary parts of each other slot get independent values
+        uniform in ``[-M, M]`` (``M`` = :attr:`mask_magnitude`), drawn from
+        the OS CSPRNG for this call only (imaginary parts too: a crafted
+        complex probe would otherwise leak through them); the slots in
+        ``keep`` get 0, so they decrypt to their score as before. A value
+        ``v`` under such a mask is within statistical distance ``|v| / (2M)``
+        of the mask alone. Cost: one encode and one plaintext addition.
+        """
+        idx = np.asarray(keep, dtype=np.int64)
+
+        def draw() -> FloatArray:
+            values = self._uniform_complex()
+            if idx.size:
+                values[idx] = 0
+            return values
+
+        self._add_mask(ct, draw)
+
+    def mask_keep_mean(self, ct: seal.Ciphertext) -> None:
+        """Mask every slot so that only the mean of the real parts survives, in place.
+
+        For a staged template's score, which the tenant reads as the mean
+        over the slots: the real masks are uniform values minus their mean
+        (they sum to zero), the imaginary masks plain uniform. With an honest
+        (periodic) probe every slot holds the same score and the mean is it;
+        with a crafted probe the mean is one inner product of the template
+        with the probe averaged over its periods, no more than an honest
+        query gives, while each single slot (a window sum, from which a
+        crafted probe reads the whole template in one query) is drowned.
+        """
+
+        def draw() -> FloatArray:
+            values = self._uniform_complex()
+            values.real -= values.real.mean()
+            return values
+
+        self._add_mask(ct, draw)
+
+    def _uniform_complex(self) -> FloatArray:
+        n, m = self.layout.slots, self.mask_magnitude
+        return _uniform(n, m) + 1j * _uniform(n, m)
+
+    def _add_mask(self, ct: seal.Ciphertext, draw: Callable[[], FloatArray]) -> None:
+        """Encode a mask at the ciphertext's level and scale and add it.
+
+        SEAL refuses to encode a mask with a coefficient past its bound; that
+        happens with probability 2^-40 (:func:`mask_magnitude`) and the mask
+        is then drawn again, never clipped.
+        """
+        pt = seal.Plaintext()
+        for _ in range(_MASK_ATTEMPTS):
+            try:
+                self._encoder.encode(draw().tolist(), ct.parms_id(), ct.scale, pt)
+            except ValueError:
+                continue
+            self._evaluator.add_plain_inplace(ct, pt)
+            return
+        raise RuntimeError("could not draw an encodable mask; is the mask magnitude too large?")
 
     def score(self, bin_cts: Bin, probe: Bin, stage: str) -> seal.Ciphertext:
         return self.score_giants(bin_cts, probe, self.layout.giants(stage))

@@ -20,6 +20,14 @@ veilface.federated`` loads neither torch nor flwr:
 
 from __future__ import annotations
 
+if __name__ != "veilface.federated":  # ./federated/ found through a repository root on sys.path
+    raise ImportError(
+        f"{__name__!r} is veilface's federated package found by its folder name (the veilface "
+        "repository root is on sys.path); import veilface.federated, or run from outside the "
+        "repository root",
+        name=__name__,
+    )
+
 import importlib
 from typing import Any
 

@@ -16,23 +16,29 @@ from grpc_reflection.v1alpha import reflection
 
 from veilface.proto.v1 import veilface_pb2 as pb
 from veilface.proto.v1 import veilface_pb2_grpc as pb_grpc
-from veilface.server.auth import AuthInterceptor, TokenIndex
+from veilface.server import worker
+from veilface.server.auth import AuthInterceptor
 from veilface.server.config import ServerSettings
+from veilface.server.errors_map import MalformedMessageInterceptor
+from veilface.server.limits import HeapTrimmer, TenantLimitInterceptor, bound_heap_growth
 from veilface.server.scoring import WorkerPool
-from veilface.server.service import GalleryService, hash_token
+from veilface.server.service import GalleryService
 from veilface.server.servicers import (
     EnrollmentServicer,
     IdentificationServicer,
     PhotosServicer,
     TenantsServicer,
+    TokensServicer,
 )
 from veilface.server.store.sqlite_store import SQLiteStore
+from veilface.server.tls import resolve_server_tls
+from veilface.server.tokens import QueryRateLimiter, TokenIndex, TokenService, hash_token
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = [
     pb.DESCRIPTOR.services_by_name[n].full_name
-    for n in ("Tenants", "Enrollment", "Identification", "Photos")
+    for n in ("Tenants", "Tokens", "Enrollment", "Identification", "Photos")
 ]
 
 
@@ -71,19 +77,36 @@ class RunningServer:
 
 
 async def start_server(settings: ServerSettings) -> RunningServer:
+    # First, so a refused plaintext bind fails before the store or workers start.
+    tls = resolve_server_tls(settings)
     store = SQLiteStore(settings.db_path)
     admin_token, admin_path = load_admin_token(settings)
-    tokens = TokenIndex(hash_token(admin_token), store.token_index())
+    # The store is the truth; the index is its copy of the valid tokens.
+    tokens = TokenIndex(hash_token(admin_token), store.active_tokens())
+    limiter = QueryRateLimiter(settings.query_rate_per_s, settings.query_burst)
+    bound_heap_growth()  # large request buffers go back to the system once freed
     pool = WorkerPool(settings.db_path, settings.workers)
     await pool.warm_up()
+    await pool.broadcast(worker.configure, worker.WorkerLimits(settings.max_resident_keys))
     service = GalleryService(store, pool, settings)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_send_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=[AuthInterceptor(tokens, hash_token)], options=options)
+    server = grpc.aio.server(
+        # Authentication first (the others need the caller), then the
+        # per-tenant call limit, then the parse-failure guard next to the servicer.
+        interceptors=[
+            AuthInterceptor(tokens, hash_token, limiter),
+            TenantLimitInterceptor(service.limits, HeapTrimmer()),
+            MalformedMessageInterceptor(),
+        ],
+        options=options,
+    )
     pb_grpc.add_TenantsServicer_to_server(TenantsServicer(service, tokens), server)
+    token_service = TokenService(store, tokens, settings, limiter)
+    pb_grpc.add_TokensServicer_to_server(TokensServicer(token_service), server)
     pb_grpc.add_EnrollmentServicer_to_server(EnrollmentServicer(service), server)
     pb_grpc.add_IdentificationServicer_to_server(IdentificationServicer(service), server)
     pb_grpc.add_PhotosServicer_to_server(PhotosServicer(service), server)
@@ -93,20 +116,21 @@ async def start_server(settings: ServerSettings) -> RunningServer:
         [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    address = f"{settings.host}:{settings.port}"
-    if settings.tls_cert and settings.tls_key:
-        creds = grpc.ssl_server_credentials(
-            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())]
-        )
+    host = settings.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal
+    address = f"{host}:{settings.port}"
+    if tls is not None:
+        creds = grpc.ssl_server_credentials([(tls.key.read_bytes(), tls.cert.read_bytes())])
         port = server.add_secure_port(address, creds)
-    else:
+    else:  # loopback, or non-loopback with --insecure (resolve_server_tls checked)
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
     await server.start()
     for name in [*SERVICE_NAMES, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("veilface serving on %s:%d (%s)", settings.host, port, "TLS" if settings.tls_cert else "plaintext")
+    log.info("veilface serving on %s:%d (%s)", settings.host, port, "TLS" if tls else "plaintext")
     return RunningServer(server, service, pool, store, port, admin_path)
 
 

@@ -11,6 +11,21 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"VEILFACE_{name.upper()}", default)
 
 
+# Limits that must be at least 1 (0 would refuse every request or disable a bound).
+POSITIVE_LIMITS = (
+    "max_message_bytes",
+    "max_send_message_bytes",
+    "max_template_dim",
+    "max_keys_per_tenant",
+    "max_bins_per_stream",
+    "max_resident_keys",
+    "max_concurrent_requests",
+    "max_scoring_bins",
+    "max_tokens_per_tenant",
+    "max_reservations_per_tenant",
+)
+
+
 @dataclass
 class ServerSettings:
     """Everything ``veilface serve`` can be told.
@@ -25,19 +40,64 @@ class ServerSettings:
     workers: int = 2
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # A development CA and certificate made (or reused) in this folder (server/tls.py).
+    tls_self_signed: Path | None = None
+    # Allow plaintext on a non-loopback host (refused otherwise: tokens would travel in clear).
+    insecure: bool = False
     admin_token_file: Path | None = None
-    max_message_bytes: int = 128 * 1024 * 1024
+    # Largest message the server accepts. The largest legitimate one is one
+    # bin (a BulkEnroll chunk, a DeleteSubject re-pack): d_pad seeded
+    # ciphertexts, 512 x 65.7 KB = 33.7 MB at n8192 with 512-d templates
+    # (8.4 MB at n8192/128-d, 4.2 MB at n4096/128-d); a public context is
+    # at most a few MB. 40 MiB leaves a fifth of margin; every request is
+    # held a few times in memory while it is parsed, so this bounds what
+    # concurrent large requests can take.
+    max_message_bytes: int = 40 * 1024 * 1024
+    # Largest response: a merged bin (FetchBin, FetchSubjectBin) holds
+    # unseeded ciphertexts, twice the size: 67.6 MB at n8192/512-d.
+    max_send_message_bytes: int = 96 * 1024 * 1024
+    # Template dimension a key may declare: keeps every bin within the
+    # message limits above, and a key's Galois keys within a few MB.
+    max_template_dim: int = 512
+    # Keys a tenant may register (each costs a few MB in every worker that loads it).
+    max_keys_per_tenant: int = 8
+    # Bins one BulkEnroll stream may import (a re-pack may write up to
+    # max_bins_per_request: it is one stream replacing up to that many bins).
+    max_bins_per_stream: int = 512
+    # Public contexts (with their kernels) kept loaded per worker process,
+    # least recently used evicted first.
+    max_resident_keys: int = 16
+    # Per tenant: calls in progress at once, and bins being scored at once
+    # (over all its calls). Over either: RESOURCE_EXHAUSTED. One request may
+    # still score up to max_bins_per_request when nothing else is in flight.
+    max_concurrent_requests: int = 8
+    max_scoring_bins: int = 4096
     max_bins_per_request: int = 4096
     max_candidate_bins: int = 256
     max_reserve: int = 2048
+    # Unexpired slot reservations per tenant (each may hold a new, empty bin
+    # until it is used or expires).
+    max_reservations_per_tenant: int = 64
     reservation_ttl_s: float = 120.0
     compact_delay_s: float = 2.0
     query_ttl_s: float = 120.0
     max_photo_bytes: int = 10 * 1024 * 1024
     max_cached_queries: int = 1024
+    # The probe cache of re-ranking (server/probes.py): bytes of all cached
+    # probes, and of one tenant's (a probe is about 0.5 MiB at n4096, 128-d).
+    max_cached_probe_bytes: int = 64 * 1024 * 1024
+    max_cached_probe_bytes_per_tenant: int = 16 * 1024 * 1024
     # Single enrollments awaiting their fold, per key: each costs a query
     # about 6 ms of scoring until folded, so the area is kept small.
     max_staged: int = 64
+    # Per-token token bucket on query-scope calls (each Identification RPC
+    # costs 1) of tokens without the manage scope: bounds how fast a stolen
+    # kiosk key can run chosen-probe queries (docs/protocol.md, "Token
+    # scopes"). 0 disables it.
+    query_rate_per_s: float = 5.0
+    query_burst: int = 30
+    # Valid API tokens per tenant (revoked ones do not count).
+    max_tokens_per_tenant: int = 64
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -57,6 +117,11 @@ class ServerSettings:
             from veilface.errors import InvalidArgument
 
             raise InvalidArgument("TLS needs both a certificate and a key (--tls-cert, --tls-key)")
+        for name in POSITIVE_LIMITS:
+            if int(getattr(settings, name)) < 1:
+                from veilface.errors import InvalidArgument
+
+                raise InvalidArgument(f"{name} must be at least 1 (VEILFACE_{name.upper()})")
         return settings
 
 

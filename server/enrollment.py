@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from veilface.crypto.params import get_param_set
 from veilface.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -26,10 +27,17 @@ from veilface.errors import (
 from veilface.server import worker
 from veilface.server.store.blobs import pack_blobs
 from veilface.server.store.records import BinInfo, Reservation, StagedRecord
-from veilface.server.validation import check_count, check_handles, check_label
+from veilface.server.validation import (
+    check_blob_sizes,
+    check_count,
+    check_handles,
+    check_id,
+    check_int64,
+    check_label,
+)
 
 if TYPE_CHECKING:
-    from veilface.server.service import GalleryService
+    from veilface.server.service import GalleryService, KeyView
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,13 @@ class BulkChunk:
     slots: Sequence[int]
     ciphertexts: Sequence[bytes]
     replaces: Sequence[tuple[int, int]] = ()  # first chunk: (bin id, version) swapped out at the end
+    renew_handles: bool = False  # first chunk, with replaces: new handles (key rotation), counts checked
+    total_bins: int = 0  # first chunk: how many chunks (bins) the stream holds; required
+
+
+def max_ciphertext_bytes(view: KeyView) -> int:
+    """Largest ciphertext accepted under the key (its parameter set's fresh ciphertext)."""
+    return int(get_param_set(view.record.param_set).max_ciphertext_bytes)
 
 
 @dataclass
@@ -78,6 +93,7 @@ class EnrollmentService:
             count,
             view.layout.capacity,
             self.settings.reservation_ttl_s,
+            self.settings.max_reservations_per_tenant,
         )
 
     async def enroll(
@@ -95,6 +111,7 @@ class EnrollmentService:
         template (one handle): the bin delta is written and the staged row
         removed in one transaction.
         """
+        check_int64(staged_id, "staged id")
         view = await self.core.key(tenant_id, key_id)
         res = await asyncio.to_thread(self.store.get_reservation, tenant_id, reservation_id)
         if res.key_id != key_id:
@@ -105,12 +122,14 @@ class EnrollmentService:
         if staged_id and len(handles) != 1:
             raise InvalidArgument("a fold of a staged template carries exactly one handle")
         expected = view.layout.n_ciphertexts
+        max_each = max_ciphertext_bytes(view)
         blobs: list[bytes] = []
         checks: list[asyncio.Future[None]] = []
         try:
             async for chunk in chunks:
                 if len(blobs) + len(chunk) > expected:
                     raise InvalidArgument(f"a contribution is {expected} ciphertexts for this key")
+                check_blob_sizes(chunk, max_each, "contribution")  # on arrival, before any is kept
                 blobs.extend(chunk)
                 # Each chunk is checked by the next worker while more arrive.
                 worker_idx = len(checks) % self.pool.n
@@ -125,6 +144,8 @@ class EnrollmentService:
             for c in checks:
                 c.cancel()
             await asyncio.gather(*checks, return_exceptions=True)
+            blobs.clear()  # a refused contribution's megabytes go now, not with the exception
+            checks.clear()
             raise
         version = await asyncio.to_thread(
             self.store.commit_enroll, res, list(handles), pack_blobs(blobs), staged_id
@@ -139,11 +160,12 @@ class EnrollmentService:
         self, tenant_id: str, key_id: str, label: str, handle: str, ciphertext: bytes
     ) -> int:
         """Keep one template in the key's staging area; acknowledged once durable."""
-        await self.core.key(tenant_id, key_id)
+        view = await self.core.key(tenant_id, key_id)
         check_label(label)
         check_handles([handle])
         if not ciphertext:
             raise InvalidArgument("a staged template is one ciphertext; got none")
+        check_blob_sizes([ciphertext], max_ciphertext_bytes(view), "staged template")
         # Any worker can check it; alternate so two kiosks enrolling at once use both cores.
         self._staged_turn = (self._staged_turn + 1) % self.pool.n
         ok = await self.pool.call(self._staged_turn, worker.check_staged, tenant_id, key_id, ciphertext)
@@ -172,15 +194,33 @@ class EnrollmentService:
     async def bulk_enroll(self, chunks: AsyncIterator[BulkChunk], tenant_of_call: str) -> tuple[list[int], int]:
         """Stage every chunk as a new bin; activate them all only at the end.
 
+        The first chunk declares ``total_bins``; the bins become visible only
+        when exactly that many chunks arrived and the stream ended cleanly.
+        A stream that is cut (the client died, cancelled, its iterator
+        raised) can look like a clean end to the server, so the count is
+        what tells them apart: anything short of it removes every staged bin.
+
+        Each chunk is checked as it arrives (counts, sizes, then its
+        ciphertexts, read back from the store by the workers) and nothing of
+        it is kept in memory; the owners load the bins after activation.
+
         A stream whose first chunk names bins it ``replaces`` is a re-pack
         (routing retrained, key rotation): at the end the named bins go and
         the new ones take over their handles, in one transaction.
         """
         stream_id = secrets.token_hex(12)
-        staged: list[tuple[int, int, str]] = []  # (bin_id, owner, token)
+        staged: list[int] = []
         replaces: list[tuple[int, int]] = []
+        renew = False
+        declared = 0
         try:
             async for chunk in chunks:
+                if chunk.renew_handles:
+                    if staged or not chunk.replaces:
+                        raise InvalidArgument(
+                            "only the first chunk of a re-pack (with replaces) may renew the handles"
+                        )
+                    renew = True
                 if chunk.replaces:
                     if staged or replaces:
                         raise InvalidArgument("only the first chunk of a stream names the bins it replaces")
@@ -188,7 +228,16 @@ class EnrollmentService:
                         raise ResourceExhausted(
                             f"a re-pack replaces at most {self.settings.max_bins_per_request} bins"
                         )
-                    replaces = [(int(b), int(v)) for b, v in chunk.replaces]
+                    replaces = [
+                        (check_id(b, "replaced bin id"), check_int64(v, "replaced bin version"))
+                        for b, v in chunk.replaces
+                    ]
+                if not staged:
+                    declared = self._declared_bins(chunk.total_bins, repack=bool(replaces))
+                elif chunk.total_bins:
+                    raise InvalidArgument("only the first chunk of a stream declares total_bins")
+                if len(staged) >= declared:
+                    raise InvalidArgument(f"the stream declared {declared} bins and sends more")
                 if chunk.tenant_id != tenant_of_call:
                     raise PermissionDenied("a bulk stream may only write to its own tenant")
                 view = await self.core.key(chunk.tenant_id, chunk.key_id)
@@ -198,6 +247,7 @@ class EnrollmentService:
                     raise InvalidArgument("each bulk chunk needs one slot per handle, and at least one")
                 view.layout.check_slots(chunk.slots)
                 check_count(chunk.ciphertexts, view.layout.n_ciphertexts, "bin")
+                check_blob_sizes(chunk.ciphertexts, max_ciphertext_bytes(view), "bin")
                 bin_id = await asyncio.to_thread(
                     self.store.stage_bin,
                     chunk.tenant_id,
@@ -209,25 +259,22 @@ class EnrollmentService:
                     pack_blobs(chunk.ciphertexts),
                     repack=bool(replaces),
                 )
-                owner = self.pool.owner(bin_id)
-                try:
-                    token = await self._validate_bin(
-                        chunk.tenant_id, chunk.key_id, list(chunk.ciphertexts), bin_id
-                    )
-                except BaseException:
-                    staged.append((bin_id, owner, ""))
-                    raise
-                staged.append((bin_id, owner, token))
+                staged.append(bin_id)
+                await self._check_stored_bin(
+                    chunk.tenant_id, chunk.key_id, bin_id, view.layout.n_ciphertexts
+                )
             if not staged:
                 raise InvalidArgument("empty bulk stream")
+            if len(staged) != declared:
+                raise InvalidArgument(
+                    f"the stream ended after {len(staged)} of the {declared} bins it declared; "
+                    "nothing was imported"
+                )
             bins, subjects = await asyncio.to_thread(
-                self.store.activate_stream, stream_id, tenant_of_call, replaces
+                self.store.activate_stream, stream_id, tenant_of_call, replaces, renew_handles=renew
             )
         except BaseException:
             await asyncio.shield(asyncio.to_thread(self.store.abort_stream, stream_id))
-            for _, owner, token in staged:
-                if token:
-                    await self.pool.call(owner, worker.discard, token)
             raise
         if replaces:
             gone = [b for b, _ in replaces]
@@ -235,29 +282,72 @@ class EnrollmentService:
             for b in gone:
                 self.core.occupancy_cache.pop(b, None)
             log.info("tenant %s re-packed %d bins into %d", tenant_of_call, len(gone), len(bins))
-        for _, owner, token in staged:  # queued on the owners before any later request
-            self.core.background(self.pool.call(owner, worker.commit, token, 1), "bin fold-in")
-        self._warm_centers(tenant_of_call, [b for b, _, _ in staged])
+        by_owner: dict[int, list[int]] = {}
+        for b in staged:
+            by_owner.setdefault(self.pool.owner(b), []).append(b)
+        for owner, group in by_owner.items():  # queued on the owners before any later request
+            self.core.background(self.pool.call(owner, worker.preload, group), "bin preload")
+        self._warm_centers(tenant_of_call, staged)
         return bins, subjects
 
-    async def _validate_bin(self, tenant_id: str, key_id: str, blobs: list[bytes], bin_id: int) -> str:
-        """Validate a bin's ciphertexts on two workers at once; the owner keeps its half."""
+    def _declared_bins(self, total: int, *, repack: bool) -> int:
+        """The first chunk's ``total_bins``, checked against the per-stream cap."""
+        cap = self.settings.max_bins_per_request if repack else self.settings.max_bins_per_stream
+        if total < 1:
+            raise InvalidArgument(
+                "the first chunk of a bulk stream must declare total_bins, the number of "
+                "chunks (bins) the stream holds"
+            )
+        if total > cap:
+            raise ResourceExhausted(
+                f"a bulk stream imports at most {cap} bins; this one declares {total}: split "
+                "the import into several streams"
+            )
+        return int(total)
+
+    async def _check_stored_bin(self, tenant_id: str, key_id: str, bin_id: int, n: int) -> None:
+        """Validate a staged bin's ciphertexts on every worker at once, each reading its share."""
+        parts = max(1, min(self.pool.n, n))
         owner = self.pool.owner(bin_id)
-        if self.pool.n == 1:
-            return await self.pool.call(owner, worker.validate, tenant_id, key_id, blobs, bin_id)
-        half = len(blobs) // 2
         results = await asyncio.gather(
-            self.pool.call(owner, worker.validate, tenant_id, key_id, blobs, bin_id, (0, half)),
-            self.pool.call((owner + 1) % self.pool.n, worker.check_part, tenant_id, key_id, blobs[half:]),
+            *(
+                self.pool.call(
+                    (owner + i) % self.pool.n,
+                    worker.check_stored,
+                    tenant_id,
+                    key_id,
+                    bin_id,
+                    i * n // parts,
+                    (i + 1) * n // parts,
+                )
+                for i in range(parts)
+            ),
             return_exceptions=True,
         )
-        token, other = results
-        if isinstance(token, BaseException):
-            raise token
-        if isinstance(other, BaseException):
-            await self.pool.call(owner, worker.discard, token)
-            raise other
-        return str(token)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    async def _check_blobs(self, tenant_id: str, key_id: str, blobs: Sequence[bytes]) -> None:
+        """Validate ciphertexts shared over every worker, dropping them after."""
+        parts = max(1, min(self.pool.n, len(blobs)))
+        n = len(blobs)
+        results = await asyncio.gather(
+            *(
+                self.pool.call(
+                    i,
+                    worker.check_part,
+                    tenant_id,
+                    key_id,
+                    list(blobs[i * n // parts : (i + 1) * n // parts]),
+                )
+                for i in range(parts)
+            ),
+            return_exceptions=True,
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     def _warm_centers(self, tenant_id: str, bin_ids: Sequence[int]) -> None:
         """Precompute the bins' scores against the key's center, off the query path."""
@@ -280,6 +370,7 @@ class EnrollmentService:
         self, tenant_id: str, bin_id: int
     ) -> tuple[str, BinInfo, list[tuple[int, str]], bytes]:
         """A bin whole: (key id, info, (slot, handle) pairs, packed ciphertexts)."""
+        check_id(bin_id, "bin id")
         info = await asyncio.to_thread(self.store.bin_info, tenant_id, bin_id, with_occupancy=False)
         key_id = (await asyncio.to_thread(self.store.bin_owner, bin_id))[1]
         current = await self.pool.call(self.pool.owner(bin_id), worker.current, bin_id)
@@ -313,22 +404,25 @@ class EnrollmentService:
         self, tenant_id: str, handle: str, bin_id: int, version: int, ciphertexts: Sequence[bytes]
     ) -> int:
         check_handles([handle])
+        check_int64(bin_id, "bin id")
+        check_int64(version, "bin version")
         if bin_id == 0 and not ciphertexts:  # a staged subject: nothing to re-pack
             await asyncio.to_thread(self.store.delete_staged, tenant_id, handle)
             log.info("tenant %s deleted a staged subject", tenant_id)
             return 0
         ref = await asyncio.to_thread(self.store.subject, tenant_id, handle)
         view = await self.core.key(tenant_id, ref.key_id)
+        check_id(bin_id, "bin id")
         check_count(ciphertexts, view.layout.n_ciphertexts, "bin")
+        check_blob_sizes(ciphertexts, max_ciphertext_bytes(view), "bin")
+        await self._check_blobs(tenant_id, ref.key_id, ciphertexts)
         owner = self.pool.owner(bin_id)
-        token = await self.pool.call(owner, worker.validate, tenant_id, ref.key_id, list(ciphertexts), bin_id)
-        await self.pool.call(owner, worker.discard, token)
         new_version = await asyncio.to_thread(
             self.store.repack_delete, tenant_id, handle, bin_id, version, pack_blobs(ciphertexts)
         )
         await self.pool.call(owner, worker.forget, [bin_id])
         log.info("tenant %s deleted a subject; bin %d re-packed", tenant_id, bin_id)
-        return new_version
+        return int(new_version)
 
     def _schedule_compaction(self, bin_id: int) -> None:
         self._compactions.last_write[bin_id] = time.monotonic()

@@ -4,7 +4,14 @@ Stage 1 (:meth:`IdentificationService.preselect`) scores the preselection
 window over the searched bins and the staged templates; stage 2
 (:meth:`IdentificationService.score_candidates`) scores the rest of the
 template over the bins of the tenant's candidates; :meth:`verify` scores the
-claimed subject's bin. Only summed scores ever leave the server.
+claimed subject's bin. Only summed scores ever leave the server, and of
+those only the ones a response needs: every other slot of a score
+ciphertext is drowned under fresh random masks in the worker
+(:meth:`veilface.crypto.kernel.BinKernel.mask`): a verification carries the
+claimed slot, a re-ranking the requested slots, a preselection the occupied
+slots of the searched bins, a staged template the mean over its slots.
+:meth:`IdentificationService.slot_maps` hands the tenant the slot -> handle
+map of the bins it searched, so that no request names the winner's slot.
 """
 
 from __future__ import annotations
@@ -12,38 +19,64 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from veilface.crypto.params import get_param_set
 from veilface.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from veilface.server import worker
-from veilface.server.store.records import StagedRecord
-from veilface.server.validation import MAX_LABELS, check_count, check_handles, check_label
+from veilface.server.probes import ProbeCache, ProbeLimits
+from veilface.server.store.records import BinInfo, StagedRecord
+from veilface.server.validation import (
+    MAX_LABELS,
+    check_blob_sizes,
+    check_count,
+    check_handles,
+    check_id,
+    check_int64,
+    check_label,
+)
 
 if TYPE_CHECKING:
-    from veilface.server.service import GalleryService
+    from veilface.server.service import GalleryService, KeyView
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class BinScore:
-    """Encrypted scores of one bin: the sum of ``parts`` (one per worker that scored it)."""
+    """Encrypted scores of one bin: the sum of ``parts`` (one per worker that scored it).
+
+    ``occupied``: the bin's occupied slots; ``slots``: the slots a
+    re-ranking asked for; ``label``: the bin's routing label.
+    """
 
     bin_id: int
     version: int
-    occupancy: bytes
+    occupied: tuple[int, ...]
     parts: tuple[bytes, ...]
     slots: tuple[int, ...] = ()
-    handles: tuple[str, ...] = ()
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class SlotMap:
+    """A bin's occupied slots and the handle in each, read at ``version`` (or later)."""
+
+    bin_id: int
+    version: int
+    slots: tuple[int, ...]
+    handles: tuple[str, ...]
+
+
+#: Bins per FetchSlotMaps call (a full bin's map is about 140 KB).
+MAX_SLOT_MAPS = 64
 
 
 @dataclass(frozen=True)
 class StagedScore:
-    """Encrypted full score of one staged template (every slot holds it)."""
+    """Encrypted full score of one staged template: the mean over its slots (the rest masked)."""
 
     staged_id: int
     handle: str
@@ -59,7 +92,21 @@ class IdentificationService:
         self.pool = core.pool
         self.settings = core.settings
         # Probes of recent queries, so that re-ranking need not resend them.
-        self._probes: OrderedDict[str, tuple[str, str, list[bytes], float]] = OrderedDict()
+        self.probes = ProbeCache(
+            ProbeLimits(
+                max_entries=self.settings.max_cached_queries,
+                max_bytes=self.settings.max_cached_probe_bytes,
+                max_bytes_per_tenant=self.settings.max_cached_probe_bytes_per_tenant,
+                ttl_s=self.settings.query_ttl_s,
+            )
+        )
+
+    @staticmethod
+    def _check_probe(view: KeyView, probe: Sequence[bytes]) -> None:
+        """Count and size of a probe, checked on arrival (before any worker sees it)."""
+        check_count(probe, view.layout.g1, "probe")
+        limit = get_param_set(view.record.param_set).max_ciphertext_bytes
+        check_blob_sizes(probe, limit, "probe")
 
     async def preselect(
         self,
@@ -70,7 +117,7 @@ class IdentificationService:
         probe: Sequence[bytes],
     ) -> tuple[list[BinScore], int, str, list[StagedScore]]:
         view = await self.core.key(tenant_id, key_id)
-        check_count(probe, view.layout.g1, "probe")
+        self._check_probe(view, probe)
         if mode == "strict":
             if labels:
                 raise InvalidArgument("strict mode searches every bin; send no labels")
@@ -93,12 +140,15 @@ class IdentificationService:
                 f"{self.settings.max_bins_per_request} (use routed mode)"
             )
         bins = await self.core.with_occupancy(bins)
-        query_id = secrets.token_urlsafe(12)
+        # Every occupied slot is needed (the tenant ranks them all); the rest is masked.
         scored, staged_scores = await asyncio.gather(
-            self.core.score_bins(tenant_id, key_id, view, bins, probe, "presel", query_id),
-            self._score_staged(tenant_id, key_id, staged, probe, query_id, add_center=True),
+            self.core.score_bins(tenant_id, key_id, view, bins, probe, "presel"),
+            self._score_staged(tenant_id, key_id, staged, probe, add_center=True),
         )
-        self._remember_probe(query_id, tenant_id, key_id, list(probe))
+        if not bins and not staged:  # nothing loaded the probe: a worker validates it
+            await self.pool.call(0, worker.validate_probe, tenant_id, key_id, list(probe))
+        query_id = secrets.token_urlsafe(12)
+        self.probes.put(query_id, tenant_id, key_id, probe)
         return scored, sum(len(b.occupied) for b in bins) + len(staged), query_id, staged_scores
 
     async def _score_staged(
@@ -107,11 +157,15 @@ class IdentificationService:
         key_id: str,
         staged: Sequence[StagedRecord],
         probe: Sequence[bytes],
-        query_id: str = "",
         *,
         add_center: bool,
+        keep: tuple[int, ...] | None = None,
     ) -> list[StagedScore]:
-        """Score staged templates, spread over the workers after the bins' share."""
+        """Score staged templates, spread over the workers after the bins' share.
+
+        ``keep=None``: only the mean over the slots is left unmasked
+        (identification reads the mean); else only those slots (verification).
+        """
         if not staged:
             return []
         n = self.pool.n if len(staged) >= 4 else 1
@@ -125,8 +179,8 @@ class IdentificationService:
                     key_id,
                     [r.blob for r in g],
                     list(probe),
-                    query_id,
                     add_center,
+                    keep,
                 )
                 for i, g in enumerate(groups)
                 if g
@@ -138,21 +192,6 @@ class IdentificationService:
             for r, blob in zip(g, res, strict=True)
         ]
 
-    def _remember_probe(self, query_id: str, tenant_id: str, key_id: str, probe: list[bytes]) -> None:
-        now = time.monotonic()
-        self._probes[query_id] = (tenant_id, key_id, probe, now + self.settings.query_ttl_s)
-        while self._probes and (
-            len(self._probes) > self.settings.max_cached_queries
-            or next(iter(self._probes.values()))[3] < now
-        ):
-            self._probes.popitem(last=False)
-
-    def _recall_probe(self, query_id: str, tenant_id: str, key_id: str) -> list[bytes]:
-        entry = self._probes.get(query_id)
-        if entry is None or entry[3] < time.monotonic() or entry[:2] != (tenant_id, key_id):
-            raise NotFound("unknown or expired query id; send the probe again")
-        return entry[2]
-
     async def score_candidates(
         self,
         tenant_id: str,
@@ -161,10 +200,23 @@ class IdentificationService:
         probe: Sequence[bytes],
         query_id: str = "",
     ) -> list[BinScore]:
+        """Rest-of-template scores of the candidates' bins; only the named slots unmasked.
+
+        ``query_id`` (the probe cached by :meth:`preselect`) or ``probe``,
+        never both: a request carrying both is refused rather than one of
+        them silently ignored. Every candidate bin must be an active bin of
+        this tenant *and key* (a bin of another key would be scored under the
+        wrong key's context): NotFound otherwise.
+        """
         view = await self.core.key(tenant_id, key_id)
-        if not probe and query_id:
-            probe = self._recall_probe(query_id, tenant_id, key_id)
-        check_count(probe, view.layout.g1, "probe")
+        if query_id and probe:
+            raise InvalidArgument("send either a query id or the probe ciphertexts, not both")
+        if query_id:
+            probe = self.probes.get(query_id, tenant_id, key_id)
+        elif not probe:
+            raise InvalidArgument("send a query id (from Preselect) or the probe ciphertexts")
+        else:
+            self._check_probe(view, probe)  # a worker loads (validates) it when scoring
         if not candidates:
             raise InvalidArgument("no candidates given")
         if len(candidates) > self.settings.max_candidate_bins:
@@ -174,37 +226,80 @@ class IdentificationService:
         wanted: dict[int, list[int]] = {}
         for bin_id, slots in candidates:
             view.layout.check_slots(slots)
-            wanted[int(bin_id)] = [int(s) for s in slots]
+            wanted[check_id(bin_id, "candidate bin id")] = [int(s) for s in slots]
         infos = await self.core.with_occupancy(
-            await asyncio.to_thread(self.store.bin_infos, tenant_id, list(wanted))
+            await asyncio.to_thread(self._key_bins, tenant_id, key_id, list(wanted))
         )
         scored = await self.core.score_bins(
-            tenant_id, key_id, view, infos, probe, "rest", query_id, add_center=True
+            tenant_id,
+            key_id,
+            view,
+            infos,
+            probe,
+            "rest",
+            keep={b: tuple(s) for b, s in wanted.items()},
+            add_center=True,
         )
-        out = []
-        for bs in scored:
-            slots = wanted[bs.bin_id]
-            handles = await asyncio.to_thread(self.store.handles_for, bs.bin_id, slots)
-            out.append(
-                BinScore(bs.bin_id, bs.version, bs.occupancy, bs.parts, tuple(slots), tuple(handles))
-            )
-        return out
+        # No handles: the tenant keeps its own slot -> handle maps (slot_maps).
+        return [
+            BinScore(bs.bin_id, bs.version, bs.occupied, bs.parts, tuple(wanted[bs.bin_id]), bs.label)
+            for bs in scored
+        ]
 
-    async def resolve_handles(
-        self, tenant_id: str, slots: Sequence[tuple[int, Sequence[int]]]
-    ) -> list[tuple[int, list[int], list[str]]]:
-        if len(slots) > self.settings.max_candidate_bins:
-            raise ResourceExhausted(f"at most {self.settings.max_candidate_bins} bins per call")
+    def _key_bins(self, tenant_id: str, key_id: str, bin_ids: Sequence[int]) -> list[BinInfo]:
+        """The named bins, each an active bin of this tenant's key; NotFound otherwise.
+
+        Matched in Python against the key's bin list (one query), so an id
+        past 2**63 is simply not found.
+        """
+        current = {b.bin_id: b for b in self.store.list_bins(tenant_id, key_id, None)}
+        for b in bin_ids:
+            if b not in current:
+                raise NotFound(f"key {key_id!r} has no bin {b}")
+        return [current[b] for b in bin_ids]
+
+    async def slot_maps(
+        self, tenant_id: str, key_id: str, known: Sequence[tuple[int, int]]
+    ) -> list[SlotMap]:
+        """The slot -> handle maps of the named bins whose version differs from ``known``.
+
+        ``known``: (bin id, version the tenant holds, 0 for none), at most
+        :data:`MAX_SLOT_MAPS`. Bins that are gone, or not active bins of this
+        tenant and key, are left out (no oracle on other tenants' bin ids).
+        The SDK names every bin of a Preselect answer whose version it does
+        not hold, so this tells the server nothing beyond that Preselect.
+        """
+        await self.core.key(tenant_id, key_id)
+        if len(known) > MAX_SLOT_MAPS:
+            raise ResourceExhausted(f"at most {MAX_SLOT_MAPS} bins per call")
+        held = {
+            check_id(bin_id, "bin id"): check_int64(version, "bin version") for bin_id, version in known
+        }
+        if not held:
+            return []
+        # Matched in Python, not in SQL: a uint64 id past 2**63 is simply absent.
+        current = {
+            b.bin_id: b
+            for b in await asyncio.to_thread(self.store.list_bins, tenant_id, key_id, None)
+            if b.bin_id in held
+        }
         out = []
-        for bin_id, wanted in slots:
-            info = await asyncio.to_thread(
-                self.store.bin_info, tenant_id, int(bin_id), with_occupancy=False
+        for bin_id, version in held.items():
+            info = current.get(bin_id)
+            if info is None or info.version == version:
+                continue
+            # The version was read before the subjects, so the map is at least
+            # as new as the version it is sent with: a change in between shows
+            # as a newer version in the next Preselect, and the tenant asks again.
+            subjects = await asyncio.to_thread(self.store.bin_subjects, bin_id)
+            out.append(
+                SlotMap(
+                    bin_id,
+                    info.version,
+                    tuple(s for s, _ in subjects),
+                    tuple(h for _, h in subjects),
+                )
             )
-            if len(wanted) > 4096:
-                raise ResourceExhausted("at most 4096 slots per bin")
-            ws = [int(s) for s in wanted]
-            handles = await asyncio.to_thread(self.store.handles_for, info.bin_id, ws)
-            out.append((info.bin_id, ws, handles))
         return out
 
     async def verify(
@@ -216,16 +311,21 @@ class IdentificationService:
             if staged.key_id != key_id:
                 raise FailedPrecondition(f"the subject is enrolled under key {staged.key_id!r}")
             view = await self.core.key(tenant_id, key_id)
-            check_count(probe, view.layout.g1, "probe")
-            (one,) = await self._score_staged(tenant_id, key_id, [staged], probe, add_center=False)
+            self._check_probe(view, probe)
+            (one,) = await self._score_staged(
+                tenant_id, key_id, [staged], probe, add_center=False, keep=(0,)
+            )
             return 0, one.scores
         ref = await asyncio.to_thread(self.store.subject, tenant_id, handle)
         if ref.key_id != key_id:
             raise FailedPrecondition(f"the subject is enrolled under key {ref.key_id!r}")
         view = await self.core.key(tenant_id, key_id)
-        check_count(probe, view.layout.g1, "probe")
+        self._check_probe(view, probe)
         info = await asyncio.to_thread(self.store.bin_info, tenant_id, ref.bin_id, with_occupancy=False)
-        scored = await self.core.score_bins(tenant_id, key_id, view, [info], probe, "full", split=False)
+        # Only the claimed subject's slot is left unmasked.
+        scored = await self.core.score_bins(
+            tenant_id, key_id, view, [info], probe, "full", keep={ref.bin_id: (ref.slot,)}, split=False
+        )
         if not scored:
             raise NotFound("the subject's bin holds no ciphertext")
         return ref.slot, scored[0].parts[0]

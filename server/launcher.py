@@ -18,7 +18,12 @@ from veilface.errors import VeilfaceError
 
 
 class LocalServer:
-    """``with LocalServer(db) as srv: srv.target, srv.admin_token``."""
+    """``with LocalServer(db) as srv: srv.target, srv.admin_token``.
+
+    The child binds 127.0.0.1 (loopback, so plaintext is allowed); with
+    ``tls_cert``/``tls_key`` or ``tls_self_signed=DIR`` it serves TLS and
+    :attr:`root_cert` is what a client passes to verify it.
+    """
 
     def __init__(
         self,
@@ -27,6 +32,7 @@ class LocalServer:
         workers: int = 2,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
+        tls_self_signed: Path | None = None,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         startup_timeout_s: float = 60.0,
@@ -34,6 +40,7 @@ class LocalServer:
         self.db_path = Path(db_path)
         self.workers = workers
         self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
+        self.tls_self_signed = Path(tls_self_signed) if tls_self_signed else None
         self.extra_args = extra_args or []
         self.env = env
         self.startup_timeout_s = startup_timeout_s
@@ -49,8 +56,16 @@ class LocalServer:
         return self.admin_token_path.read_text().strip()
 
     @property
+    def root_cert(self) -> Path | None:
+        """What a client passes as ``root_cert``: the development CA, or the given certificate."""
+        if self.tls_self_signed is not None:
+            return self.tls_self_signed / "ca.pem"
+        return self.tls[0] if self.tls else None
+
+    @property
     def target(self) -> str:
-        return f"{'localhost' if self.tls else '127.0.0.1'}:{self.port}"
+        tls = self.tls or self.tls_self_signed
+        return f"{'localhost' if tls else '127.0.0.1'}:{self.port}"
 
     def start(self) -> LocalServer:
         cmd = [
@@ -59,6 +74,8 @@ class LocalServer:
         ]
         if self.tls:
             cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
+        if self.tls_self_signed:
+            cmd += ["--tls-self-signed", str(self.tls_self_signed)]
         cmd += self.extra_args
         env = {**os.environ, **(self.env or {})}
         self.proc = subprocess.Popen(

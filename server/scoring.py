@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,19 +48,21 @@ class WorkerPool:
         bins: Sequence[tuple[int, int]],
         probe: Sequence[bytes],
         giants: range,
+        keep: Mapping[int, tuple[int, ...]],
         *,
-        query_id: str = "",
         split: bool = True,
         add_center: bool = False,
     ) -> dict[int, list[bytes]]:
         """Score bins in parallel; returns bin_id -> score ciphertexts to add up.
 
-        With fewer bins than workers, each bin's giant steps are split across
-        all workers (every worker can load any bin; its owner keeps it warm),
-        so a small gallery still uses every core. Otherwise each worker scores
-        the bins it owns.
+        ``keep[bin_id]``: the slots of that bin the response needs; every
+        other slot comes back masked (each part on its own). With fewer bins
+        than workers, each bin's giant steps are split across all workers
+        (every worker can load any bin; its owner keeps it warm), so a small
+        gallery still uses every core. Otherwise each worker scores the bins
+        it owns.
         """
-        units: dict[int, list[tuple[int, int, int, int, bool]]] = {}
+        units: dict[int, list[worker.ScoreUnit]] = {}
         if split and len(bins) < self.n and len(giants) >= 2:
             parts = min(self.n, len(giants))
             for bin_id, version in bins:
@@ -68,16 +70,18 @@ class WorkerPool:
                     lo = giants.start + i * len(giants) // parts
                     hi = giants.start + (i + 1) * len(giants) // parts
                     units.setdefault((self.owner(bin_id) + i) % self.n, []).append(
-                        (bin_id, version, lo, hi, add_center and i == 0)
+                        worker.ScoreUnit(bin_id, version, lo, hi, add_center and i == 0, keep[bin_id])
                     )
         else:
             for bin_id, version in bins:
                 units.setdefault(self.owner(bin_id), []).append(
-                    (bin_id, version, giants.start, giants.stop, add_center)
+                    worker.ScoreUnit(
+                        bin_id, version, giants.start, giants.stop, add_center, keep[bin_id]
+                    )
                 )
         results = await asyncio.gather(
             *(
-                self.call(i, worker.score, tenant_id, key_id, group, list(probe), query_id)
+                self.call(i, worker.score, tenant_id, key_id, group, list(probe))
                 for i, group in units.items()
             )
         )
@@ -85,7 +89,7 @@ class WorkerPool:
         for group, res in zip(units.values(), results, strict=True):
             for unit, blob in zip(group, res, strict=True):
                 if blob is not None:
-                    out.setdefault(unit[0], []).append(blob)
+                    out.setdefault(unit.bin_id, []).append(blob)
         return out
 
     async def broadcast(self, fn: Callable[..., T], *args: Any) -> list[T]:

@@ -9,10 +9,9 @@ work runs in the worker pool.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import logging
-import secrets
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +23,19 @@ from veilface.server import worker
 from veilface.server.config import ServerSettings
 from veilface.server.enrollment import EnrollmentService
 from veilface.server.identification import BinScore, IdentificationService
+from veilface.server.limits import TenantLimiter
 from veilface.server.scoring import WorkerPool
 from veilface.server.store.blobs import pack_blobs
 from veilface.server.store.records import BinInfo, KeyRecord, KeyStats
 from veilface.server.store.sqlite_store import SQLiteStore
-from veilface.server.validation import check_count, check_handles, check_key_id, check_tenant_id
+from veilface.server.tokens import TENANT_SCOPES, IssuedToken, mint_token
+from veilface.server.validation import (
+    check_blob_sizes,
+    check_count,
+    check_handles,
+    check_key_id,
+    check_tenant_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +44,11 @@ log = logging.getLogger(__name__)
 PROTECTIONS = frozenset({"blur", "pixelate", "mask", "adversarial"})
 
 
-def hash_token(token: str) -> str:
-    """API tokens are 256-bit random strings, so one SHA-256 is enough to store them."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 @dataclass(frozen=True)
 class KeyView:
     record: KeyRecord
     layout: DiagonalLayout
     stats: KeyStats | None = None
-
-
-def occupancy_bitmap(occupied: Sequence[int], capacity: int) -> bytes:
-    bits = bytearray((capacity + 7) // 8)
-    for s in occupied:
-        bits[s // 8] |= 1 << (s % 8)
-    return bytes(bits)
 
 
 class GalleryService:
@@ -74,21 +69,39 @@ class GalleryService:
         # subjects bumps its version), so queries do not re-read 100k rows.
         self.occupancy_cache: dict[int, tuple[int, tuple[int, ...]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Per-tenant calls and scoring work in flight (server/limits.py).
+        self.limits = TenantLimiter(settings.max_concurrent_requests, settings.max_scoring_bins)
+        self._key_locks: dict[str, asyncio.Lock] = {}
         self.enrollment = EnrollmentService(self)
         self.identification = IdentificationService(self)
 
     # -- tenants and keys -----------------------------------------------
 
-    async def create_tenant(self, tenant_id: str) -> str:
+    async def create_tenant(self, tenant_id: str) -> IssuedToken:
+        """A new tenant and its first API token, with every tenant scope (shown once)."""
         check_tenant_id(tenant_id)
-        token = "vf_" + secrets.token_urlsafe(32)
-        await asyncio.to_thread(self.store.create_tenant, tenant_id, hash_token(token))
-        log.info("created tenant %s", tenant_id)
-        return token
+        issued = mint_token(tenant_id, "initial", TENANT_SCOPES)
+        await asyncio.to_thread(self.store.create_tenant, tenant_id, issued.record)
+        log.info("created tenant %s (first token %s)", tenant_id, issued.record.token_id)
+        return issued
 
     async def register_key(self, tenant_id: str, key_id: str, public_context: bytes) -> KeyView:
         check_key_id(key_id)
-        public = await asyncio.to_thread(PublicContext.from_bytes, public_context)
+        # One registration per tenant at a time, so the count below cannot race.
+        async with self._key_locks.setdefault(tenant_id, asyncio.Lock()):
+            return await self._register_key(tenant_id, key_id, public_context)
+
+    async def _register_key(self, tenant_id: str, key_id: str, public_context: bytes) -> KeyView:
+        known = [rec.key_id for rec, _ in await asyncio.to_thread(self.store.list_keys, tenant_id)]
+        if key_id not in known and len(known) >= self.settings.max_keys_per_tenant:
+            raise ResourceExhausted(
+                f"this tenant has {len(known)} keys, the most allowed "
+                f"({self.settings.max_keys_per_tenant}); re-use or re-pack into an existing key"
+            )
+        public = await asyncio.to_thread(
+            functools.partial(PublicContext.from_bytes, max_dim=self.settings.max_template_dim),
+            public_context,
+        )
         record = KeyRecord(
             tenant_id,
             key_id,
@@ -105,6 +118,8 @@ class GalleryService:
     async def register_center(self, tenant_id: str, key_id: str, center: Sequence[bytes]) -> KeyView:
         view = await self.key(tenant_id, key_id)
         check_count(center, view.layout.g1, "center")
+        max_each = get_param_set(view.record.param_set).max_ciphertext_bytes
+        check_blob_sizes(center, max_each, "center")
         await self.pool.call(0, worker.validate_probe, tenant_id, key_id, list(center))
         await asyncio.to_thread(self.store.set_center, tenant_id, key_id, pack_blobs(center))
         self._layouts.pop((tenant_id, key_id), None)
@@ -131,15 +146,22 @@ class GalleryService:
 
     # -- photos -----------------------------------------------------------
 
-    async def upload_photo(self, tenant_id: str, handle: str, sealed: bytes, protection: str) -> str:
+    async def upload_photo(
+        self, tenant_id: str, handle: str, sealed: bytes, protection: str, *, replaces: str = ""
+    ) -> str:
+        """Keep a sealed photo; ``replaces``: a photo id deleted in the same transaction (re-seal)."""
         check_handles([handle])
+        if len(replaces) > 64:
+            raise InvalidArgument("bad photo id to replace")
         if not sealed:
             raise InvalidArgument("empty photo")
         if len(sealed) > self.settings.max_photo_bytes:
             raise ResourceExhausted(f"photos are at most {self.settings.max_photo_bytes} bytes")
         if protection not in PROTECTIONS:
             raise InvalidArgument(f"protection must be one of {sorted(PROTECTIONS)}")
-        return await asyncio.to_thread(self.store.add_photo, tenant_id, handle, sealed, protection)
+        return await asyncio.to_thread(
+            self.store.add_photo, tenant_id, handle, sealed, protection, replaces=replaces
+        )
 
     async def list_photos(self, tenant_id: str, handle: str) -> list[str]:
         check_handles([handle])
@@ -173,26 +195,52 @@ class GalleryService:
         bins: Sequence[BinInfo],
         probe: Sequence[bytes],
         stage: str,
-        query_id: str = "",
         *,
+        keep: Mapping[int, Sequence[int]] | None = None,
         split: bool = True,
         add_center: bool = False,
     ) -> list[BinScore]:
+        """Score bins in the workers; every slot not in ``keep[bin_id]`` comes back masked.
+
+        ``keep=None``: each bin's occupied slots (preselection needs them all).
+        """
         if not bins:
             return []
+        with self.limits.scoring(tenant_id, len(bins)):
+            return await self._score_bins(
+                tenant_id, key_id, view, bins, probe, stage,
+                keep=keep, split=split, add_center=add_center,
+            )
+
+    async def _score_bins(
+        self,
+        tenant_id: str,
+        key_id: str,
+        view: KeyView,
+        bins: Sequence[BinInfo],
+        probe: Sequence[bytes],
+        stage: str,
+        *,
+        keep: Mapping[int, Sequence[int]] | None,
+        split: bool,
+        add_center: bool,
+    ) -> list[BinScore]:
+        kept = {
+            b.bin_id: tuple(int(s) for s in (b.occupied if keep is None else keep[b.bin_id]))
+            for b in bins
+        }
         results = await self.pool.score(
             tenant_id,
             key_id,
             [(b.bin_id, b.version) for b in bins],
             probe,
             view.layout.giants(stage),
-            query_id=query_id,
+            kept,
             split=split,
             add_center=add_center,
         )
-        cap = view.layout.capacity
         return [
-            BinScore(b.bin_id, b.version, occupancy_bitmap(b.occupied, cap), tuple(parts))
+            BinScore(b.bin_id, b.version, tuple(b.occupied), tuple(parts), label=b.label)
             for b in bins
             if (parts := results.get(b.bin_id))
         ]

@@ -7,6 +7,7 @@ calls :class:`GalleryService`, converts back. Errors are mapped by
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
@@ -15,54 +16,36 @@ import grpc
 from veilface.errors import InvalidArgument
 from veilface.proto.v1 import veilface_pb2 as pb
 from veilface.proto.v1 import veilface_pb2_grpc as pb_grpc
-from veilface.server.auth import TokenIndex, require_admin, require_tenant
+from veilface.server.auth import require_admin, require_scope, require_tenant
+from veilface.server.convert import bin_scores_to_proto, key_info_to_proto, slot_map_to_proto
 from veilface.server.enrollment import BulkChunk
 from veilface.server.errors_map import mapped
-from veilface.server.identification import BinScore
-from veilface.server.service import GalleryService, KeyView, hash_token
-from veilface.server.store.records import StagedRecord
+from veilface.server.service import GalleryService
+from veilface.server.store.records import StagedRecord, TokenRecord
+from veilface.server.tokens import Scope, TokenIndex, TokenService
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 
 _MODES = {pb.SEARCH_MODE_STRICT: "strict", pb.SEARCH_MODE_ROUTED: "routed"}
 
 
-def key_info_to_proto(view: KeyView) -> pb.KeyInfo:
-    rec, lay = view.record, view.layout
-    info = pb.KeyInfo(
-        key_id=rec.key_id,
-        param_set=rec.param_set,
-        dim=rec.dim,
-        presel_dims=lay.m,
-        n_ciphertexts=lay.n_ciphertexts,
-        probe_ciphertexts=lay.g1,
-        capacity=lay.capacity,
-        fingerprint=rec.fingerprint,
-        has_center=rec.center_probe is not None,
-    )
-    if view.stats is not None:
-        info.subjects, info.bins, info.stored_bytes, info.staged = (
-            view.stats.subjects,
-            view.stats.bins,
-            view.stats.stored_bytes,
-            view.stats.staged,
-        )
-    return info
+_SCOPE_TO_PB = {
+    Scope.QUERY: pb.TOKEN_SCOPE_QUERY,
+    Scope.ENROLL: pb.TOKEN_SCOPE_ENROLL,
+    Scope.MANAGE: pb.TOKEN_SCOPE_MANAGE,
+}
+_SCOPE_FROM_PB = {v: k.value for k, v in _SCOPE_TO_PB.items()}
 
 
-def bin_scores_to_proto(bs: BinScore) -> pb.BinScores:
-    msg = pb.BinScores(
-        bin_id=bs.bin_id,
-        bin_version=bs.version,
-        occupancy=bs.occupancy,
-        slots=list(bs.slots),
-        handles=list(bs.handles),
+def token_info_to_proto(rec: TokenRecord) -> pb.TokenInfo:
+    """A token's public description (never its hash or secret)."""
+    return pb.TokenInfo(
+        token_id=rec.token_id,
+        name=rec.name,
+        scopes=[_SCOPE_TO_PB[Scope(s)] for s in rec.scopes],
+        created_at=rec.created_at,
+        revoked_at=rec.revoked_at or 0.0,
     )
-    if len(bs.parts) == 1:
-        msg.scores = bs.parts[0]
-    else:
-        msg.score_parts.extend(bs.parts)
-    return msg
 
 
 class TenantsServicer(pb_grpc.TenantsServicer):
@@ -73,9 +56,13 @@ class TenantsServicer(pb_grpc.TenantsServicer):
     @mapped
     async def CreateTenant(self, request: pb.CreateTenantRequest, context: Ctx) -> pb.CreateTenantResponse:
         require_admin()
-        token = await self.service.create_tenant(request.tenant_id)
-        self.tokens.tenants[hash_token(token)] = request.tenant_id
-        return pb.CreateTenantResponse(tenant_id=request.tenant_id, api_token=token)
+        issued = await self.service.create_tenant(request.tenant_id)
+        self.tokens.add(issued.record)
+        return pb.CreateTenantResponse(
+            tenant_id=request.tenant_id,
+            api_token=issued.secret,
+            token=token_info_to_proto(issued.record),
+        )
 
     @mapped
     async def RegisterKey(self, request: pb.RegisterKeyRequest, context: Ctx) -> pb.RegisterKeyResponse:
@@ -154,15 +141,24 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
         async def chunks() -> AsyncIterator[BulkChunk]:
             async for c in request_iterator:
                 require_tenant(c.tenant_id)
+                if c.replaces or c.renew_handles:
+                    require_scope(Scope.MANAGE, "a bulk stream that replaces bins (re-pack, rotation)")
                 yield BulkChunk(
                     c.tenant_id,
                     c.key_id,
                     c.label,
                     list(c.handles),
                     list(c.slots),
-                    list(c.ciphertexts),
+                    c.ciphertexts,  # not copied: packed once for the store
                     [(r.bin_id, r.version) for r in c.replaces],
+                    renew_handles=c.renew_handles,
+                    total_bins=c.total_bins,
                 )
+            # A cut stream can end like a clean one. If gRPC already knows the
+            # call is cancelled it is not one (the declared total_bins is the
+            # check that does not race with gRPC's cancellation).
+            if context.cancelled():
+                raise asyncio.CancelledError("the bulk stream was cancelled")
 
         bins, subjects = await self.service.enrollment.bulk_enroll(chunks(), tenant)
         return pb.BulkEnrollResponse(bins=len(bins), subjects=subjects, bin_ids=bins)
@@ -251,7 +247,11 @@ class PhotosServicer(pb_grpc.PhotosServicer):
     async def UploadPhoto(self, request: pb.UploadPhotoRequest, context: Ctx) -> pb.UploadPhotoResponse:
         require_tenant(request.tenant_id)
         photo_id = await self.service.upload_photo(
-            request.tenant_id, request.handle, request.sealed_photo, request.protection
+            request.tenant_id,
+            request.handle,
+            request.sealed_photo,
+            request.protection,
+            replaces=request.replaces,
         )
         return pb.UploadPhotoResponse(photo_id=photo_id)
 
@@ -312,16 +312,40 @@ class IdentificationServicer(pb_grpc.IdentificationServicer):
         return pb.VerifyResponse(key_id=request.key_id, slot=slot, scores=scores)
 
     @mapped
-    async def ResolveHandles(
-        self, request: pb.ResolveHandlesRequest, context: Ctx
-    ) -> pb.ResolveHandlesResponse:
+    async def FetchSlotMaps(
+        self, request: pb.FetchSlotMapsRequest, context: Ctx
+    ) -> pb.FetchSlotMapsResponse:
         require_tenant(request.tenant_id)
-        found = await self.service.identification.resolve_handles(
-            request.tenant_id, [(c.bin_id, list(c.slots)) for c in request.slots]
+        maps = await self.service.identification.slot_maps(
+            request.tenant_id, request.key_id, [(b.bin_id, b.version) for b in request.known]
         )
-        return pb.ResolveHandlesResponse(
-            bins=[pb.BinScores(bin_id=b, slots=s, handles=h) for b, s, h in found]
-        )
+        return pb.FetchSlotMapsResponse(maps=[slot_map_to_proto(m) for m in maps])
+
+
+class TokensServicer(pb_grpc.TokensServicer):
+    """A tenant's API tokens; a manage token of the tenant or the admin (server/auth.py)."""
+
+    def __init__(self, tokens: TokenService) -> None:
+        self.tokens = tokens
+
+    @mapped
+    async def CreateToken(self, request: pb.CreateTokenRequest, context: Ctx) -> pb.CreateTokenResponse:
+        require_tenant(request.tenant_id, allow_admin=True)
+        scopes = [_SCOPE_FROM_PB.get(s, "unspecified") for s in request.scopes]
+        issued = await self.tokens.create(request.tenant_id, request.name, scopes)
+        return pb.CreateTokenResponse(token=token_info_to_proto(issued.record), api_token=issued.secret)
+
+    @mapped
+    async def ListTokens(self, request: pb.ListTokensRequest, context: Ctx) -> pb.ListTokensResponse:
+        require_tenant(request.tenant_id, allow_admin=True)
+        found = await self.tokens.list(request.tenant_id, include_revoked=request.include_revoked)
+        return pb.ListTokensResponse(tokens=[token_info_to_proto(r) for r in found])
+
+    @mapped
+    async def RevokeToken(self, request: pb.RevokeTokenRequest, context: Ctx) -> pb.RevokeTokenResponse:
+        require_tenant(request.tenant_id, allow_admin=True)
+        rec = await self.tokens.revoke(request.tenant_id, request.token_id)
+        return pb.RevokeTokenResponse(token=token_info_to_proto(rec))
 
 
 __all__: list[Any] = [
@@ -329,4 +353,5 @@ __all__: list[Any] = [
     "IdentificationServicer",
     "PhotosServicer",
     "TenantsServicer",
+    "TokensServicer",
 ]

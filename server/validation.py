@@ -12,6 +12,8 @@ KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_HANDLE = 512
 MAX_LABEL = 128
 MAX_LABELS = 4096
+# The store keeps ids and versions in SQLite INTEGER columns: signed 64 bits.
+MAX_INT64 = 2**63 - 1
 
 
 def check_tenant_id(tenant_id: str) -> str:
@@ -54,3 +56,21 @@ def check_blob_sizes(blobs: Sequence[bytes], max_each: int, what: str) -> None:
             raise ResourceExhausted(
                 f"{what} ciphertext {i} is {len(b)} bytes; at most {max_each} for this key"
             )
+
+
+def check_id(value: int, what: str) -> int:
+    """An id the store assigned (bin, staged template): 1 .. 2^63 - 1.
+
+    A uint64 field of the protocol can carry 2^64 - 1; refusing here keeps
+    such a value from reaching SQLite (which would overflow).
+    """
+    if not 1 <= int(value) <= MAX_INT64:
+        raise InvalidArgument(f"{what} must be between 1 and {MAX_INT64}, got {value}")
+    return int(value)
+
+
+def check_int64(value: int, what: str) -> int:
+    """A count or version that may be 0 (unset) but must fit the store: 0 .. 2^63 - 1."""
+    if not 0 <= int(value) <= MAX_INT64:
+        raise InvalidArgument(f"{what} must be between 0 and {MAX_INT64}, got {value}")
+    return int(value)

@@ -9,13 +9,12 @@ so processes are how the service uses both cores.
 from __future__ import annotations
 
 import logging
-import secrets
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from veilface.crypto import seal_io
-from veilface.crypto.kernel import Bin, BinKernel
+from veilface.crypto.kernel import Bin, BinKernel, ScoreCiphertext
 from veilface.crypto.public_context import PublicContext
 from veilface.errors import NotFound
 from veilface.server.store.blobs import pack_blobs, unpack_blobs
@@ -30,43 +29,59 @@ class _CachedBin:
     cts: Bin | None  # None: the bin holds no ciphertext yet
 
 
+@dataclass(frozen=True)
+class WorkerLimits:
+    """What one worker process may keep (``ServerSettings.max_resident_keys``)."""
+
+    max_resident_keys: int = 16
+
+
 class _WorkerState:
     def __init__(self, db_path: str) -> None:
         self.reader = BinReader(db_path)
-        self.kernels: dict[tuple[str, str], BinKernel] = {}
+        # Loaded public contexts (a few MB of Galois keys each), least
+        # recently used first; evicted past ``limits.max_resident_keys``.
+        self.kernels: OrderedDict[tuple[str, str], BinKernel] = OrderedDict()
+        self.limits = WorkerLimits()
         self.bins: OrderedDict[int, _CachedBin] = OrderedDict()
-        self.pending: dict[str, tuple[int, BinKernel, Bin, list[bytes] | None]] = {}
-        self.probes: OrderedDict[tuple[str, str, str], Bin] = OrderedDict()
         self.centers: dict[tuple[str, str], Bin | None] = {}
-        self.center_cache: dict[int, tuple[int, object]] = {}
+        # (tenant, key, bin) -> (bin version, the bin's scores against that key's center)
+        self.center_cache: dict[tuple[str, str, int], tuple[int, ScoreCiphertext]] = {}
 
     def kernel(self, tenant_id: str, key_id: str) -> BinKernel:
         k = self.kernels.get((tenant_id, key_id))
-        if k is None:
-            blob, _, center = self.reader.key_context(tenant_id, key_id)
-            k = BinKernel(PublicContext.from_bytes(blob))
-            self.kernels[(tenant_id, key_id)] = k
-            self.centers[(tenant_id, key_id)] = (
-                k.load_probe(unpack_blobs(center)) if center is not None else None
-            )
+        if k is not None:
+            self.kernels.move_to_end((tenant_id, key_id))
+            return k
+        blob, _, center = self.reader.key_context(tenant_id, key_id)
+        k = BinKernel(PublicContext.from_bytes(blob))
+        self.kernels[(tenant_id, key_id)] = k
+        self.centers[(tenant_id, key_id)] = (
+            k.load_probe(unpack_blobs(center)) if center is not None else None
+        )
+        self.evict_kernels()
         return k
 
-    def probe(
-        self, kernel: BinKernel, tenant_id: str, key_id: str, query_id: str, blobs: Sequence[bytes]
-    ) -> Bin:
-        """The query's probe, loaded once per worker and kept for its later stages."""
-        probe = self.probes.get((tenant_id, key_id, query_id)) if query_id else None
-        if probe is None:
-            probe = kernel.load_probe(blobs)
-            if query_id:
-                self.probes[(tenant_id, key_id, query_id)] = probe
-                while len(self.probes) > 16:
-                    self.probes.popitem(last=False)
-        return probe
+    def evict_kernels(self) -> None:
+        """Drop the least recently used contexts past the limit (reloaded from the store on use).
 
-    def center_scores(self, tenant_id: str, key_id: str, bin_id: int, cached: _CachedBin) -> object:
-        """The bin's full scores against the key's centering vector, cached per version."""
-        hit = self.center_cache.get(bin_id)
+        Bins loaded under an evicted context stay valid: a context rebuilt
+        from the same public context has the same parameters.
+        """
+        while len(self.kernels) > self.limits.max_resident_keys:
+            old, _ = self.kernels.popitem(last=False)
+            self.centers.pop(old, None)
+            log.debug("evicted the context of a key (%d resident)", len(self.kernels))
+
+    def center_scores(
+        self, tenant_id: str, key_id: str, bin_id: int, cached: _CachedBin
+    ) -> ScoreCiphertext | None:
+        """The bin's full scores against the key's centering vector, cached per version.
+
+        Keyed by (tenant, key, bin) and checked against the bin's version, so
+        scores computed under one key never answer for another.
+        """
+        hit = self.center_cache.get((tenant_id, key_id, bin_id))
         if hit is not None and hit[0] == cached.version:
             return hit[1]
         kernel = self.kernel(tenant_id, key_id)
@@ -74,7 +89,7 @@ class _WorkerState:
         if center is None or cached.cts is None:
             return None
         ct = kernel.score(cached.cts, center, "full")
-        self.center_cache[bin_id] = (cached.version, ct)
+        self.center_cache[(tenant_id, key_id, bin_id)] = (cached.version, ct)
         return ct
 
     def bin(self, bin_id: int, min_version: int = 0) -> _CachedBin:
@@ -118,6 +133,9 @@ _state: _WorkerState | None = None
 
 def init(db_path: str) -> None:
     global _state
+    from veilface.server.limits import bound_heap_growth
+
+    bound_heap_growth()  # large argument buffers go back to the system once freed
     _state = _WorkerState(db_path)
 
 
@@ -131,26 +149,43 @@ def ping() -> bool:
     return True
 
 
-def validate(
-    tenant_id: str, key_id: str, blobs: Sequence[bytes], bin_id: int, part: tuple[int, int] | None = None
-) -> str:
-    """Load and check a contribution; keep it until the store commits it.
-
-    With ``part=(start, stop)`` only those ciphertexts are checked and kept
-    (another worker checks the rest in parallel); :func:`commit` loads the
-    missing ones after the write is acknowledged.
-    """
+def configure(limits: WorkerLimits) -> None:
+    """Apply the server's limits (called once on every worker at start-up)."""
     state = _s()
-    kernel = state.kernel(tenant_id, key_id)
-    if part is None:
-        cts: list[object] = list(kernel.load_bin(blobs))
-    else:
-        start, stop = part
-        cts = [None] * len(blobs)
-        cts[start:stop] = kernel.load_some(blobs, start, stop)
-    token = secrets.token_hex(8)
-    state.pending[token] = (bin_id, kernel, cts, list(blobs) if part else None)
-    return token
+    state.limits = limits
+    state.evict_kernels()
+
+
+def resident_keys() -> int:
+    """How many public contexts this worker holds loaded (for tests and metrics)."""
+    return len(_s().kernels)
+
+
+def check_stored(tenant_id: str, key_id: str, bin_id: int, start: int, stop: int) -> None:
+    """Validate ciphertexts ``start:stop`` of a bin as the store holds it, and drop them.
+
+    A bulk import writes each bin (invisible) before it is validated; the
+    workers read their share back from the database rather than being sent
+    it, so no ciphertext is copied through the pool and none is kept: after
+    activation the owner loads the bin like any other (:func:`preload`).
+    """
+    data = _s().reader.load(bin_id)
+    if data.base is None or (data.tenant_id, data.key_id) != (tenant_id, key_id):
+        raise NotFound(f"no staged bin {bin_id} for this key")
+    blobs = unpack_blobs(data.base)
+    _s().kernel(tenant_id, key_id).load_checked_each(blobs[start:stop])
+
+
+def preload(bin_ids: Sequence[int]) -> int:
+    """Load bins into this worker's memory ahead of their first query (background)."""
+    done = 0
+    for bin_id in bin_ids:
+        try:
+            _s().bin(bin_id, -1)
+            done += 1
+        except NotFound:
+            continue
+    return done
 
 
 def check_part(tenant_id: str, key_id: str, blobs: Sequence[bytes]) -> None:
@@ -163,72 +198,59 @@ def validate_probe(tenant_id: str, key_id: str, blobs: Sequence[bytes]) -> int:
     return len(_s().kernel(tenant_id, key_id).load_probe(blobs))
 
 
-def commit(token: str, new_version: int) -> None:
-    """The store made the contribution durable as ``new_version``: fold it in."""
-    state = _s()
-    item = state.pending.pop(token, None)
-    if item is None:
-        return
-    bin_id, kernel, cts, blobs = item
-    if blobs is not None:  # fill in the part another worker validated
-        missing = [i for i, ct in enumerate(cts) if ct is None]
-        if missing:
-            loaded = kernel.load_some(blobs, missing[0], missing[-1] + 1)
-            for i, ct in zip(range(missing[0], missing[-1] + 1), loaded):
-                cts[i] = ct
-    cached = state.bins.get(bin_id)
-    if cached is not None and cached.version >= new_version:
-        return  # a query already reloaded the bin with this contribution
-    if new_version == 1 and cached is None:
-        state.bins[bin_id] = _CachedBin(1, cts)
-    elif cached is not None and cached.version == new_version - 1:
-        if cached.cts is None:
-            cached.cts = cts
-        else:
-            kernel.add_into(cached.cts, cts)
-        cached.version = new_version
-    else:
-        state.bins.pop(bin_id, None)  # reload lazily
-
-
-def discard(token: str) -> None:
-    _s().pending.pop(token, None)
-
-
 def forget(bin_ids: Sequence[int]) -> None:
+    state = _s()
     for b in bin_ids:
-        _s().bins.pop(b, None)
+        state.bins.pop(b, None)
+    gone = set(bin_ids)  # and their center scores (stale: the bin is gone or re-packed)
+    for entry in [e for e in state.center_cache if e[2] in gone]:
+        del state.center_cache[entry]
+
+
+@dataclass(frozen=True)
+class ScoreUnit:
+    """One bin (or a share of its giant steps) to score for one response.
+
+    ``keep``: the slots the response needs; every other slot of the score
+    ciphertext is masked (:meth:`BinKernel.mask`). ``add_center``: add the
+    bin's scores against the key's centering vector (re-ranking of centered
+    probes; set on one share of a split bin only).
+    """
+
+    bin_id: int
+    version: int
+    first_giant: int
+    stop_giant: int
+    add_center: bool
+    keep: tuple[int, ...]
 
 
 def score(
-    tenant_id: str,
-    key_id: str,
-    units: Sequence[tuple[int, int, int, int, bool]],
-    probe_blobs: Sequence[bytes],
-    query_id: str = "",
+    tenant_id: str, key_id: str, units: Sequence[ScoreUnit], probe_blobs: Sequence[bytes]
 ) -> list[bytes | None]:
-    """Score work units ``(bin_id, version, first_giant, stop_giant, add_center)``.
+    """Score work units; one masked ciphertext per unit (``None``: the bin has none yet).
 
-    Returns one ciphertext per unit (``None`` for a bin with no ciphertext
-    yet). With ``add_center`` the bin's scores against the key's centering
-    vector are added (re-ranking of centered probes). The loaded probe is
-    kept under ``query_id`` so the re-ranking stage of the same query does
-    not deserialize it again.
+    The probe is loaded (and so validated) here on every call and dropped
+    when the call returns: the server process keeps the one probe cache
+    (:class:`veilface.server.probes.ProbeCache`), a worker keeps no probe.
+    Each unit's ciphertext is masked on its own, with fresh masks, so a share
+    of a split bin reveals no partial score either.
     """
     state = _s()
     kernel = state.kernel(tenant_id, key_id)
-    probe = state.probe(kernel, tenant_id, key_id, query_id, probe_blobs)
+    probe = kernel.load_probe(probe_blobs)
     out: list[bytes | None] = []
-    for bin_id, version, g0, g1, add_center in units:
-        cached = state.bin(bin_id, version)
+    for unit in units:
+        cached = state.bin(unit.bin_id, unit.version)
         if cached.cts is None:
             out.append(None)
             continue
-        ct = kernel.score_giants(cached.cts, probe, range(g0, g1))
-        if add_center:
-            centered = state.center_scores(tenant_id, key_id, bin_id, cached)
+        ct = kernel.score_giants(cached.cts, probe, range(unit.first_giant, unit.stop_giant))
+        if unit.add_center:
+            centered = state.center_scores(tenant_id, key_id, unit.bin_id, cached)
             if centered is not None:
                 kernel.add_scores(ct, centered)
+        kernel.mask(ct, unit.keep)
         out.append(seal_io.to_bytes(ct))
     return out
 
@@ -247,19 +269,30 @@ def score_staged(
     key_id: str,
     blobs: Sequence[bytes],
     probe_blobs: Sequence[bytes],
-    query_id: str = "",
     add_center: bool = False,
+    keep: tuple[int, ...] | None = None,
 ) -> list[bytes]:
-    """Full scores of staged templates (one ciphertext each, every slot the score).
+    """Full scores of staged templates, one masked ciphertext each.
 
     ``add_center``: the probe is centered (identification); add the key's
     centering vector so the score is the same as a bin's after re-ranking.
+    ``keep=None`` (identification): only the mean over the slots survives
+    the mask (:meth:`BinKernel.mask_keep_mean`); otherwise the given slots
+    (verification: slot 0).
     """
     state = _s()
     kernel = state.kernel(tenant_id, key_id)
-    probe = state.probe(kernel, tenant_id, key_id, query_id, probe_blobs)
+    probe = kernel.load_probe(probe_blobs)
     center = state.centers.get((tenant_id, key_id)) if add_center else None
-    return [seal_io.to_bytes(kernel.score_staged(kernel.load_staged(b), probe, center)) for b in blobs]
+    out = []
+    for b in blobs:
+        ct = kernel.score_staged(kernel.load_staged(b), probe, center)
+        if keep is None:
+            kernel.mask_keep_mean(ct)
+        else:
+            kernel.mask(ct, keep)
+        out.append(seal_io.to_bytes(ct))
+    return out
 
 
 def precompute_centers(tenant_id: str, key_id: str, bin_ids: Sequence[int]) -> int:
@@ -276,11 +309,12 @@ def precompute_centers(tenant_id: str, key_id: str, bin_ids: Sequence[int]) -> i
 
 
 def forget_key(tenant_id: str, key_id: str) -> None:
-    """The key's center changed: drop what was derived from it."""
+    """The key's center changed: drop what was derived from it (that key's entries only)."""
     state = _s()
     state.kernels.pop((tenant_id, key_id), None)
     state.centers.pop((tenant_id, key_id), None)
-    state.center_cache.clear()
+    for entry in [e for e in state.center_cache if e[:2] == (tenant_id, key_id)]:
+        del state.center_cache[entry]
 
 
 def current(bin_id: int) -> tuple[int, bytes] | None:
@@ -296,14 +330,17 @@ def current(bin_id: int) -> tuple[int, bytes] | None:
 
 
 __all__ = [
+    "ScoreUnit",
+    "WorkerLimits",
     "check_staged",
-    "commit",
+    "check_stored",
+    "configure",
     "current",
-    "discard",
     "forget",
     "init",
     "ping",
+    "preload",
+    "resident_keys",
     "score",
     "score_staged",
-    "validate",
 ]

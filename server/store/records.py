@@ -75,3 +75,20 @@ class StagedRecord:
     label: str
     handle: str
     blob: bytes
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """One tenant API token as stored: its SHA-256 hash, never the secret.
+
+    ``scopes`` are scope names ("query", "enroll", "manage"), sorted;
+    ``revoked_at`` is None while the token is valid.
+    """
+
+    token_id: str
+    tenant_id: str
+    name: str
+    token_hash: str
+    scopes: tuple[str, ...]
+    created_at: float
+    revoked_at: float | None = None

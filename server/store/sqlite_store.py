@@ -42,15 +42,36 @@ from veilface.server.store.records import (
     Reservation,
     StagedRecord,
     SubjectRef,
+    TokenRecord,
+)
+from veilface.server.store.sqlite_tokens import (
+    SQLiteTokens,
+    insert_token,
+    legacy_hash_placeholder,
+    move_tenant_tokens,
 )
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- token_hash: legacy (schema <= 4 kept the tenant's one token here); since
+-- schema 5 it holds a placeholder and every token hash lives in `tokens`.
 CREATE TABLE IF NOT EXISTS tenants (
     tenant_id TEXT PRIMARY KEY,
     token_hash TEXT NOT NULL UNIQUE,
     created_at REAL NOT NULL
 );
+-- API tokens, several per tenant: SHA-256 of the secret, never the secret.
+-- scopes: comma-separated names; revoked_at NULL while valid.
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id),
+    name TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    scopes TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE INDEX IF NOT EXISTS tokens_by_tenant ON tokens(tenant_id, created_at);
 -- One row per tenant key; several keys coexist during key rotation.
 CREATE TABLE IF NOT EXISTS keys (
     tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id),
@@ -135,9 +156,10 @@ CREATE TABLE IF NOT EXISTS reservations (
 );
 """
 
-SCHEMA_VERSION = "4"
-# Older schemas this one extends with new tables only (CREATE IF NOT EXISTS).
-UPGRADABLE_FROM = frozenset({"3"})
+SCHEMA_VERSION = "5"
+# Older schemas this one upgrades in place: new tables (CREATE IF NOT EXISTS),
+# and, from before schema 5, each tenant's one token moved into `tokens`.
+UPGRADABLE_FROM = frozenset({"3", "4"})
 
 
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -154,8 +176,8 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-class SQLiteStore:
-    """Thread-safe SQLite implementation of :class:`GalleryStore`."""
+class SQLiteStore(SQLiteTokens):
+    """Thread-safe SQLite implementation of :class:`GalleryStore` (API tokens: :class:`SQLiteTokens`)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -169,6 +191,8 @@ class SQLiteStore:
             if row is None:
                 c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             elif row[0] in UPGRADABLE_FROM:
+                if int(row[0]) < 5:
+                    move_tenant_tokens(c)
                 c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise FailedPrecondition(
@@ -216,17 +240,17 @@ class SQLiteStore:
 
     # -- tenants and keys -----------------------------------------------
 
-    def create_tenant(self, tenant_id: str, token_hash: str) -> None:
+    def create_tenant(self, tenant_id: str, first_token: TokenRecord) -> None:
+        """The tenant and its first token, in one transaction."""
         try:
             with self._tx() as c:
                 c.execute(
-                    "INSERT INTO tenants VALUES (?, ?, ?)", (tenant_id, token_hash, time.time())
+                    "INSERT INTO tenants VALUES (?, ?, ?)",
+                    (tenant_id, legacy_hash_placeholder(tenant_id), first_token.created_at),
                 )
+                insert_token(c, first_token)
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"tenant {tenant_id!r} already exists") from None
-
-    def token_index(self) -> dict[str, str]:
-        return {h: t for t, h in self._q("SELECT tenant_id, token_hash FROM tenants")}
 
     def tenant_exists(self, tenant_id: str) -> bool:
         return bool(self._q("SELECT 1 FROM tenants WHERE tenant_id=?", (tenant_id,)))
@@ -324,11 +348,41 @@ class SQLiteStore:
     # -- single enrollment ---------------------------------------------
 
     def reserve(
-        self, tenant_id: str, key_id: str, label: str, count: int, capacity: int, ttl_s: float
+        self,
+        tenant_id: str,
+        key_id: str,
+        label: str,
+        count: int,
+        capacity: int,
+        ttl_s: float,
+        max_live: int = 0,
     ) -> Reservation:
+        """Reserve ``count`` free slots in a bin of ``label`` (a new bin when none has room).
+
+        ``max_live`` (0: no cap) bounds the tenant's unexpired reservations.
+        A bin created for a reservation that expired unused (version 0, no
+        subject, no other reservation) is removed here, so abandoned
+        reservations cannot pile up empty bins.
+        """
         now = time.time()
         with self._tx() as c:
             c.execute("DELETE FROM reservations WHERE expires_at < ?", (now,))
+            c.execute(
+                "DELETE FROM bins WHERE tenant_id=? AND key_id=? AND state='active' AND version=0 "
+                "AND bin_id NOT IN (SELECT bin_id FROM reservations) "
+                "AND bin_id NOT IN (SELECT bin_id FROM subjects) "
+                "AND bin_id NOT IN (SELECT bin_id FROM bin_deltas)",
+                (tenant_id, key_id),
+            )
+            if max_live:
+                (live,) = c.execute(
+                    "SELECT COUNT(*) FROM reservations WHERE tenant_id=?", (tenant_id,)
+                ).fetchone()
+                if live >= max_live:
+                    raise ResourceExhausted(
+                        f"this tenant holds {live} open slot reservations, the limit; "
+                        "enroll into them or wait for them to expire"
+                    )
             chosen: tuple[int, list[int]] | None = None
             for (bin_id,) in c.execute(
                 "SELECT bin_id FROM bins WHERE tenant_id=? AND key_id=? AND label=? "
@@ -463,16 +517,24 @@ class SQLiteStore:
         return bin_id
 
     def activate_stream(
-        self, stream_id: str, tenant_id: str = "", replaces: Sequence[tuple[int, int]] = ()
+        self,
+        stream_id: str,
+        tenant_id: str = "",
+        replaces: Sequence[tuple[int, int]] = (),
+        *,
+        renew_handles: bool = False,
     ) -> tuple[list[int], int]:
         """Make a stream's bins visible; with ``replaces`` ((bin id, version) pairs), swap them in.
 
         The replaced bins must belong to the tenant, be unchanged since they
-        were fetched, and hold no handle the stream leaves out.
+        were fetched, and hold no handle the stream leaves out; with
+        ``renew_handles`` (key rotation: every subject under a new handle the
+        server cannot match to its old one), hold exactly as many subjects
+        as the stream.
         """
         with self._tx() as c:
             if replaces:
-                self._swap_out(c, stream_id, tenant_id, replaces)
+                self._swap_out(c, stream_id, tenant_id, replaces, renew_handles)
             bins = [
                 r[0]
                 for r in c.execute(
@@ -490,7 +552,12 @@ class SQLiteStore:
         return bins, subjects
 
     def _swap_out(
-        self, c: sqlite3.Connection, stream_id: str, tenant_id: str, replaces: Sequence[tuple[int, int]]
+        self,
+        c: sqlite3.Connection,
+        stream_id: str,
+        tenant_id: str,
+        replaces: Sequence[tuple[int, int]],
+        renew_handles: bool = False,
     ) -> None:
         old_handles: set[str] = set()
         for bin_id, version in replaces:
@@ -509,8 +576,13 @@ class SQLiteStore:
         new = c.execute(
             "SELECT bin_id, handle, slot FROM stream_subjects WHERE stream_id=?", (stream_id,)
         ).fetchall()
-        missing = old_handles - {h for _, h, _ in new}
-        if missing:
+        if renew_handles:
+            if len(new) != len(old_handles):
+                raise FailedPrecondition(
+                    f"the rotation carries {len(new)} subjects, the bins it replaces hold "
+                    f"{len(old_handles)}"
+                )
+        elif missing := old_handles - {h for _, h, _ in new}:
             raise FailedPrecondition(
                 f"the re-pack leaves out {len(missing)} subjects of the bins it replaces"
             )
@@ -761,7 +833,10 @@ class SQLiteStore:
 
     # -- photos ----------------------------------------------------------
 
-    def add_photo(self, tenant_id: str, handle: str, sealed: bytes, protection: str) -> str:
+    def add_photo(
+        self, tenant_id: str, handle: str, sealed: bytes, protection: str, *, replaces: str = ""
+    ) -> str:
+        """Keep a sealed photo; with ``replaces``, delete that photo of the tenant in the same transaction."""
         photo_id = secrets.token_urlsafe(16)
         with self._tx() as c:
             row = c.execute(
@@ -773,6 +848,10 @@ class SQLiteStore:
                 "SELECT 1 FROM staged WHERE tenant_id=? AND handle=?", (tenant_id, handle)
             ).fetchone():
                 raise NotFound("unknown subject: enroll it before keeping its photos")
+            if replaces and not c.execute(
+                "DELETE FROM photos WHERE tenant_id=? AND photo_id=?", (tenant_id, replaces)
+            ).rowcount:
+                raise NotFound("no such photo to replace")
             c.execute(
                 "INSERT INTO photos VALUES (?, ?, ?, ?, ?, ?)",
                 (photo_id, tenant_id, handle, sealed, protection, time.time()),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tenseal.sealapi as seal
 
 from veilface.crypto import seal_io
 from veilface.crypto.kernel import BinKernel
@@ -136,3 +137,105 @@ def test_staged_scores_are_full_in_every_slot() -> None:
     centered = tc.decrypt_scores(seal_io.to_bytes(kernel.score_staged(staged, probe, center)))
     np.testing.assert_allclose(centered, t @ (p + mu), atol=2e-4)
     np.testing.assert_allclose(tc.decrypt_staged(tc.encrypt_staged(t)), t, atol=1e-5)
+
+
+# -- masking (issue 10, item 3) -------------------------------------------------
+
+
+def test_mask_magnitude_is_derived_from_the_modulus() -> None:
+    from veilface.crypto.kernel import mask_magnitude
+    from veilface.crypto.params import PARAM_SETS
+
+    got = {}
+    for name, ps in PARAM_SETS.items():
+        q = ps.seal_context().first_context_data().parms().coeff_modulus()[0].value()
+        got[name] = mask_magnitude(ps.poly_modulus_degree, q, ps.scale**2)
+    assert got == {"n4096": 585.0, "n8192": 819.0}  # the values docs/protocol.md states
+
+
+def _copy(kern: BinKernel, ct: object) -> object:
+    return seal_io.load_ciphertext(kern.public.context, seal_io.to_bytes(ct))
+
+
+@pytest.mark.parametrize(("param_set", "trials"), [("n4096", 150), ("n8192", 40)])
+def test_masks_leave_kept_slots_exact_and_drown_the_rest(param_set: str, trials: int) -> None:
+    """Many fresh masks: kept slots decrypt to their score within 1e-3, never wrap."""
+    keys = TenantKeys.generate(128, param_set=param_set)
+    tc = TenantCrypto(keys)
+    kern = BinKernel(PublicContext.from_bytes(keys.public_context_bytes()))
+    slots = keys.layout.slots
+    rng = np.random.default_rng(11)
+    x = _unit(rng, slots)  # every slot occupied: the worst case for the kept scores
+    p = _unit(rng, 1)[0]
+    b = kern.load_bin(tc.encrypt_contribution(x, np.arange(slots)))
+    scored = kern.score(b, kern.load_probe(tc.encrypt_probe(p)), "full")
+    truth = x @ p
+    m = kern.mask_magnitude
+    worst = 0.0
+    masked_real, masked_imag, hidden = [], [], []
+    for _ in range(trials):
+        ct = _copy(kern, scored)
+        keep = rng.choice(slots, size=int(rng.integers(0, 64)), replace=False)
+        kern.mask(ct, keep)
+        pt = seal.Plaintext()
+        tc._decryptor.decrypt(ct, pt)
+        z = np.asarray(tc._encoder.decode_complex(pt))
+        if keep.size:
+            worst = max(worst, float(np.abs(z.real[keep] - truth[keep]).max()))
+        other = np.setdiff1d(np.arange(slots), keep)
+        masked_real.append(z.real[other[:64]])
+        masked_imag.append(z.imag[other[:64]])
+        hidden.append(truth[other[:64]])
+        mask_only = z.real[other] - truth[other]
+        assert np.abs(mask_only).max() <= m + 1e-3  # uniform in [-M, M]: nothing outside
+    assert worst < 1e-3
+    re, im = np.concatenate(masked_real), np.concatenate(masked_imag)
+    for part in (re, im):  # uniform in [-M, M]: standard deviation M / sqrt(3)
+        assert abs(part.std() / (m / np.sqrt(3)) - 1) < 0.1
+    assert abs(np.corrcoef(re, np.concatenate(hidden))[0, 1]) < 0.1  # nothing of the scores
+
+
+def test_masks_are_fresh_and_never_clipped(tenant) -> None:  # type: ignore[no-untyped-def]
+    _, tc, kern = tenant
+    x = _unit(np.random.default_rng(5), 16)
+    b = kern.load_bin(tc.encrypt_contribution(x, np.arange(16)))
+    scored = kern.score(b, kern.load_probe(tc.encrypt_probe(x[0])), "full")
+    one, two = _copy(kern, scored), _copy(kern, scored)
+    kern.mask(one, [0])
+    kern.mask(two, [0])
+    a = tc.decrypt_scores(seal_io.to_bytes(one))
+    c = tc.decrypt_scores(seal_io.to_bytes(two))
+    assert abs(a[0] - 1) < 1e-3 and abs(c[0] - 1) < 1e-3
+    assert np.median(np.abs(a[1:] - c[1:])) > 50  # a new mask per response
+    # a magnitude SEAL cannot encode is redrawn a few times, then refused (never clipped)
+    saved = kern.mask_magnitude
+    kern.mask_magnitude = 4 * saved
+    try:
+        with pytest.raises(RuntimeError):
+            kern.mask(_copy(kern, scored), [0])
+    finally:
+        kern.mask_magnitude = saved
+
+
+def test_staged_mask_keeps_only_the_mean(tenant) -> None:  # type: ignore[no-untyped-def]
+    keys, tc, kern = tenant
+    rng = np.random.default_rng(6)
+    t, p = _unit(rng, 2)
+    staged = kern.load_staged(tc.encrypt_staged(t))
+    # a crafted non-periodic probe: unmasked, neighbouring slots give the template away
+    lay = keys.layout
+    rows = np.zeros((lay.g1, lay.slots))
+    rows[0, :128] = rng.normal(size=128)  # one period only
+    enc = tc._encrypt_rows(rows)
+    probe = kern.load_probe(enc)
+    plain = tc.decrypt_scores(seal_io.to_bytes(kern.score_staged(staged, probe)))
+    # slot s sums slots s..s+127 of the product: plain[s] - plain[s+1] = t[s] * rows[0, s]
+    np.testing.assert_allclose(np.diff(-plain[:128]), (t * rows[0, :128])[:127], atol=1e-3)
+    ct = kern.score_staged(staged, probe)
+    kern.mask_keep_mean(ct)
+    masked = tc.decrypt_scores(seal_io.to_bytes(ct))
+    assert abs(masked.mean() - plain.mean()) < 1e-3  # what identification reads
+    assert np.median(np.abs(np.diff(masked[:128]))) > 50  # the differences are noise now
+    honest = kern.score_staged(staged, kern.load_probe(tc.encrypt_probe(p)))
+    kern.mask_keep_mean(honest)
+    assert abs(tc.decrypt_scores(seal_io.to_bytes(honest)).mean() - t @ p) < 1e-3

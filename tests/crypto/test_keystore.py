@@ -1,4 +1,4 @@
-"""Sealed blobs: round trips under both KDFs and every way opening must fail."""
+"""Sealed blobs: round trips under every KDF, the files they read, and every way opening must fail."""
 
 from __future__ import annotations
 
@@ -7,21 +7,34 @@ import copy
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from veilface.crypto.keystore import generate_key_file, open_blob, read_key_file, seal_blob
+from veilface.crypto import keystore
+from veilface.crypto.keystore import (
+    Argon2idParams,
+    ScryptParams,
+    generate_key_file,
+    open_blob,
+    read_key_file,
+    read_passphrase_file,
+    read_private_file,
+    seal_blob,
+)
 from veilface.errors import InvalidArgument, KeystoreError
 
 N = 2**4  # tiny scrypt cost: the tests check logic, not hardness
+CHEAP_ARGON2 = Argon2idParams(memory_kib=64, iterations=1, lanes=1)  # likewise
 PAYLOAD = b"secret key bytes \x00\x01\x02" * 10
 AAD = b'{"tenant_id":"acme"}'
 
 
 @pytest.fixture()
 def key_file(tmp_path: Path) -> Path:
-    return generate_key_file(tmp_path / "tenant.key")
+    return Path(generate_key_file(tmp_path / "tenant.key"))
 
 
 def _flip(b64: str, index: int) -> str:
@@ -129,6 +142,7 @@ def test_malformed_blob(mutate: object) -> None:
 def test_short_key_file(tmp_path: Path) -> None:
     path = tmp_path / "short.key"
     path.write_text("ab" * 31 + "\n")  # 31 bytes as hex
+    path.chmod(0o600)
     with pytest.raises(KeystoreError, match="at least 32"):
         seal_blob(PAYLOAD, aad=AAD, key_file=path)
     path.write_bytes(b"\x01" * 31)
@@ -169,6 +183,202 @@ def test_errors_do_not_leak_secrets(key_file: Path) -> None:
     key_hex = key_file.read_text().strip()
     bad = tmp = key_file.parent / "bad.key"
     tmp.write_text(key_hex[:40])
+    tmp.chmod(0o600)
     with pytest.raises(KeystoreError) as info:
         read_key_file(bad)
     assert key_hex[:40] not in str(info.value)
+
+
+# -- passphrase KDF: Argon2id by default, parameters in the header, bounded when opening --------
+
+#: Sealed by the code before Argon2id (scrypt at its old default N = 2^15), kept verbatim.
+LEGACY_SCRYPT_2_15: dict[str, Any] = {
+    "kdf": {"name": "scrypt", "salt": "pi0LG7P4h+Wf/3CU6e6rgg==", "n": 32768, "r": 8, "p": 1},
+    "aead": "aes-256-gcm",
+    "nonce": "wvyebK81qX7SkwNk",
+    "ciphertext": "ROFleYG3vZYvA5UBQcfbmdeIR18/UlD5VHcYOMdyeiEJITzq6w==",
+}
+LEGACY_AAD = b'{"tenant_id":"legacy"}'
+
+
+def test_default_passphrase_kdf_is_argon2id_with_its_parameters_in_the_header() -> None:
+    sealed = seal_blob(PAYLOAD, aad=AAD, passphrase="correct horse")
+    kdf = sealed["kdf"]
+    assert kdf["name"] == "argon2id" and kdf["version"] == 0x13
+    # RFC 9106's second recommended option, OWASP's floor is weaker (19 MiB, t=2)
+    assert kdf["memory_kib"] >= 64 * 1024 and kdf["iterations"] >= 3 and kdf["lanes"] >= 1
+    assert len(base64.b64decode(kdf["salt"])) == 16
+    assert open_blob(sealed, aad=AAD, passphrase="correct horse") == PAYLOAD
+
+
+def test_argon2id_round_trip_and_tampered_parameters() -> None:
+    sealed = seal_blob(PAYLOAD, aad=AAD, passphrase="pw", kdf=CHEAP_ARGON2)
+    assert {k: sealed["kdf"][k] for k in ("memory_kib", "iterations", "lanes")} == {
+        "memory_kib": 64,
+        "iterations": 1,
+        "lanes": 1,
+    }
+    assert open_blob(sealed, aad=AAD, passphrase="pw") == PAYLOAD
+    with pytest.raises(KeystoreError, match="wrong passphrase"):
+        open_blob(sealed, aad=AAD, passphrase="pW")
+    for field, value in (("iterations", 2), ("memory_kib", 128), ("salt", _flip(sealed["kdf"]["salt"], 0))):
+        bad = copy.deepcopy(sealed)
+        bad["kdf"][field] = value
+        with pytest.raises(KeystoreError, match="the file was modified"):
+            open_blob(bad, aad=AAD, passphrase="pw")
+
+
+def test_scrypt_fallback_default_is_at_least_2_17(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keystore, "argon2id_supported", lambda: False)
+    default = keystore.default_passphrase_kdf()
+    assert isinstance(default, ScryptParams) and default.n >= 2**17
+    assert keystore.SCRYPT_N >= 2**17
+    assert isinstance(keystore.default_passphrase_kdf(), ScryptParams)
+    monkeypatch.undo()
+    if keystore.argon2id_supported():
+        assert isinstance(keystore.default_passphrase_kdf(), Argon2idParams)
+
+
+def test_argon2id_blob_without_argon2id_support_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    sealed = seal_blob(PAYLOAD, aad=AAD, passphrase="pw", kdf=CHEAP_ARGON2)
+    monkeypatch.setattr(keystore, "argon2id_supported", lambda: False)
+    with pytest.raises(KeystoreError, match="Argon2id.*cryptography"):
+        open_blob(sealed, aad=AAD, passphrase="pw")
+
+
+def test_legacy_scrypt_2_15_file_still_opens() -> None:
+    sealed = copy.deepcopy(LEGACY_SCRYPT_2_15)
+    assert open_blob(sealed, aad=LEGACY_AAD, passphrase="legacy passphrase") == b"legacy tenant secrets"
+    with pytest.raises(KeystoreError, match="wrong passphrase"):
+        open_blob(sealed, aad=LEGACY_AAD, passphrase="legacy passphrase!")
+
+
+def test_explicit_scrypt_still_seals() -> None:
+    sealed = seal_blob(PAYLOAD, aad=AAD, passphrase="pw", kdf=ScryptParams(n=N))
+    assert sealed["kdf"]["name"] == "scrypt" and sealed["kdf"]["n"] == N
+    assert open_blob(sealed, aad=AAD, passphrase="pw") == PAYLOAD
+    with pytest.raises(InvalidArgument, match="not both"):
+        seal_blob(PAYLOAD, aad=AAD, passphrase="pw", kdf=ScryptParams(n=N), scrypt_n=N)
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        {"memory_kib": 2**30},  # 1 TiB
+        {"memory_kib": 2**21},  # 2 GiB: over the 1 GiB cap
+        {"memory_kib": 2**20, "iterations": 8},  # 8 GiB of passes
+        {"iterations": 10**6},
+        {"lanes": 0},
+        {"lanes": 2**20},
+        {"memory_kib": 4, "lanes": 1},  # below Argon2's 8 KiB per lane
+        {"version": 0x10},
+        {"iterations": "3"},
+        {"memory_kib": True},
+    ],
+)
+def test_forged_argon2id_header_is_refused_before_any_work(
+    forged: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sealed = seal_blob(PAYLOAD, aad=AAD, passphrase="pw", kdf=CHEAP_ARGON2)
+    sealed["kdf"].update(forged)
+
+    def no_derivation(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("a forged header reached the KDF")
+
+    monkeypatch.setattr(keystore, "_argon2id_key", no_derivation)
+    with pytest.raises(KeystoreError, match="argon2id"):
+        open_blob(sealed, aad=AAD, passphrase="pw")
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [{"n": 2**21}, {"n": 2**20, "r": 16}, {"n": 2**20, "r": 8, "p": 4}, {"n": 3}, {"p": 0}],
+)
+def test_forged_scrypt_header_is_refused(forged: dict[str, object]) -> None:
+    sealed = copy.deepcopy(LEGACY_SCRYPT_2_15)
+    sealed["kdf"].update(forged)
+    with pytest.raises(KeystoreError, match="scrypt"):
+        open_blob(sealed, aad=LEGACY_AAD, passphrase="legacy passphrase")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        Argon2idParams(memory_kib=2**21),
+        Argon2idParams(iterations=0),
+        Argon2idParams(lanes=0),
+        Argon2idParams(memory_kib=8, lanes=2),
+        ScryptParams(n=2**21),
+        ScryptParams(n=1000),
+    ],
+)
+def test_seal_refuses_parameters_it_could_not_open(params: Argon2idParams | ScryptParams) -> None:
+    with pytest.raises(InvalidArgument):
+        seal_blob(PAYLOAD, aad=AAD, passphrase="pw", kdf=params)
+
+
+# -- files holding secrets: refused when group or others can read or write them -------------------
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o602, 0o644, 0o660])
+def test_loose_key_file_is_refused(key_file: Path, mode: int) -> None:
+    sealed = seal_blob(PAYLOAD, aad=AAD, key_file=key_file)
+    key_file.chmod(mode)
+    calls: list[Callable[[], object]] = [
+        lambda: read_key_file(key_file),
+        lambda: seal_blob(PAYLOAD, aad=AAD, key_file=key_file),
+        lambda: open_blob(sealed, aad=AAD, key_file=key_file),
+    ]
+    for call in calls:
+        with pytest.raises(KeystoreError, match="chmod 600") as info:
+            call()
+        assert str(key_file) in str(info.value) and oct(mode)[2:] in str(info.value)
+    key_file.chmod(0o400)  # owner-only, read-only: fine
+    assert open_blob(sealed, aad=AAD, key_file=key_file) == PAYLOAD
+
+
+def test_read_private_file(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    path.write_bytes(b"x" * 10)
+    path.chmod(0o600)
+    assert read_private_file(path, what="tenant file") == b"x" * 10
+    with pytest.raises(KeystoreError, match="tenant file .* holds more than 4 bytes"):
+        read_private_file(path, what="tenant file", max_bytes=4)
+    path.chmod(0o644)
+    with pytest.raises(KeystoreError, match=r"tenant file '.*state' is accessible to group or others"):
+        read_private_file(path, what="tenant file")
+    with pytest.raises(KeystoreError, match="cannot read tenant file"):
+        read_private_file(tmp_path / "absent", what="tenant file")
+    with pytest.raises(KeystoreError, match="cannot read tenant file"):
+        read_private_file(tmp_path, what="tenant file")  # a directory
+
+
+def test_passphrase_file(tmp_path: Path) -> None:
+    path = tmp_path / "pass"
+    path.write_text("  spaces kept inside and around  \n")
+    path.chmod(0o600)
+    assert read_passphrase_file(path) == "  spaces kept inside and around  "
+    path.write_bytes(b"crlf\r\n")
+    assert read_passphrase_file(path) == "crlf"
+    path.write_text("\n")
+    with pytest.raises(KeystoreError, match="empty"):
+        read_passphrase_file(path)
+    path.write_text("pw\n")
+    path.chmod(0o640)
+    with pytest.raises(KeystoreError, match="chmod 600"):
+        read_passphrase_file(path)
+    path.chmod(0o600)
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(KeystoreError, match="UTF-8"):
+        read_passphrase_file(path)
+
+
+def test_passphrase_from_a_pipe(tmp_path: Path) -> None:
+    """A pipe (``--passphrase-file <(pass show x)``) holds nothing at rest: no mode check."""
+    r, w = os.pipe()
+    try:
+        os.write(w, b"piped pw\n")
+        os.close(w)
+        assert read_passphrase_file(Path(f"/proc/self/fd/{r}")) == "piped pw"
+    finally:
+        os.close(r)

@@ -9,19 +9,16 @@ import numpy as np
 import pytest
 
 from veilface.bench.synthetic import SyntheticFaces
+from veilface.client.admin import AdminClient
 from veilface.client.sdk import VeilClient
 from veilface.client.tenant_state import TenantState
-from veilface.client.transport import Transport
-from veilface.proto.v1 import veilface_pb2 as pb
 from veilface.server.launcher import LocalServer
 
 
 def create_tenant(srv: LocalServer, tenant_id: str) -> str:
-    admin = Transport(srv.target, token=srv.admin_token)
-    try:
-        return admin.call(admin.tenants.CreateTenant, pb.CreateTenantRequest(tenant_id=tenant_id)).api_token
-    finally:
-        admin.close()
+    """A new tenant on ``srv``; its first API token (every scope)."""
+    with AdminClient(srv.target, token=srv.admin_token) as admin:
+        return admin.create_tenant(tenant_id).api_token
 
 
 @pytest.fixture(scope="module")

@@ -207,6 +207,7 @@ def test_bulk_stream_cut_in_the_middle_leaves_nothing(small_server, faces) -> No
                     tenant_id="cut", key_id="k1", label="",
                     handles=[f"cut-{i}-{j}" for j in range(5)], slots=list(range(5)),
                     ciphertexts=c.crypto.encrypt_contribution(x[5 * i : 5 * i + 5], list(range(5))),
+                    total_bins=3 if i == 0 else 0,
                 )
             raise RuntimeError("client dies mid-stream")
 
@@ -225,3 +226,137 @@ def test_health_service_answers_without_token(small_server) -> None:  # type: ig
             health_pb2.HealthCheckRequest(service="veilface.v1.Identification"), timeout=10
         )
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _raw_channel(srv: LocalServer) -> grpc.Channel:
+    return grpc.insecure_channel(srv.target, options=[("grpc.max_send_message_length", 64 << 20)])
+
+
+# Bytes that do not parse as any message: field 1, length-delimited, longer than the message.
+_MALFORMED = b"\x0a\xff\xff\xff\x0f\x01"
+
+
+def test_malformed_messages_are_invalid_argument(small_server, faces) -> None:  # type: ignore[no-untyped-def]
+    gallery, _, _ = faces
+    with make_client(small_server, "malformed") as c:
+        meta = c.transport._metadata
+        tr = c.transport
+        res = tr.call(
+            tr.enrollment.ReserveSlots,
+            pb.ReserveSlotsRequest(tenant_id="malformed", key_id="k1", label="", count=1),
+        )
+        cts = c.crypto.encrypt_contribution(c.prepare(gallery[:1]), [0])
+        ch = _raw_channel(small_server)
+        try:
+            for method in (
+                "/veilface.v1.Enrollment/FetchBin",
+                "/veilface.v1.Identification/Preselect",
+                "/veilface.v1.Tenants/RegisterKey",
+            ):
+                with pytest.raises(grpc.RpcError) as err:
+                    ch.unary_unary(method)(_MALFORMED, metadata=meta, timeout=10)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            # Valid first messages, so that the server reads the malformed second one.
+            first_enroll = pb.EnrollRequest(
+                tenant_id="malformed", key_id="k1", reservation_id=res.reservation_id, handles=["m-0"]
+            ).SerializeToString()
+            first_bulk = pb.BulkEnrollChunk(
+                tenant_id="malformed", key_id="k1", handles=["m-1"], slots=[0], ciphertexts=cts, total_bins=2
+            ).SerializeToString()
+            for method, first in (
+                ("/veilface.v1.Enrollment/Enroll", first_enroll),
+                ("/veilface.v1.Enrollment/BulkEnroll", first_bulk),
+            ):
+                for msgs in ([_MALFORMED], [first, _MALFORMED]):
+                    with pytest.raises(grpc.RpcError) as err:
+                        ch.stream_unary(method)(iter(msgs), metadata=meta, timeout=10)
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, len(msgs))
+        finally:
+            ch.close()
+        assert c.describe().keys[0].subjects == 0  # still serving, nothing written
+
+
+def test_ids_past_int64_are_invalid_argument(small_server, faces) -> None:  # type: ignore[no-untyped-def]
+    gallery, names, _ = faces
+    huge = (2**63, 2**64 - 1)
+    with make_client(small_server, "ids") as c:
+        c.enroll_many(names[:4], gallery[:4])
+        tr = c.transport
+        probe = c.crypto.encrypt_probe(c.prepare_probe(gallery[0])[0])
+        for big in huge:
+            calls = [
+                (tr.enrollment.FetchBin, pb.FetchBinRequest(tenant_id="ids", bin_id=big)),
+                (tr.identification.ScoreCandidates, pb.ScoreCandidatesRequest(
+                    tenant_id="ids", key_id="k1", probe_ciphertexts=probe,
+                    candidates=[pb.CandidateSlots(bin_id=big, slots=[0])])),
+                (tr.identification.FetchSlotMaps, pb.FetchSlotMapsRequest(
+                    tenant_id="ids", key_id="k1", known=[pb.BinVersion(bin_id=big, version=0)])),
+                (tr.enrollment.DeleteSubject, pb.DeleteSubjectRequest(
+                    tenant_id="ids", handle="h", bin_id=big, bin_version=1)),
+                (tr.enrollment.DeleteSubject, pb.DeleteSubjectRequest(
+                    tenant_id="ids", handle="h", bin_id=1, bin_version=big)),
+            ]
+            for method, req in calls:
+                with pytest.raises(InvalidArgument):
+                    tr.call(method, req)
+            for stream_method, msgs in (
+                (tr.enrollment.Enroll, [pb.EnrollRequest(
+                    tenant_id="ids", key_id="k1", reservation_id="r", handles=["h"], staged_id=big)]),
+                (tr.enrollment.BulkEnroll, [pb.BulkEnrollChunk(
+                    tenant_id="ids", key_id="k1", handles=["h"], slots=[0], total_bins=1,
+                    replaces=[pb.BinRef(bin_id=big, version=1)])]),
+            ):
+                with pytest.raises(InvalidArgument):
+                    tr.call(stream_method, iter(msgs))
+        assert c.identify(gallery[1]).subject_id == names[1]
+
+
+def test_oversized_ciphertexts_refused_on_arrival(small_server, faces) -> None:  # type: ignore[no-untyped-def]
+    """A blob over the key's ciphertext size is refused when its message arrives, not at the stream's end."""
+    import threading
+
+    gallery, names, _ = faces
+    with make_client(small_server, "sizes") as c:
+        c.enroll_many(names[:4], gallery[:4])
+        tr = c.transport
+        big = b"\0" * (66_560 + 1)  # one byte over n4096's fresh ciphertext bound
+        res = tr.call(
+            tr.enrollment.ReserveSlots,
+            pb.ReserveSlotsRequest(tenant_id="sizes", key_id="k1", label="", count=1),
+        )
+        good = c.crypto.encrypt_contribution(c.prepare(gallery[5:6]), list(res.slots))
+        release = threading.Event()
+        first_enroll = pb.EnrollRequest(
+            tenant_id="sizes", key_id="k1", reservation_id=res.reservation_id,
+            handles=["h-size"], ciphertexts=[*good[:3], big],
+        )
+        first_bulk = pb.BulkEnrollChunk(
+            tenant_id="sizes", key_id="k1", handles=["h-bulk"], slots=[0], total_bins=2,
+            ciphertexts=[*good[:-1], big],
+        )
+        for method, first in ((tr.enrollment.Enroll, first_enroll), (tr.enrollment.BulkEnroll, first_bulk)):
+
+            def held(first=first):  # type: ignore[no-untyped-def]
+                yield first
+                release.wait(60)  # the client holds the stream open
+
+            fut = method.future(held(), metadata=tr._metadata, timeout=60)
+            try:
+                with pytest.raises(grpc.RpcError) as err:
+                    fut.result(timeout=15)  # answered while the stream is still open
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            finally:
+                fut.cancel()
+        release.set()
+        center = c.crypto.encrypt_probe(c.prepare_probe(gallery[0])[0])
+        for method, req in (
+            (tr.tenants.RegisterCenter, pb.RegisterCenterRequest(
+                tenant_id="sizes", key_id="k1", center_ciphertexts=[*center[:-1], big])),
+            (tr.enrollment.DeleteSubject, pb.DeleteSubjectRequest(
+                tenant_id="sizes", handle=c.state.handles().encode(names[0]), bin_id=1, bin_version=1,
+                ciphertexts=[*good[:-1], big])),
+        ):
+            with pytest.raises(ResourceExhausted):
+                tr.call(method, req)
+        assert c.describe().keys[0].subjects == 4
+        assert c.identify(gallery[2]).subject_id == names[2]

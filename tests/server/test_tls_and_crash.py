@@ -13,14 +13,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.server.conftest import create_tenant
+from veilface.client.admin import AdminClient
 from veilface.client.sdk import VeilClient
 from veilface.client.tenant_state import TenantState
 from veilface.client.transport import Transport
 from veilface.errors import VeilfaceError
 from veilface.proto.v1 import veilface_pb2 as pb
 from veilface.server.launcher import LocalServer
+from veilface.server.tls import ensure_dev_tls
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +65,8 @@ def test_tls_round_trip_and_plaintext_refused(tmp_path, faces) -> None:  # type:
     gallery, names, probes = faces
     cert, key = self_signed(tmp_path)
     with LocalServer(tmp_path / "tls.db", tls_cert=cert, tls_key=key) as srv:
-        admin = Transport(srv.target, token=srv.admin_token, root_cert=cert)
-        token = admin.call(admin.tenants.CreateTenant, pb.CreateTenantRequest(tenant_id="tls")).api_token
-        admin.close()
+        with AdminClient(srv.target, token=srv.admin_token, root_cert=cert) as admin:
+            token = admin.create_tenant("tls").api_token
         state = TenantState.new("tls", dim=128)
         with VeilClient(srv.target, state, token=token, root_cert=cert, encrypt_workers=0) as c:
             c.register_key()
@@ -74,6 +76,33 @@ def test_tls_round_trip_and_plaintext_refused(tmp_path, faces) -> None:  # type:
         with pytest.raises(VeilfaceError):
             plain.call(plain.tenants.DescribeTenant, pb.DescribeTenantRequest(tenant_id="tls"))
         plain.close()
+
+
+def test_self_signed_dev_ca_end_to_end(tmp_path: Path) -> None:
+    """``serve --tls-self-signed DIR``: a client holding DIR/ca.pem talks TLS, others cannot."""
+    certs = tmp_path / "dev-tls"
+    with LocalServer(tmp_path / "dev.db", workers=1, tls_self_signed=certs) as srv:
+        assert srv.root_cert == certs / "ca.pem" and srv.root_cert.is_file()
+        for target in (srv.target, f"127.0.0.1:{srv.port}"):  # the DNS and the IP SAN
+            tr = Transport(target, token=srv.admin_token, root_cert=srv.root_cert)
+            health = health_pb2_grpc.HealthStub(tr.channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            tr.close()
+        with AdminClient(srv.target, token=srv.admin_token, root_cert=srv.root_cert) as admin:
+            token = admin.create_tenant("dev").api_token
+        tr = Transport(srv.target, token=token, root_cert=srv.root_cert)
+        desc = tr.call(tr.tenants.DescribeTenant, pb.DescribeTenantRequest(tenant_id="dev"))
+        assert desc.tenant_id == "dev" and not desc.keys
+        tr.close()
+
+        stranger = ensure_dev_tls(tmp_path / "other-ca")  # a CA the server's certificate is not from
+        for root in (stranger.ca_cert, None):  # None: plaintext on loopback
+            bad = Transport(srv.target, token=token, root_cert=root, timeout_s=5)
+            with pytest.raises(VeilfaceError):
+                bad.call(bad.tenants.DescribeTenant, pb.DescribeTenantRequest(tenant_id="dev"))
+            bad.close()
 
 
 def test_sigkill_during_bulk_loses_no_acknowledged_template(tmp_path, faces) -> None:  # type: ignore[no-untyped-def]

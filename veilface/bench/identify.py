@@ -83,10 +83,9 @@ def run_identify_bench(cfg: BenchConfig) -> dict[str, Any]:
     import faiss
     from tqdm import tqdm
 
+    from veilface.client.admin import AdminClient
     from veilface.client.sdk import VeilClient
     from veilface.client.tenant_state import TenantState
-    from veilface.client.transport import Transport
-    from veilface.proto.v1 import veilface_pb2 as pb
     from veilface.server.launcher import LocalServer
 
     gal, gal_labels, probes, probe_labels, source = _data(cfg)
@@ -110,9 +109,8 @@ def run_identify_bench(cfg: BenchConfig) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="veilface-bench-") as tmp:
         with LocalServer(Path(tmp) / "bench.db", workers=cfg.workers) as srv:
-            admin = Transport(srv.target, token=srv.admin_token)
-            token = admin.call(admin.tenants.CreateTenant, pb.CreateTenantRequest(tenant_id="bench")).api_token
-            admin.close()
+            with AdminClient(srv.target, token=srv.admin_token) as admin:
+                token = admin.create_tenant("bench").api_token
             state = TenantState.new("bench", dim=dim, presel_dims=cfg.presel_dims)
             with VeilClient(srv.target, state, token=token) as client:
                 client.register_key()

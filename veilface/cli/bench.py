@@ -40,6 +40,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--json", type=Path)
     p.set_defaults(func=calibrate)
 
+    p = bench.add_parser(
+        "chaos", help="hostile RPCs, memory bombs and SIGKILLs against a real server (issue 10)"
+    )
+    p.add_argument("--fuzz-rpcs", type=int, default=10_000, help="hostile RPCs in all")
+    p.add_argument("--kills", type=int, default=20, help="SIGKILL cycles during enrollment")
+    p.add_argument("--workers", type=int, default=2, help="server scoring processes")
+    p.add_argument("--concurrency", type=int, default=4, help="hostile calls in flight")
+    p.add_argument("--gallery", type=int, default=512, help="tenant A's bulk gallery")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the result here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=chaos)
+
     from veilface.cli.protect import register_bench
 
     register_bench(bench)
@@ -103,4 +116,24 @@ def calibrate(args: argparse.Namespace) -> int:
         print(f"{k:16s} real {real[k]:.4f}   synthetic {synth[k]:.4f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def chaos(args: argparse.Namespace) -> int:
+    from veilface.bench.chaos import ChaosConfig, format_table, run_chaos_bench, write_json
+
+    cfg = ChaosConfig(
+        fuzz_rpcs=args.fuzz_rpcs,
+        kills=args.kills,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        gallery=args.gallery,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    result = run_chaos_bench(cfg)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
@@ -11,34 +12,127 @@ from typing import Any
 
 from veilface.errors import InvalidArgument
 
+#: Where the state passphrase is looked for when ``--passphrase-env`` is not given.
+DEFAULT_PASSPHRASE_ENV = "VEILFACE_PASSPHRASE"
+# Where secret_args keeps what it resolved, so a command that loads then saves
+# asks once (the environment variable is gone after the first read).
+_SECRET_CACHE = "_veilface_unlock"
+
 
 def add_state_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", type=Path, default=Path("tenant.vfk"), help="tenant state file")
     p.add_argument(
         "--passphrase-env",
-        default="VEILFACE_PASSPHRASE",
-        help="environment variable holding the state passphrase (default VEILFACE_PASSPHRASE)",
+        default=None,
+        metavar="NAME",
+        help=f"environment variable holding the state passphrase (default {DEFAULT_PASSPHRASE_ENV}); "
+        "it is removed from the environment once read, so child processes do not inherit it",
     )
-    p.add_argument("--key-file", type=Path, help="key file instead of a passphrase")
+    p.add_argument(
+        "--passphrase-file",
+        type=Path,
+        help="file holding the state passphrase (mode 0600; one trailing newline ignored)",
+    )
+    p.add_argument("--key-file", type=Path, help="key file instead of a passphrase (mode 0600)")
 
 
 def add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the service")
     p.add_argument("--token-env", default="VEILFACE_TOKEN", help="variable holding the API token")
     p.add_argument("--token-file", type=Path, help="file holding the API token")
-    p.add_argument("--root-cert", type=Path, help="PEM root certificate (enables TLS)")
+    p.add_argument(
+        "--root-cert",
+        type=Path,
+        help="PEM root certificate to verify the server (TLS); without it a non-loopback "
+        "server is verified against the system roots",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext to a non-loopback server without --root-cert (tokens in clear)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def secret_args(args: argparse.Namespace) -> dict[str, Any]:
-    if args.key_file is not None:
-        return {"key_file": args.key_file}
-    value = os.environ.get(args.passphrase_env)
-    if not value:
+def take_env_passphrase(name: str = DEFAULT_PASSPHRASE_ENV) -> str | None:
+    """Read a passphrase from the environment and delete it there.
+
+    ``os.environ.pop`` also unsets the variable in the C environment, so no
+    process started afterwards (encryption workers, a server launched by the
+    command, anything ``subprocess`` runs) inherits it.
+    """
+    return os.environ.pop(name, None) or None
+
+
+def _interactive() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def _prompt(state: Path | None, confirm: bool) -> str:
+    where = f" for {state}" if state is not None else ""
+    first = getpass.getpass(f"passphrase{where}: ")
+    if confirm and getpass.getpass("repeat it: ") != first:
+        raise InvalidArgument("the passphrases do not match; nothing was written")
+    return first
+
+
+def secret_args(args: argparse.Namespace, *, confirm: bool | None = None) -> dict[str, Any]:
+    """The ``passphrase=`` or ``key_file=`` keyword for ``TenantState.load``/``save``.
+
+    In order: ``--key-file``; ``--passphrase-file``; the variable named by
+    ``--passphrase-env`` (default ``VEILFACE_PASSPHRASE``); a prompt when
+    stdin is a terminal. The variable is deleted from the environment in
+    every case, so child processes never inherit it. The answer is kept on
+    ``args``: a command that loads and then saves resolves it once.
+
+    Parameters
+    ----------
+    args
+        Parsed options of :func:`add_state_options`.
+    confirm
+        Ask for a prompted passphrase twice. Default: when ``--state`` does
+        not exist yet (the passphrase is being chosen).
+
+    Raises
+    ------
+    InvalidArgument
+        Conflicting options, no source of the passphrase, or prompted
+        passphrases that differ.
+    KeystoreError
+        The passphrase file is unreadable, empty or accessible to others.
+    """
+    from veilface.client.tenant_state import resolve_secret
+
+    cached = getattr(args, _SECRET_CACHE, None)
+    if cached is not None:
+        return dict(cached)
+    env_name = args.passphrase_env or DEFAULT_PASSPHRASE_ENV
+    passphrase_file = getattr(args, "passphrase_file", None)
+    from_env = take_env_passphrase(env_name)
+    if passphrase_file is not None and (args.key_file is not None or args.passphrase_env):
         raise InvalidArgument(
-            f"set the state passphrase in ${args.passphrase_env} or pass --key-file"
+            "--passphrase-file cannot be combined with --key-file or --passphrase-env; give one"
         )
-    return {"passphrase": value}
+    secret: dict[str, Any]
+    if args.key_file is not None or passphrase_file is not None:
+        passphrase, key_file = resolve_secret(
+            None, args.key_file, passphrase_file=passphrase_file
+        )
+        secret = {"key_file": key_file} if key_file is not None else {"passphrase": passphrase}
+    elif from_env:
+        secret = {"passphrase": from_env}
+    elif _interactive():
+        state = getattr(args, "state", None)
+        if confirm is None:
+            confirm = state is not None and not Path(state).exists()
+        secret = {"passphrase": _prompt(state, confirm)}
+    else:
+        raise InvalidArgument(
+            f"set the state passphrase in ${env_name}, pass --passphrase-file or --key-file, "
+            "or run in a terminal to be prompted"
+        )
+    setattr(args, _SECRET_CACHE, secret)
+    return dict(secret)
 
 
 def token(args: argparse.Namespace) -> str:
@@ -59,7 +153,13 @@ def load_state(args: argparse.Namespace) -> Any:
 def client(args: argparse.Namespace) -> Any:
     from veilface.client.sdk import VeilClient
 
-    return VeilClient(args.server, load_state(args), token=token(args), root_cert=args.root_cert)
+    return VeilClient(
+        args.server,
+        load_state(args),
+        token=token(args),
+        root_cert=args.root_cert,
+        insecure=getattr(args, "insecure", False),
+    )
 
 
 def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:

@@ -13,12 +13,13 @@ synthetic templates (no data set ships with the package).
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from veilface.cli import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -54,10 +55,9 @@ def _photos(root: Path, people: int) -> tuple[np.ndarray, list[str], np.ndarray,
 
 def run(args: argparse.Namespace) -> int:
     from veilface.bench.synthetic import SyntheticFaces
+    from veilface.client.admin import AdminClient
     from veilface.client.sdk import VeilClient
     from veilface.client.tenant_state import TenantState
-    from veilface.client.transport import Transport
-    from veilface.proto.v1 import veilface_pb2 as pb
     from veilface.server.launcher import LocalServer
 
     if args.images:
@@ -71,16 +71,17 @@ def run(args: argparse.Namespace) -> int:
         source = f"{len(gal)} synthetic identities (embedded default; pass --images for photos)"
     n_probe = min(args.probes, len(probes))
 
+    # Taken out of the environment before the server starts, so it never inherits it.
+    passphrase = common.take_env_passphrase() or "demo passphrase"
     with tempfile.TemporaryDirectory(prefix="veilface-demo-") as tmp:
         with LocalServer(Path(tmp) / "demo.db") as srv:
             print(f"1. server up on {srv.target}, store {srv.db_path}")
-            admin = Transport(srv.target, token=srv.admin_token)
-            token = admin.call(admin.tenants.CreateTenant, pb.CreateTenantRequest(tenant_id="demo")).api_token
-            admin.close()
+            with AdminClient(srv.target, token=srv.admin_token) as admin:
+                token = admin.create_tenant("demo").api_token
             state = TenantState.new("demo", dim=gal.shape[1])
             state.threshold = 0.92  # dlib-calibrated cosine threshold (docs/benchmarks.md)
             state_path = Path(tmp) / "tenant.vfk"
-            state.save(state_path, passphrase=os.environ.get("VEILFACE_PASSPHRASE", "demo passphrase"))
+            state.save(state_path, passphrase=passphrase)
             print(f"2. tenant 'demo' created; CKKS keys generated, secret key sealed in {state_path.name}")
             with VeilClient(srv.target, state, token=token) as client:
                 info = client.register_key()

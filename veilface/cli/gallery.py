@@ -196,7 +196,13 @@ def rotate(args: argparse.Namespace) -> int:
 
     with common.client(args) as old:
         new_state = old.state.rotated(args.key_id)
-        with VeilClient(args.server, new_state, token=common.token(args), root_cert=args.root_cert) as new:
+        with VeilClient(
+            args.server,
+            new_state,
+            token=common.token(args),
+            root_cert=args.root_cert,
+            insecure=getattr(args, "insecure", False),
+        ) as new:
             new.register_key()
             # Saved before the move: if the move fails, the new key is kept.
             new_state.save(args.new_state, **common.secret_args(args))
@@ -204,8 +210,20 @@ def rotate(args: argparse.Namespace) -> int:
             new_state.save(args.new_state, **common.secret_args(args))  # center and router
     common.emit(
         args,
-        {"subjects": report.subjects, "key_id": report.key_id, "new_bins": report.new_bins},
-        f"moved {report.subjects} subjects to key {report.key_id} ({report.new_bins} bins); "
-        f"use --state {args.new_state} from now on",
+        {
+            "subjects": report.subjects,
+            "key_id": report.key_id,
+            "new_bins": report.new_bins,
+            "photos": report.photos,
+            "photo_subjects_left": report.photo_subjects_left,
+        },
+        f"moved {report.subjects} subjects to key {report.key_id} ({report.new_bins} bins) under "
+        f"new handles, re-sealed {report.photos} photos; use --state {args.new_state} from now on"
+        + (
+            f" (photos of {report.photo_subjects_left} subjects are still under the old key: keep "
+            "the old state and run veilface.client.repack.reseal_photos)"
+            if report.photo_subjects_left
+            else ""
+        ),
     )
     return 0

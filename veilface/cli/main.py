@@ -15,6 +15,7 @@ from veilface.errors import VeilfaceError
 _COMMAND_MODULES = (
     "veilface.cli.serve",
     "veilface.cli.tenant",
+    "veilface.cli.token",
     "veilface.cli.gallery",
     "veilface.cli.bench",
     "veilface.cli.demo",

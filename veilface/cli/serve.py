@@ -15,6 +15,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--workers", type=int, help="scoring processes (default 2)")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    p.add_argument(
+        "--tls-self-signed",
+        type=Path,
+        metavar="DIR",
+        help="make (or reuse) a development CA and server certificate in DIR and serve TLS "
+        "with them; clients pass DIR/ca.pem as --root-cert",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext on a non-loopback host (refused otherwise: tokens travel in clear)",
+    )
     p.add_argument("--admin-token-file", type=Path, help="file holding the operator token")
     p.add_argument("--max-message-mb", type=int, help="largest gRPC message in MiB")
     p.set_defaults(func=run)
@@ -22,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     from veilface.server import ServerSettings, serve
+    from veilface.server.tls import ensure_dev_tls
 
     settings = ServerSettings.from_env(
         db_path=args.db,
@@ -30,8 +43,15 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        tls_self_signed=args.tls_self_signed,
+        insecure=True if args.insecure else None,  # None: keep VEILFACE_INSECURE
         admin_token_file=args.admin_token_file,
         max_message_bytes=args.max_message_mb * 1024 * 1024 if args.max_message_mb else None,
     )
+    if settings.tls_self_signed is not None and settings.tls_cert is None:
+        # Made here to print the CA path; start_server reuses the same files.
+        files = ensure_dev_tls(Path(settings.tls_self_signed), host=settings.host)
+        print(f"veilface development CA: {files.ca_cert} (clients: --root-cert {files.ca_cert})",
+              flush=True)
     asyncio.run(serve(settings))
     return 0

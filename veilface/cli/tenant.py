@@ -25,6 +25,28 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--force", action="store_true", help="overwrite an existing state file")
     p.set_defaults(func=keys_init)
 
+    p = keys.add_parser(
+        "export",
+        help="write a narrower copy of a state for a device of a given role (--role kiosk)",
+    )
+    common.add_state_options(p)  # --state: the full state to read
+    p.add_argument("--role", required=True, choices=["kiosk"], help="kiosk: identify and verify only")
+    p.add_argument("--out", type=Path, required=True, help="the state file to write")
+    p.add_argument(
+        "--no-router",
+        action="store_true",
+        help="leave the routing lists and label key out too (a kiosk that only searches strict)",
+    )
+    p.add_argument("--out-key-file", type=Path, help="seal the output with this key file")
+    p.add_argument(
+        "--out-passphrase-env",
+        metavar="NAME",
+        help="seal the output with the passphrase in this variable (default: same secret as --state)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=keys_export)
+
     t = sub.add_parser("tenant", help="tenant administration").add_subparsers(dest="tenant_cmd", required=True)
     p = t.add_parser("create", help="create a tenant (operator's admin token); prints its API token")
     common.add_server_options(p)
@@ -57,20 +79,49 @@ def keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def tenant_create(args: argparse.Namespace) -> int:
-    from veilface.client.transport import Transport
-    from veilface.proto.v1 import veilface_pb2 as pb
+def keys_export(args: argparse.Namespace) -> int:
+    from veilface.errors import AlreadyExists, InvalidArgument
 
-    admin = args.admin_token_file.read_text().strip()
-    tr = Transport(args.server, token=admin, root_cert=args.root_cert)
-    try:
-        resp = tr.call(tr.tenants.CreateTenant, pb.CreateTenantRequest(tenant_id=args.tenant_id))
-    finally:
-        tr.close()
+    if args.out.exists() and not args.force:
+        raise AlreadyExists(f"{args.out} exists; pass --force to replace it")
+    if args.out.resolve() == args.state.resolve():
+        raise InvalidArgument("--out must not be the --state file it is exported from")
+    state = common.load_state(args)
+    kiosk = state.export_kiosk(keep_router=not args.no_router)
+    if args.out_key_file is not None and args.out_passphrase_env:
+        raise InvalidArgument("give one of --out-key-file and --out-passphrase-env")
+    if args.out_key_file is not None:
+        secret: dict[str, object] = {"key_file": args.out_key_file}
+    elif args.out_passphrase_env:
+        value = common.take_env_passphrase(args.out_passphrase_env)
+        if not value:
+            raise InvalidArgument(f"${args.out_passphrase_env} is unset or empty")
+        secret = {"passphrase": value}
+    else:
+        secret = common.secret_args(args)
+    kiosk.save(args.out, **secret)
     common.emit(
         args,
-        {"tenant_id": resp.tenant_id, "api_token": resp.api_token},
-        f"tenant {resp.tenant_id} created; API token (shown once):\n{resp.api_token}",
+        {"out": str(args.out), "role": kiosk.role, "key_id": kiosk.key_id, "router": kiosk.router is not None},
+        f"wrote {args.out} (role {kiosk.role}, tenant {kiosk.tenant_id}, key {kiosk.key_id}; "
+        f"no photo key{'' if kiosk.router is not None else ', no routing lists'}); "
+        "give the kiosk a token with only the query scope (veilface token create --scope query)",
+    )
+    return 0
+
+
+def tenant_create(args: argparse.Namespace) -> int:
+    from veilface.client.admin import AdminClient
+
+    admin_token = args.admin_token_file.read_text().strip()
+    with AdminClient(
+        args.server, token=admin_token, root_cert=args.root_cert, insecure=getattr(args, "insecure", False)
+    ) as admin:
+        issued = admin.create_tenant(args.tenant_id)
+    common.emit(
+        args,
+        {"tenant_id": issued.tenant_id, "api_token": issued.api_token, "token_id": issued.info.token_id},
+        f"tenant {issued.tenant_id} created; API token with every scope (shown once):\n{issued.api_token}",
     )
     return 0
 
@@ -87,11 +138,11 @@ def tenant_register(args: argparse.Namespace) -> int:
 
 
 def tenant_describe(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
+    from dataclasses import asdict
 
     with common.client(args) as c:
         resp = c.describe()
-    d = MessageToDict(resp, preserving_proto_field_name=True)
+    d = asdict(resp)
     lines = [f"tenant {resp.tenant_id}"] + [
         f"  key {k.key_id}: {k.subjects} subjects in {k.bins} bins, {k.stored_bytes} bytes at rest"
         for k in resp.keys

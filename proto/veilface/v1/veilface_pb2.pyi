@@ -8,11 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TokenScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKEN_SCOPE_UNSPECIFIED: _ClassVar[TokenScope]
+    TOKEN_SCOPE_QUERY: _ClassVar[TokenScope]
+    TOKEN_SCOPE_ENROLL: _ClassVar[TokenScope]
+    TOKEN_SCOPE_MANAGE: _ClassVar[TokenScope]
+
 class SearchMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SEARCH_MODE_UNSPECIFIED: _ClassVar[SearchMode]
     SEARCH_MODE_STRICT: _ClassVar[SearchMode]
     SEARCH_MODE_ROUTED: _ClassVar[SearchMode]
+TOKEN_SCOPE_UNSPECIFIED: TokenScope
+TOKEN_SCOPE_QUERY: TokenScope
+TOKEN_SCOPE_ENROLL: TokenScope
+TOKEN_SCOPE_MANAGE: TokenScope
 SEARCH_MODE_UNSPECIFIED: SearchMode
 SEARCH_MODE_STRICT: SearchMode
 SEARCH_MODE_ROUTED: SearchMode
@@ -34,12 +45,14 @@ class CreateTenantRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
 
 class CreateTenantResponse(_message.Message):
-    __slots__ = ("tenant_id", "api_token")
+    __slots__ = ("tenant_id", "api_token", "token")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     API_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     api_token: str
-    def __init__(self, tenant_id: _Optional[str] = ..., api_token: _Optional[str] = ...) -> None: ...
+    token: TokenInfo
+    def __init__(self, tenant_id: _Optional[str] = ..., api_token: _Optional[str] = ..., token: _Optional[_Union[TokenInfo, _Mapping]] = ...) -> None: ...
 
 class RegisterKeyRequest(_message.Message):
     __slots__ = ("tenant_id", "key_id", "public_context")
@@ -101,17 +114,79 @@ class DescribeTenantResponse(_message.Message):
     keys: _containers.RepeatedCompositeFieldContainer[KeyInfo]
     def __init__(self, tenant_id: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[KeyInfo, _Mapping]]] = ...) -> None: ...
 
+class TokenInfo(_message.Message):
+    __slots__ = ("token_id", "name", "scopes", "created_at", "revoked_at")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    name: str
+    scopes: _containers.RepeatedScalarFieldContainer[TokenScope]
+    created_at: float
+    revoked_at: float
+    def __init__(self, token_id: _Optional[str] = ..., name: _Optional[str] = ..., scopes: _Optional[_Iterable[_Union[TokenScope, str]]] = ..., created_at: _Optional[float] = ..., revoked_at: _Optional[float] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("tenant_id", "name", "scopes")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    name: str
+    scopes: _containers.RepeatedScalarFieldContainer[TokenScope]
+    def __init__(self, tenant_id: _Optional[str] = ..., name: _Optional[str] = ..., scopes: _Optional[_Iterable[_Union[TokenScope, str]]] = ...) -> None: ...
+
+class CreateTokenResponse(_message.Message):
+    __slots__ = ("token", "api_token")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    API_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: TokenInfo
+    api_token: str
+    def __init__(self, token: _Optional[_Union[TokenInfo, _Mapping]] = ..., api_token: _Optional[str] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ("tenant_id", "include_revoked")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    include_revoked: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., include_revoked: bool = ...) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("tenant_id", "token_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    token_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., token_id: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenResponse(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: TokenInfo
+    def __init__(self, token: _Optional[_Union[TokenInfo, _Mapping]] = ...) -> None: ...
+
 class UploadPhotoRequest(_message.Message):
-    __slots__ = ("tenant_id", "handle", "sealed_photo", "protection")
+    __slots__ = ("tenant_id", "handle", "sealed_photo", "protection", "replaces")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     SEALED_PHOTO_FIELD_NUMBER: _ClassVar[int]
     PROTECTION_FIELD_NUMBER: _ClassVar[int]
+    REPLACES_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     handle: str
     sealed_photo: bytes
     protection: str
-    def __init__(self, tenant_id: _Optional[str] = ..., handle: _Optional[str] = ..., sealed_photo: _Optional[bytes] = ..., protection: _Optional[str] = ...) -> None: ...
+    replaces: str
+    def __init__(self, tenant_id: _Optional[str] = ..., handle: _Optional[str] = ..., sealed_photo: _Optional[bytes] = ..., protection: _Optional[str] = ..., replaces: _Optional[str] = ...) -> None: ...
 
 class UploadPhotoResponse(_message.Message):
     __slots__ = ("photo_id",)
@@ -304,7 +379,7 @@ class EnrollResponse(_message.Message):
     def __init__(self, bin_id: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., bin_version: _Optional[int] = ...) -> None: ...
 
 class BulkEnrollChunk(_message.Message):
-    __slots__ = ("tenant_id", "key_id", "label", "handles", "slots", "ciphertexts", "replaces")
+    __slots__ = ("tenant_id", "key_id", "label", "handles", "slots", "ciphertexts", "replaces", "renew_handles", "total_bins")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +387,8 @@ class BulkEnrollChunk(_message.Message):
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
     REPLACES_FIELD_NUMBER: _ClassVar[int]
+    RENEW_HANDLES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BINS_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     key_id: str
     label: str
@@ -319,7 +396,9 @@ class BulkEnrollChunk(_message.Message):
     slots: _containers.RepeatedScalarFieldContainer[int]
     ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
     replaces: _containers.RepeatedCompositeFieldContainer[BinRef]
-    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., label: _Optional[str] = ..., handles: _Optional[_Iterable[str]] = ..., slots: _Optional[_Iterable[int]] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., replaces: _Optional[_Iterable[_Union[BinRef, _Mapping]]] = ...) -> None: ...
+    renew_handles: bool
+    total_bins: int
+    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., label: _Optional[str] = ..., handles: _Optional[_Iterable[str]] = ..., slots: _Optional[_Iterable[int]] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ..., replaces: _Optional[_Iterable[_Union[BinRef, _Mapping]]] = ..., renew_handles: bool = ..., total_bins: _Optional[int] = ...) -> None: ...
 
 class BulkEnrollResponse(_message.Message):
     __slots__ = ("bins", "subjects", "bin_ids")
@@ -379,19 +458,41 @@ class DeleteSubjectResponse(_message.Message):
     bin_version: int
     def __init__(self, bin_id: _Optional[int] = ..., bin_version: _Optional[int] = ...) -> None: ...
 
-class ResolveHandlesRequest(_message.Message):
-    __slots__ = ("tenant_id", "slots")
-    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
-    SLOTS_FIELD_NUMBER: _ClassVar[int]
-    tenant_id: str
-    slots: _containers.RepeatedCompositeFieldContainer[CandidateSlots]
-    def __init__(self, tenant_id: _Optional[str] = ..., slots: _Optional[_Iterable[_Union[CandidateSlots, _Mapping]]] = ...) -> None: ...
+class BinVersion(_message.Message):
+    __slots__ = ("bin_id", "version")
+    BIN_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    bin_id: int
+    version: int
+    def __init__(self, bin_id: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
-class ResolveHandlesResponse(_message.Message):
-    __slots__ = ("bins",)
-    BINS_FIELD_NUMBER: _ClassVar[int]
-    bins: _containers.RepeatedCompositeFieldContainer[BinScores]
-    def __init__(self, bins: _Optional[_Iterable[_Union[BinScores, _Mapping]]] = ...) -> None: ...
+class FetchSlotMapsRequest(_message.Message):
+    __slots__ = ("tenant_id", "key_id", "known")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    key_id: str
+    known: _containers.RepeatedCompositeFieldContainer[BinVersion]
+    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., known: _Optional[_Iterable[_Union[BinVersion, _Mapping]]] = ...) -> None: ...
+
+class SlotMap(_message.Message):
+    __slots__ = ("bin_id", "version", "slots", "handles")
+    BIN_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    bin_id: int
+    version: int
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    handles: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, bin_id: _Optional[int] = ..., version: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., handles: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FetchSlotMapsResponse(_message.Message):
+    __slots__ = ("maps",)
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    maps: _containers.RepeatedCompositeFieldContainer[SlotMap]
+    def __init__(self, maps: _Optional[_Iterable[_Union[SlotMap, _Mapping]]] = ...) -> None: ...
 
 class PreselectRequest(_message.Message):
     __slots__ = ("tenant_id", "key_id", "mode", "labels", "probe_ciphertexts")
@@ -430,22 +531,22 @@ class ScoreCandidatesRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[CandidateSlots, _Mapping]]] = ..., probe_ciphertexts: _Optional[_Iterable[bytes]] = ..., query_id: _Optional[str] = ...) -> None: ...
 
 class BinScores(_message.Message):
-    __slots__ = ("bin_id", "bin_version", "occupancy", "scores", "slots", "handles", "score_parts")
+    __slots__ = ("bin_id", "bin_version", "occupancy", "scores", "slots", "score_parts", "label")
     BIN_ID_FIELD_NUMBER: _ClassVar[int]
     BIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     OCCUPANCY_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
-    HANDLES_FIELD_NUMBER: _ClassVar[int]
     SCORE_PARTS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     bin_id: int
     bin_version: int
     occupancy: bytes
     scores: bytes
     slots: _containers.RepeatedScalarFieldContainer[int]
-    handles: _containers.RepeatedScalarFieldContainer[str]
     score_parts: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, bin_id: _Optional[int] = ..., bin_version: _Optional[int] = ..., occupancy: _Optional[bytes] = ..., scores: _Optional[bytes] = ..., slots: _Optional[_Iterable[int]] = ..., handles: _Optional[_Iterable[str]] = ..., score_parts: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    label: str
+    def __init__(self, bin_id: _Optional[int] = ..., bin_version: _Optional[int] = ..., occupancy: _Optional[bytes] = ..., scores: _Optional[bytes] = ..., slots: _Optional[_Iterable[int]] = ..., score_parts: _Optional[_Iterable[bytes]] = ..., label: _Optional[str] = ...) -> None: ...
 
 class ScoresResponse(_message.Message):
     __slots__ = ("bins", "searched_templates", "query_id", "staged")

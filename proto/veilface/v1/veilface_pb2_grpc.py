@@ -243,6 +243,175 @@ class Tenants(object):
             _registered_method=True)
 
 
+class TokensStub(object):
+    """A tenant's API tokens: several per tenant, stored as SHA-256 hashes only.
+    Every method needs a MANAGE token of that tenant or the operator's admin
+    token. A revoked token is refused from the next call on.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateToken = channel.unary_unary(
+                '/veilface.v1.Tokens/CreateToken',
+                request_serializer=veilface_dot_v1_dot_veilface__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=veilface_dot_v1_dot_veilface__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/veilface.v1.Tokens/ListTokens',
+                request_serializer=veilface_dot_v1_dot_veilface__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=veilface_dot_v1_dot_veilface__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/veilface.v1.Tokens/RevokeToken',
+                request_serializer=veilface_dot_v1_dot_veilface__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=veilface_dot_v1_dot_veilface__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+
+
+class TokensServicer(object):
+    """A tenant's API tokens: several per tenant, stored as SHA-256 hashes only.
+    Every method needs a MANAGE token of that tenant or the operator's admin
+    token. A revoked token is refused from the next call on.
+    """
+
+    def CreateToken(self, request, context):
+        """A new token; its secret is in the response only (shown once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """The tenant's tokens (never their secrets), oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TokensServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=veilface_dot_v1_dot_veilface__pb2.CreateTokenRequest.FromString,
+                    response_serializer=veilface_dot_v1_dot_veilface__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=veilface_dot_v1_dot_veilface__pb2.ListTokensRequest.FromString,
+                    response_serializer=veilface_dot_v1_dot_veilface__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=veilface_dot_v1_dot_veilface__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=veilface_dot_v1_dot_veilface__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'veilface.v1.Tokens', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('veilface.v1.Tokens', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Tokens(object):
+    """A tenant's API tokens: several per tenant, stored as SHA-256 hashes only.
+    Every method needs a MANAGE token of that tenant or the operator's admin
+    token. A revoked token is refused from the next call on.
+    """
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veilface.v1.Tokens/CreateToken',
+            veilface_dot_v1_dot_veilface__pb2.CreateTokenRequest.SerializeToString,
+            veilface_dot_v1_dot_veilface__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veilface.v1.Tokens/ListTokens',
+            veilface_dot_v1_dot_veilface__pb2.ListTokensRequest.SerializeToString,
+            veilface_dot_v1_dot_veilface__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veilface.v1.Tokens/RevokeToken',
+            veilface_dot_v1_dot_veilface__pb2.RevokeTokenRequest.SerializeToString,
+            veilface_dot_v1_dot_veilface__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class PhotosStub(object):
     """----------------------------------------------------------------- photos
 
@@ -506,9 +675,10 @@ class EnrollmentServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def BulkEnroll(self, request_iterator, context):
-        """Import whole new bins packed by the tenant. Every chunk is one new bin.
-        All-or-nothing: the bins become visible when the stream ends cleanly;
-        a stream cut in the middle leaves nothing behind.
+        """Import whole new bins packed by the tenant. Every chunk is one new bin;
+        the first declares how many there are (total_bins). All-or-nothing: the
+        bins become visible when all the declared chunks arrived and the stream
+        ended cleanly; a stream cut in the middle leaves nothing behind.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -897,10 +1067,10 @@ class IdentificationStub(object):
                 request_serializer=veilface_dot_v1_dot_veilface__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=veilface_dot_v1_dot_veilface__pb2.VerifyResponse.FromString,
                 _registered_method=True)
-        self.ResolveHandles = channel.unary_unary(
-                '/veilface.v1.Identification/ResolveHandles',
-                request_serializer=veilface_dot_v1_dot_veilface__pb2.ResolveHandlesRequest.SerializeToString,
-                response_deserializer=veilface_dot_v1_dot_veilface__pb2.ResolveHandlesResponse.FromString,
+        self.FetchSlotMaps = channel.unary_unary(
+                '/veilface.v1.Identification/FetchSlotMaps',
+                request_serializer=veilface_dot_v1_dot_veilface__pb2.FetchSlotMapsRequest.SerializeToString,
+                response_deserializer=veilface_dot_v1_dot_veilface__pb2.FetchSlotMapsResponse.FromString,
                 _registered_method=True)
 
 
@@ -920,8 +1090,9 @@ class IdentificationServicer(object):
 
     def ScoreCandidates(self, request, context):
         """Stage 2: the remaining coordinates over the bins holding the tenant's
-        candidates; adds up with stage 1 to the full score of every slot of those
-        bins. Returns the handles of the requested candidate slots.
+        candidates; adds up with stage 1 to the full score of the requested slots
+        of those bins. Names no handle: the tenant finds the winner's handle in
+        its own copy of the bin's slot map (FetchSlotMaps).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -934,8 +1105,15 @@ class IdentificationServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ResolveHandles(self, request, context):
-        """Handles of slots the tenant picked after decrypting full scores.
+    def FetchSlotMaps(self, request, context):
+        """The slot -> handle maps of the named bins of the key whose version
+        differs from the one the tenant holds (client/slot_maps.py). The SDK asks
+        for every bin of a Preselect response whose version it does not hold
+        (never only its candidates), so the call tells the server nothing the
+        Preselect did not. At most 64 bins per call (RESOURCE_EXHAUSTED beyond);
+        bins that are gone, or not of this tenant and key, are left out.
+        (ResolveHandles, which named the winners' slots, is removed: field and
+        method numbers are not reused.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -959,10 +1137,10 @@ def add_IdentificationServicer_to_server(servicer, server):
                     request_deserializer=veilface_dot_v1_dot_veilface__pb2.VerifyRequest.FromString,
                     response_serializer=veilface_dot_v1_dot_veilface__pb2.VerifyResponse.SerializeToString,
             ),
-            'ResolveHandles': grpc.unary_unary_rpc_method_handler(
-                    servicer.ResolveHandles,
-                    request_deserializer=veilface_dot_v1_dot_veilface__pb2.ResolveHandlesRequest.FromString,
-                    response_serializer=veilface_dot_v1_dot_veilface__pb2.ResolveHandlesResponse.SerializeToString,
+            'FetchSlotMaps': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchSlotMaps,
+                    request_deserializer=veilface_dot_v1_dot_veilface__pb2.FetchSlotMapsRequest.FromString,
+                    response_serializer=veilface_dot_v1_dot_veilface__pb2.FetchSlotMapsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1059,7 +1237,7 @@ class Identification(object):
             _registered_method=True)
 
     @staticmethod
-    def ResolveHandles(request,
+    def FetchSlotMaps(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1072,9 +1250,9 @@ class Identification(object):
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/veilface.v1.Identification/ResolveHandles',
-            veilface_dot_v1_dot_veilface__pb2.ResolveHandlesRequest.SerializeToString,
-            veilface_dot_v1_dot_veilface__pb2.ResolveHandlesResponse.FromString,
+            '/veilface.v1.Identification/FetchSlotMaps',
+            veilface_dot_v1_dot_veilface__pb2.FetchSlotMapsRequest.SerializeToString,
+            veilface_dot_v1_dot_veilface__pb2.FetchSlotMapsResponse.FromString,
             options,
             channel_credentials,
             insecure,
