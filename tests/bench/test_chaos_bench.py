@@ -174,6 +174,13 @@ def test_chaos_bench_small_run(tmp_path: Path) -> None:
     assert result["crashes"] == 0 and result["hangs"] == 0
     assert result["kills"] == 2 and result["acknowledged"] > 64
     assert result["lost"] == 0 and result["duplicates"] == 0
+    # the hardening of issue 10: nothing hostile succeeds, nothing is INTERNAL,
+    # no partial bulk import shows, identification stays exact
+    assert result["internal_errors"] == 0, result.get("generators")
+    assert result["unexpected_successes"] == 0, result.get("generators")
+    assert result["partial_bulk_visible"] == 0
+    assert result["exact_after_fuzz"] is True
+    assert result["memory_bomb_rss_growth_mb"] <= 256
     assert result["legit_p50_quiet_ms"] > 0 and result["rss_before_mb"] > 0
     # Tightened by the lead once the fixes of issue 10 are in: internal_errors,
     # unexpected_successes, partial_bulk_visible, exact_after_fuzz, memory growth.
