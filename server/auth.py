@@ -29,6 +29,7 @@ import grpc
 
 from veilface.errors import PermissionDenied, Unauthenticated
 from veilface.proto.v1 import veilface_pb2 as pb
+from veilface.server import fair_queue
 from veilface.server.errors_map import end_call
 from veilface.server.tokens import Grant, QueryRateLimiter, Scope, TokenIndex
 
@@ -269,6 +270,7 @@ def _bind(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMetho
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             _principal.set(principal)
+            fair_queue.share.set(principal.tenant_id or "")
             return await inner(request, context)
 
         return factory(call, handler.request_deserializer, handler.response_serializer)
@@ -281,6 +283,7 @@ def _bind(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMetho
 
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         _principal.set(principal)
+        fair_queue.share.set(principal.tenant_id or "")
         result = inner(request, context)
         if hasattr(result, "__aiter__"):  # an async generator behaviour
             async for item in result:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from veilface.server import worker
+from veilface.server.fair_queue import FairLane
 
 T = TypeVar("T")
 
@@ -30,13 +31,16 @@ class WorkerPool:
             ProcessPoolExecutor(1, mp_context=ctx, initializer=worker.init, initargs=(str(db_path),))
             for _ in range(n)
         ]
+        # One job at a time per worker, round-robin over the tenants waiting
+        # for it (server/fair_queue.py): no tenant's backlog delays another's query.
+        self._lanes = [FairLane(ex) for ex in self._execs]
 
     def owner(self, bin_id: int) -> int:
         return bin_id % self.n
 
     async def call(self, idx: int, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._execs[idx], fn, *args)
+        result: T = await self._lanes[idx].submit(fn, *args)
+        return result
 
     async def warm_up(self) -> None:
         await asyncio.gather(*(self.call(i, worker.ping) for i in range(self.n)))
