@@ -53,10 +53,10 @@ from veilface.bench.chaos_fuzz import (
 )
 from veilface.bench.chaos_generic import GENERIC
 from veilface.bench.chaos_kill import KillPhase
+from veilface.bench.chaos_legit import LegitTraffic
 from veilface.bench.chaos_target import ChaosServer, RawResult, summarize_log
 from veilface.bench.chaos_world import (
     TENANT_X,
-    LegitTraffic,
     World,
     WorldSize,
     build_world,

@@ -147,22 +147,6 @@ def g_verify_bad(r: Rng, w: World, rpc: Rpc, s: Setup) -> Case:
     return one_call("verify_bad", rpc, req, token_of(w, TENANT_X), expect, note=kind)
 
 
-@gen("ResolveHandles")
-def g_resolve_handles_bad(r: Rng, w: World, rpc: Rpc, s: Setup) -> Case:
-    x1 = w.key("x.k1")
-    kind = pick(r, ("foreign", "huge", "many_slots", "many_bins"))
-    if kind == "foreign":
-        slots = [pb.CandidateSlots(bin_id=pick(r, (*w.key("b.k1").bins, *w.key("a.k1").bins))[0], slots=[0])]
-    elif kind == "huge":
-        slots = [pb.CandidateSlots(bin_id=int(pick(r, HUGE_IDS)), slots=[0])]
-    elif kind == "many_slots":
-        slots = [pb.CandidateSlots(bin_id=x1.bins[0][0], slots=list(range(5000)))]
-    else:
-        slots = [pb.CandidateSlots(bin_id=x1.bins[0][0] + i, slots=[0]) for i in range(300)]
-    req = pb.ResolveHandlesRequest(tenant_id=TENANT_X, slots=slots)
-    return one_call("resolve_handles_bad", rpc, req, token_of(w, TENANT_X), F, note=kind)
-
-
 @gen("FetchSlotMaps")
 def g_fetch_slot_maps_bad(r: Rng, w: World, rpc: Rpc, s: Setup) -> Case:
     """Other tenants' and other keys' bins are left out (OK); too many bins are refused."""

@@ -337,31 +337,17 @@ class KillPhase:
 
 
 def census(c: VeilClient, tenant_id: str, key_id: str) -> Counter[str]:
-    """Handles held by a key: slot maps of its active bins (whichever RPC the server has), staged ones."""
+    """Handles held by a key: the slot maps of its active bins, and its staged ones."""
     tr = c.transport
     bins = tr.call(tr.enrollment.ListBins, pb.ListBinsRequest(tenant_id=tenant_id, key_id=key_id)).bins
     ids = [int(b.bin_id) for b in bins]
     held: Counter[str] = Counter()
-    methods = {m.name for m in pb.DESCRIPTOR.services_by_name["Identification"].methods}
-    if "FetchSlotMaps" in methods:
-        for start in range(0, len(ids), 64):
-            req = pb.FetchSlotMapsRequest(tenant_id=tenant_id, key_id=key_id)
-            for b in ids[start : start + 64]:
-                req.known.add(bin_id=b, version=0)
-            for m in tr.call(tr.identification.FetchSlotMaps, req).maps:
-                held.update(h for h in m.handles if h)
-    elif "ResolveHandles" in methods:
-        cap = int({k.key_id: k for k in c.describe().keys}[key_id].capacity)
-        for b in ids:
-            req_r = pb.ResolveHandlesRequest(
-                tenant_id=tenant_id, slots=[pb.CandidateSlots(bin_id=b, slots=range(cap))]
-            )
-            for got in tr.call(tr.identification.ResolveHandles, req_r).bins:
-                held.update(h for h in got.handles if h)
-    else:
-        for b in ids:
-            got_b = tr.call(tr.enrollment.FetchBin, pb.FetchBinRequest(tenant_id=tenant_id, bin_id=b))
-            held.update(h for h in got_b.handles if h)
+    for start in range(0, len(ids), 64):
+        req = pb.FetchSlotMapsRequest(tenant_id=tenant_id, key_id=key_id)
+        for b in ids[start : start + 64]:
+            req.known.add(bin_id=b, version=0)
+        for m in tr.call(tr.identification.FetchSlotMaps, req).maps:
+            held.update(h for h in m.handles if h)
     staged = tr.call(tr.enrollment.FetchStaged, pb.FetchStagedRequest(tenant_id=tenant_id, key_id=key_id))
     held.update(t.handle for t in staged.staged)
     return held

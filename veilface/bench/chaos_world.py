@@ -21,9 +21,6 @@ plaintext cosine search over exactly what was enrolled.
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +29,7 @@ import numpy.typing as npt
 
 from veilface.bench.chaos_target import ChaosServer
 from veilface.bench.synthetic import SyntheticFaces
+from veilface.client.admin import AdminClient
 from veilface.client.sdk import VeilClient
 from veilface.client.tenant_state import TenantState
 from veilface.client.transport import Transport
@@ -119,12 +117,8 @@ def _faces(n: int, seed: int) -> tuple[FloatArray, list[str], FloatArray]:
 
 
 def _create_tenant(srv: ChaosServer, tenant_id: str) -> str:
-    admin = Transport(srv.target, token=srv.admin_token)
-    try:
-        resp = admin.call(admin.tenants.CreateTenant, pb.CreateTenantRequest(tenant_id=tenant_id))
-        return str(resp.api_token)
-    finally:
-        admin.close()
+    with AdminClient(srv.target, token=srv.admin_token) as admin:
+        return str(admin.create_tenant(tenant_id).api_token)
 
 
 def _tokens_call(srv: ChaosServer, token: str, method: str, request: Any) -> Any:
@@ -309,84 +303,3 @@ def check_exact(
                              "score": round(float(r.score), 4), "right_subject": r.subject_id == ks.subjects[top]}
                         )
     return report
-
-
-# -- the legitimate client ----------------------------------------------------------
-
-
-class LegitTraffic:
-    """Tenant A's kiosk: identifies second captures of its gallery, one after another.
-
-    Runs in a background thread during the attack (:meth:`start`,
-    :meth:`stop`); :meth:`measure` runs the same queries in the foreground
-    for the quiet baseline. A query is *wrong* when its top-1 is neither the
-    plaintext top-1 nor a subject within ``tie`` of it.
-    """
-
-    def __init__(self, srv: ChaosServer, world: World, *, seed: int, pause_s: float = 0.05,
-                 tie: float = 2e-3) -> None:
-        self.srv, self.ks, self.token = srv, world.key("a.k1"), world.legit_token
-        self.rng = np.random.default_rng([seed, 3])
-        self.pause_s, self.tie = pause_s, tie
-        self.latencies_ms: list[float] = []
-        self.errors: Counter[str] = Counter()
-        self.wrong = 0
-        self._client: VeilClient | None = None
-        self._generation = -1
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        g = self.ks.gallery / np.linalg.norm(self.ks.gallery, axis=1, keepdims=True)
-        p = self.ks.probes / np.linalg.norm(self.ks.probes, axis=1, keepdims=True)
-        self._cos = p @ g.T  # [probe, gallery] plaintext cosines
-
-    def _current(self) -> VeilClient:
-        if self._client is None or self._generation != self.srv.generation:
-            if self._client is not None:
-                self._client.transport.close()
-            self._generation = self.srv.generation
-            self._client = self.ks.client(self.srv.target, self.token)
-        return self._client
-
-    def query(self) -> float | None:
-        """One identification; its latency in ms, or None if it failed."""
-        i = int(self.rng.integers(len(self.ks.probes)))
-        try:
-            r = self._current().identify(self.ks.probes[i])
-        except VeilfaceError as exc:
-            self.errors[type(exc).__name__ + ":" + str(getattr(exc, "status", ""))] += 1
-            return None
-        best = float(self._cos[i].max())
-        j = self.ks.subjects.index(r.subject_id) if r.subject_id in self.ks.subjects else -1
-        if j < 0 or float(self._cos[i, j]) < best - self.tie or abs(r.score - best) > 1e-2:
-            self.wrong += 1
-        return float(r.stats.total_ms)
-
-    def measure(self, n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            ms = self.query()
-            if ms is not None:
-                out.append(ms)
-            time.sleep(self.pause_s)
-        return out
-
-    def start(self) -> None:
-        self.latencies_ms, self.errors, self.wrong = [], Counter(), 0
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="chaos-legit", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            ms = self.query()
-            if ms is not None:
-                self.latencies_ms.append(ms)
-            self._stop.wait(self.pause_s)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(120)
-        if self._client is not None:
-            self._client.transport.close()
-            self._client = None
