@@ -26,7 +26,7 @@ from veilface.errors import (
 )
 from veilface.server import worker
 from veilface.server.store.blobs import pack_blobs
-from veilface.server.store.records import BinInfo, Reservation, StagedRecord
+from veilface.server.store.records import BinInfo, BinSummary, Reservation, StagedRecord
 from veilface.server.validation import (
     check_blob_sizes,
     check_count,
@@ -53,6 +53,47 @@ class BulkChunk:
     replaces: Sequence[tuple[int, int]] = ()  # first chunk: (bin id, version) swapped out at the end
     renew_handles: bool = False  # first chunk, with replaces: new handles (key rotation), counts checked
     total_bins: int = 0  # first chunk: how many chunks (bins) the stream holds; required
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    """An acknowledged (durable) contribution: its bin, the slots it took, the bin's new version."""
+
+    bin_id: int
+    slots: tuple[int, ...]
+    version: int
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    """An acknowledged bulk stream: the bins it activated and the subjects they hold."""
+
+    bin_ids: tuple[int, ...]
+    subjects: int
+
+
+@dataclass(frozen=True)
+class SubjectBin:
+    """A subject's bin whole, read at ``info.version``: the subject's slot, packed ciphertexts."""
+
+    key_id: str
+    info: BinInfo
+    slot: int
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class FetchedBin:
+    """A bin whole, read at ``info.version``: subjects and packed ciphertexts.
+
+    ``slots[i]`` holds ``handles[i]``, by slot.
+    """
+
+    key_id: str
+    info: BinInfo
+    slots: tuple[int, ...]
+    handles: tuple[str, ...]
+    blob: bytes
 
 
 def max_ciphertext_bytes(view: KeyView) -> int:
@@ -104,7 +145,7 @@ class EnrollmentService:
         handles: Sequence[str],
         chunks: AsyncIterator[Sequence[bytes]],
         staged_id: int = 0,
-    ) -> tuple[Reservation, int]:
+    ) -> EnrollResult:
         """Validate a contribution as its ciphertexts stream in, then make it durable.
 
         With ``staged_id`` the contribution is the fold of that staged
@@ -154,7 +195,7 @@ class EnrollmentService:
         # in-memory bin when the bin is next scored or compacted (whichever
         # comes first), so a burst of enrollments never waits for it.
         self._schedule_compaction(res.bin_id)
-        return res, version
+        return EnrollResult(bin_id=res.bin_id, slots=tuple(res.slots), version=version)
 
     async def enroll_staged(
         self, tenant_id: str, key_id: str, label: str, handle: str, ciphertext: bytes
@@ -191,7 +232,7 @@ class EnrollmentService:
             self.store.staged_templates, tenant_id, key_id, None, limit=min(limit or cap, cap)
         )
 
-    async def bulk_enroll(self, chunks: AsyncIterator[BulkChunk], tenant_of_call: str) -> tuple[list[int], int]:
+    async def bulk_enroll(self, chunks: AsyncIterator[BulkChunk], tenant_of_call: str) -> BulkResult:
         """Stage every chunk as a new bin; activate them all only at the end.
 
         The first chunk declares ``total_bins``; the bins become visible only
@@ -288,7 +329,7 @@ class EnrollmentService:
         for owner, group in by_owner.items():  # queued on the owners before any later request
             self.core.background(self.pool.call(owner, worker.preload, group), "bin preload")
         self._warm_centers(tenant_of_call, staged)
-        return bins, subjects
+        return BulkResult(bin_ids=tuple(bins), subjects=subjects)
 
     def _declared_bins(self, total: int, *, repack: bool) -> int:
         """The first chunk's ``total_bins``, checked against the per-stream cap."""
@@ -361,15 +402,13 @@ class EnrollmentService:
         _, key_id = await asyncio.to_thread(self.store.bin_owner, bin_ids[0])
         await self.pool.call(owner, worker.precompute_centers, tenant_id, key_id, bin_ids)
 
-    async def list_key_bins(self, tenant_id: str, key_id: str) -> list[tuple[int, str, int, int]]:
-        """(bin id, label, version, subjects) of every active bin of a key."""
+    async def list_key_bins(self, tenant_id: str, key_id: str) -> list[BinSummary]:
+        """Every active bin of a key (id, label, version, subjects), by id."""
         await self.core.key(tenant_id, key_id)
         return await asyncio.to_thread(self.store.key_bins, tenant_id, key_id)
 
-    async def fetch_bin(
-        self, tenant_id: str, bin_id: int
-    ) -> tuple[str, BinInfo, list[tuple[int, str]], bytes]:
-        """A bin whole: (key id, info, (slot, handle) pairs, packed ciphertexts)."""
+    async def fetch_bin(self, tenant_id: str, bin_id: int) -> FetchedBin:
+        """A bin whole: its key, info, subjects and packed ciphertexts, all at one version."""
         check_id(bin_id, "bin id")
         info = await asyncio.to_thread(self.store.bin_info, tenant_id, bin_id, with_occupancy=False)
         key_id = (await asyncio.to_thread(self.store.bin_owner, bin_id))[1]
@@ -380,12 +419,16 @@ class EnrollmentService:
         subjects = await asyncio.to_thread(self.store.bin_subjects, bin_id)
         if version != info.version:
             raise FailedPrecondition("the bin is changing; try again")
-        return key_id, info, subjects, blob
+        return FetchedBin(
+            key_id=key_id,
+            info=info,
+            slots=tuple(s for s, _ in subjects),
+            handles=tuple(h for _, h in subjects),
+            blob=blob,
+        )
 
-    async def fetch_subject_bin(
-        self, tenant_id: str, handle: str
-    ) -> tuple[str, BinInfo, int, bytes] | StagedRecord:
-        """The subject's bin (key id, bin, slot, packed ciphertexts), or its staged record."""
+    async def fetch_subject_bin(self, tenant_id: str, handle: str) -> SubjectBin | StagedRecord:
+        """The subject's bin (with its slot and packed ciphertexts), or its staged record."""
         check_handles([handle])
         staged = await asyncio.to_thread(self.store.staged_subject, tenant_id, handle)
         if staged is not None:
@@ -398,7 +441,7 @@ class EnrollmentService:
         version, blob = current
         if version != info.version:
             raise FailedPrecondition("the bin is changing; try again")
-        return ref.key_id, info, ref.slot, blob
+        return SubjectBin(key_id=ref.key_id, info=info, slot=ref.slot, blob=blob)
 
     async def delete_subject(
         self, tenant_id: str, handle: str, bin_id: int, version: int, ciphertexts: Sequence[bytes]

@@ -21,6 +21,7 @@ import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING
 
 from veilface.crypto.params import get_param_set
@@ -42,6 +43,18 @@ if TYPE_CHECKING:
     from veilface.server.service import GalleryService, KeyView
 
 log = logging.getLogger(__name__)
+
+
+class SearchMode(Enum):
+    """Which bins a preselection searches: ``STRICT`` every bin, ``ROUTED`` the named labels.
+
+    Converted once, in the servicer, from the protocol's enum
+    (:func:`veilface.server.convert.search_mode_from_proto`, which refuses any
+    other value); :meth:`IdentificationService.preselect` takes only this.
+    """
+
+    STRICT = "strict"
+    ROUTED = "routed"
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,28 @@ class StagedScore:
     scores: bytes
 
 
+@dataclass(frozen=True)
+class PreselectResult:
+    """Stage 1's answer: the searched bins' scores, the staged templates' scores, the query id.
+
+    ``searched_templates``: occupied slots of the searched bins plus staged
+    templates; ``query_id`` names the cached probe for the re-ranking.
+    """
+
+    bins: tuple[BinScore, ...]
+    searched_templates: int
+    query_id: str
+    staged: tuple[StagedScore, ...]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """A verification's encrypted scores; only ``slot`` carries one (the rest is masked)."""
+
+    slot: int
+    scores: bytes
+
+
 class IdentificationService:
     """1:N and 1:1 searches over a tenant key's encrypted bins."""
 
@@ -112,17 +147,17 @@ class IdentificationService:
         self,
         tenant_id: str,
         key_id: str,
-        mode: str,
+        mode: SearchMode,
         labels: Sequence[str],
         probe: Sequence[bytes],
-    ) -> tuple[list[BinScore], int, str, list[StagedScore]]:
+    ) -> PreselectResult:
         view = await self.core.key(tenant_id, key_id)
         self._check_probe(view, probe)
-        if mode == "strict":
+        if mode is SearchMode.STRICT:
             if labels:
                 raise InvalidArgument("strict mode searches every bin; send no labels")
             bins, staged = await asyncio.to_thread(self.store.search_view, tenant_id, key_id, None)
-        elif mode == "routed":
+        else:
             if not labels:
                 raise InvalidArgument("routed mode needs at least one bin label")
             if len(labels) > MAX_LABELS:
@@ -132,8 +167,6 @@ class IdentificationService:
             bins, staged = await asyncio.to_thread(
                 self.store.search_view, tenant_id, key_id, sorted(set(labels))
             )
-        else:
-            raise InvalidArgument("search mode must be strict or routed")
         if len(bins) > self.settings.max_bins_per_request:
             raise ResourceExhausted(
                 f"the query would score {len(bins)} bins; the limit is "
@@ -149,7 +182,12 @@ class IdentificationService:
             await self.pool.call(0, worker.validate_probe, tenant_id, key_id, list(probe))
         query_id = secrets.token_urlsafe(12)
         self.probes.put(query_id, tenant_id, key_id, probe)
-        return scored, sum(len(b.occupied) for b in bins) + len(staged), query_id, staged_scores
+        return PreselectResult(
+            bins=tuple(scored),
+            searched_templates=sum(len(b.occupied) for b in bins) + len(staged),
+            query_id=query_id,
+            staged=tuple(staged_scores),
+        )
 
     async def _score_staged(
         self,
@@ -304,7 +342,7 @@ class IdentificationService:
 
     async def verify(
         self, tenant_id: str, key_id: str, handle: str, probe: Sequence[bytes]
-    ) -> tuple[int, bytes]:
+    ) -> VerifyResult:
         check_handles([handle])
         staged = await asyncio.to_thread(self.store.staged_subject, tenant_id, handle)
         if staged is not None:
@@ -315,7 +353,7 @@ class IdentificationService:
             (one,) = await self._score_staged(
                 tenant_id, key_id, [staged], probe, add_center=False, keep=(0,)
             )
-            return 0, one.scores
+            return VerifyResult(slot=0, scores=one.scores)
         ref = await asyncio.to_thread(self.store.subject, tenant_id, handle)
         if ref.key_id != key_id:
             raise FailedPrecondition(f"the subject is enrolled under key {ref.key_id!r}")
@@ -328,4 +366,4 @@ class IdentificationService:
         )
         if not scored:
             raise NotFound("the subject's bin holds no ciphertext")
-        return ref.slot, scored[0].parts[0]
+        return VerifyResult(slot=ref.slot, scores=scored[0].parts[0])

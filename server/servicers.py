@@ -17,17 +17,28 @@ from veilface.errors import InvalidArgument
 from veilface.proto.v1 import veilface_pb2 as pb
 from veilface.proto.v1 import veilface_pb2_grpc as pb_grpc
 from veilface.server.auth import require_admin, require_scope, require_tenant
-from veilface.server.convert import bin_scores_to_proto, key_info_to_proto, slot_map_to_proto
+from veilface.server.convert import (
+    bin_scores_to_proto,
+    bin_summary_to_proto,
+    bulk_to_proto,
+    enroll_to_proto,
+    fetched_bin_to_proto,
+    key_info_to_proto,
+    preselect_to_proto,
+    reservation_to_proto,
+    search_mode_from_proto,
+    slot_map_to_proto,
+    staged_template_to_proto,
+    subject_bin_to_proto,
+    verify_to_proto,
+)
 from veilface.server.enrollment import BulkChunk
 from veilface.server.errors_map import mapped
 from veilface.server.service import GalleryService
-from veilface.server.store.records import StagedRecord, TokenRecord
+from veilface.server.store.records import TokenRecord
 from veilface.server.tokens import Scope, TokenIndex, TokenService
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
-
-_MODES = {pb.SEARCH_MODE_STRICT: "strict", pb.SEARCH_MODE_ROUTED: "routed"}
-
 
 _SCOPE_TO_PB = {
     Scope.QUERY: pb.TOKEN_SCOPE_QUERY,
@@ -97,12 +108,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
     async def ReserveSlots(self, request: pb.ReserveSlotsRequest, context: Ctx) -> pb.ReserveSlotsResponse:
         require_tenant(request.tenant_id)
         res = await self.service.enrollment.reserve(request.tenant_id, request.key_id, request.label, request.count)
-        return pb.ReserveSlotsResponse(
-            reservation_id=res.reservation_id,
-            bin_id=res.bin_id,
-            slots=list(res.slots),
-            expires_in_s=self.service.settings.reservation_ttl_s,
-        )
+        return reservation_to_proto(res, self.service.settings.reservation_ttl_s)
 
     @mapped
     async def Enroll(
@@ -120,7 +126,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
                     raise InvalidArgument("only the first message names the reservation and handles")
                 yield list(msg.ciphertexts)
 
-        res, version = await self.service.enrollment.enroll(
+        res = await self.service.enrollment.enroll(
             first.tenant_id,
             first.key_id,
             first.reservation_id,
@@ -128,7 +134,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
             chunks(),
             first.staged_id,
         )
-        return pb.EnrollResponse(bin_id=res.bin_id, slots=list(res.slots), bin_version=version)
+        return enroll_to_proto(res)
 
     @mapped
     async def BulkEnroll(
@@ -160,28 +166,15 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
             if context.cancelled():
                 raise asyncio.CancelledError("the bulk stream was cancelled")
 
-        bins, subjects = await self.service.enrollment.bulk_enroll(chunks(), tenant)
-        return pb.BulkEnrollResponse(bins=len(bins), subjects=subjects, bin_ids=bins)
+        return bulk_to_proto(await self.service.enrollment.bulk_enroll(chunks(), tenant))
 
     @mapped
     async def FetchSubjectBin(
         self, request: pb.FetchSubjectBinRequest, context: Ctx
     ) -> pb.FetchSubjectBinResponse:
         require_tenant(request.tenant_id)
-        from veilface.server.store.blobs import unpack_blobs
-
         found = await self.service.enrollment.fetch_subject_bin(request.tenant_id, request.handle)
-        if isinstance(found, StagedRecord):
-            return pb.FetchSubjectBinResponse(key_id=found.key_id, staged=True)
-        key_id, info, slot, blob = found
-        return pb.FetchSubjectBinResponse(
-            key_id=key_id,
-            bin_id=info.bin_id,
-            bin_version=info.version,
-            slot=slot,
-            occupied_slots=list(info.occupied),
-            ciphertexts=unpack_blobs(blob),
-        )
+        return subject_bin_to_proto(found)
 
     @mapped
     async def DeleteSubject(self, request: pb.DeleteSubjectRequest, context: Ctx) -> pb.DeleteSubjectResponse:
@@ -199,25 +192,13 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
     async def ListBins(self, request: pb.ListBinsRequest, context: Ctx) -> pb.ListBinsResponse:
         require_tenant(request.tenant_id)
         found = await self.service.enrollment.list_key_bins(request.tenant_id, request.key_id)
-        return pb.ListBinsResponse(
-            bins=[pb.BinRef(bin_id=b, label=lab, version=v, subjects=n) for b, lab, v, n in found]
-        )
+        return pb.ListBinsResponse(bins=[bin_summary_to_proto(b) for b in found])
 
     @mapped
     async def FetchBin(self, request: pb.FetchBinRequest, context: Ctx) -> pb.FetchBinResponse:
         require_tenant(request.tenant_id)
-        from veilface.server.store.blobs import unpack_blobs
-
-        key_id, info, subjects, blob = await self.service.enrollment.fetch_bin(request.tenant_id, request.bin_id)
-        return pb.FetchBinResponse(
-            key_id=key_id,
-            bin_id=info.bin_id,
-            version=info.version,
-            label=info.label,
-            slots=[s for s, _ in subjects],
-            handles=[h for _, h in subjects],
-            ciphertexts=unpack_blobs(blob),
-        )
+        found = await self.service.enrollment.fetch_bin(request.tenant_id, request.bin_id)
+        return fetched_bin_to_proto(found)
 
     @mapped
     async def EnrollStaged(self, request: pb.EnrollStagedRequest, context: Ctx) -> pb.EnrollStagedResponse:
@@ -231,12 +212,7 @@ class EnrollmentServicer(pb_grpc.EnrollmentServicer):
     async def FetchStaged(self, request: pb.FetchStagedRequest, context: Ctx) -> pb.FetchStagedResponse:
         require_tenant(request.tenant_id)
         found = await self.service.enrollment.fetch_staged(request.tenant_id, request.key_id, request.limit)
-        return pb.FetchStagedResponse(
-            staged=[
-                pb.StagedTemplate(staged_id=r.staged_id, handle=r.handle, label=r.label, ciphertext=r.blob)
-                for r in found
-            ]
-        )
+        return pb.FetchStagedResponse(staged=[staged_template_to_proto(r) for r in found])
 
 
 class PhotosServicer(pb_grpc.PhotosServicer):
@@ -278,18 +254,11 @@ class IdentificationServicer(pb_grpc.IdentificationServicer):
     @mapped
     async def Preselect(self, request: pb.PreselectRequest, context: Ctx) -> pb.ScoresResponse:
         require_tenant(request.tenant_id)
-        mode = _MODES.get(request.mode)
-        if mode is None:
-            raise InvalidArgument("search mode must be SEARCH_MODE_STRICT or SEARCH_MODE_ROUTED")
-        scores, searched, query_id, staged = await self.service.identification.preselect(
+        mode = search_mode_from_proto(request.mode)  # the one check of the mode
+        res = await self.service.identification.preselect(
             request.tenant_id, request.key_id, mode, list(request.labels), list(request.probe_ciphertexts)
         )
-        return pb.ScoresResponse(
-            bins=[bin_scores_to_proto(b) for b in scores],
-            searched_templates=searched,
-            query_id=query_id,
-            staged=[pb.StagedScore(staged_id=t.staged_id, handle=t.handle, scores=t.scores) for t in staged],
-        )
+        return preselect_to_proto(res)
 
     @mapped
     async def ScoreCandidates(self, request: pb.ScoreCandidatesRequest, context: Ctx) -> pb.ScoresResponse:
@@ -306,10 +275,10 @@ class IdentificationServicer(pb_grpc.IdentificationServicer):
     @mapped
     async def Verify(self, request: pb.VerifyRequest, context: Ctx) -> pb.VerifyResponse:
         require_tenant(request.tenant_id)
-        slot, scores = await self.service.identification.verify(
+        res = await self.service.identification.verify(
             request.tenant_id, request.key_id, request.handle, list(request.probe_ciphertexts)
         )
-        return pb.VerifyResponse(key_id=request.key_id, slot=slot, scores=scores)
+        return verify_to_proto(request.key_id, res)
 
     @mapped
     async def FetchSlotMaps(

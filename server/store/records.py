@@ -34,6 +34,16 @@ class BinInfo:
 
 
 @dataclass(frozen=True)
+class BinSummary:
+    """One active bin of a key as listed (ListBins): its id, label, version, subjects held."""
+
+    bin_id: int
+    label: str
+    version: int
+    subjects: int
+
+
+@dataclass(frozen=True)
 class Reservation:
     reservation_id: str
     tenant_id: str

@@ -37,6 +37,7 @@ from veilface.errors import (
 from veilface.server.store.records import (
     BinData,
     BinInfo,
+    BinSummary,
     KeyRecord,
     KeyStats,
     Reservation,
@@ -591,10 +592,10 @@ class SQLiteStore(SQLiteTokens):
             self._insert_subjects(c, tenant_id, bin_id, [handle], [slot])
         c.execute("DELETE FROM stream_subjects WHERE stream_id=?", (stream_id,))
 
-    def key_bins(self, tenant_id: str, key_id: str) -> list[tuple[int, str, int, int]]:
-        """(bin id, label, version, subjects) of a key's active bins."""
+    def key_bins(self, tenant_id: str, key_id: str) -> list[BinSummary]:
+        """A key's active bins (id, label, version, subjects), by id."""
         return [
-            (int(b), str(lab), int(v), int(n))
+            BinSummary(int(b), str(lab), int(v), int(n))
             for b, lab, v, n in self._q(
                 "SELECT b.bin_id, b.label, b.version, "
                 "(SELECT COUNT(*) FROM subjects s WHERE s.bin_id=b.bin_id) FROM bins b "

@@ -242,10 +242,10 @@ def test_server_cannot_tell_real_labels_or_the_winner(served: InProcessServer) -
     assert hits[32] >= 0.95 * routable[32], (hits, routable)
 
     bins = served.running.store.key_bins("decoy-co", key_id)
-    label_of = {b: lab for b, lab, _, _ in bins}
+    label_of = {b.bin_id: b.label for b in bins}
     size_of: Counter[str] = Counter()
-    for _, lab, _, n in bins:
-        size_of[lab] += n
+    for b in bins:
+        size_of[b.label] += b.subjects
 
     # 1. Which named labels are real.
     guesses = np.random.default_rng(7)
