@@ -23,7 +23,8 @@ from veilface.client.sdk import (
     VeilClient,
     Verification,
 )
-from veilface.client.tenant_state import TenantState, resolve_secret
+from veilface.client.secrets import resolve_secret
+from veilface.client.tenant_state import TenantState
 
 __all__ = [
     "BulkReceipt",

@@ -13,6 +13,10 @@ key and renewed by key rotation (:meth:`TenantState.rotated`), when the
 photos are re-sealed under it (:func:`reseal_photo`). States written before
 it existed have none: theirs is derived from the handle key as it always
 was (:func:`legacy_photo_key`), so their photos still open.
+
+:func:`upload_photo`, :func:`list_photos` and :func:`fetch_photo` are the
+bodies of the ``VeilClient`` methods of the same names (the client keeps
+the public methods and their kiosk guard).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -28,6 +32,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from veilface.errors import InvalidArgument
+from veilface.proto.v1 import veilface_pb2 as pb
+
+if TYPE_CHECKING:
+    from veilface.client.protect import ProtectedImage
+    from veilface.client.sdk import VeilClient
 
 PHOTO_KEY_BYTES = 32
 _MAGIC = b"VFPH1"
@@ -103,11 +112,55 @@ def reseal_photo(
     return _seal(plain, key=new_key, tenant_id=tenant_id, handle=new_handle)
 
 
+# -- the SDK's photo methods --------------------------------------------------------
+
+
+def upload_photo(client: VeilClient, subject_id: str, image: ProtectedImage) -> str:
+    """Seal a protected photo of an enrolled subject and keep it on the server; its photo id."""
+    state = client.state
+    handle = client._handles.encode(subject_id)
+    sealed, method = seal_photo(image, key=state.photo_key, tenant_id=state.tenant_id, handle=handle)
+    resp = client.transport.call(
+        client.transport.photos.UploadPhoto,
+        pb.UploadPhotoRequest(
+            tenant_id=state.tenant_id, handle=handle, sealed_photo=sealed, protection=method
+        ),
+    )
+    return str(resp.photo_id)
+
+
+def list_photos(client: VeilClient, subject_id: str) -> list[str]:
+    """The photo ids kept for a subject."""
+    resp = client.transport.call(
+        client.transport.photos.ListPhotos,
+        pb.ListPhotosRequest(
+            tenant_id=client.state.tenant_id, handle=client._handles.encode(subject_id)
+        ),
+    )
+    return list(resp.photo_ids)
+
+
+def fetch_photo(client: VeilClient, photo_id: str) -> tuple[str, bytes, dict[str, object]]:
+    """(subject id, JPEG bytes, protection record) of a kept photo, opened with the tenant's key."""
+    state = client.state
+    resp = client.transport.call(
+        client.transport.photos.FetchPhoto,
+        pb.FetchPhotoRequest(tenant_id=state.tenant_id, photo_id=photo_id),
+    )
+    jpeg, meta = open_photo(
+        resp.sealed_photo, key=state.photo_key, tenant_id=state.tenant_id, handle=resp.handle
+    )
+    return client._handles.decode(resp.handle), jpeg, meta
+
+
 __all__ = [
     "PHOTO_KEY_BYTES",
+    "fetch_photo",
     "legacy_photo_key",
+    "list_photos",
     "new_photo_key",
     "open_photo",
     "reseal_photo",
     "seal_photo",
+    "upload_photo",
 ]

@@ -193,7 +193,7 @@ def repack(
         tr = dest.transport
         if not handles:  # only emptied bins: an empty stream cannot carry the swap
             raise FailedPrecondition("the key holds no subject to re-pack")
-        chunks = dest._bulk_chunks(handles, xn, progress, replaces=gallery.replaces)
+        chunks = dest._enroller.bulk_chunks(handles, xn, progress, replaces=gallery.replaces)
         resp = tr.call(tr.enrollment.BulkEnroll, _renewing(chunks) if target is not None else chunks)
     except BaseException:
         dest.state.router = old_router

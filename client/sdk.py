@@ -9,25 +9,28 @@ preselection top-K, final top-1, threshold.
 
 from __future__ import annotations
 
-import functools
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from veilface.client import convert
+from veilface.client import convert, photos
 from veilface.client.convert import KeyInfo, TenantInfo
+from veilface.client.enrollment import (  # the receipts are re-exported from here
+    BulkReceipt,
+    Enroller,
+    EnrollReceipt,
+)
+from veilface.client.kiosk import not_for_kiosk
 from veilface.client.protect import ProtectedImage
 from veilface.client.routing import Router
 from veilface.client.search import (  # the result types are re-exported from here
-    Candidate,  # noqa: F401
+    Candidate,
     Identification,
     QueryStats,
     Searcher,
@@ -39,67 +42,15 @@ from veilface.client.slot_maps import SlotMaps
 from veilface.client.tenant_state import TenantState
 from veilface.client.transport import Transport
 from veilface.crypto.tenant_crypto import TenantCrypto
-from veilface.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    ResourceExhausted,
-)
+from veilface.errors import FailedPrecondition, InvalidArgument
 from veilface.proto.v1 import veilface_pb2 as pb
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _not_for_kiosk(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    """Refuse the method, before any RPC, when the client's state is a kiosk export.
-
-    A kiosk (``TenantState.role == "kiosk"``, a query-scope token) only
-    identifies and verifies; the server would refuse the rest too, but
-    this says why before anything is encrypted or sent.
-    """
-
-    def wrap(method: Callable[_P, _R]) -> Callable[_P, _R]:
-        @functools.wraps(method)
-        def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            state = getattr(args[0], "state", None)
-            if getattr(state, "role", "full") == "kiosk":
-                raise PermissionDenied(
-                    f"this tenant state is a kiosk export: it identifies and verifies only; "
-                    f"{what} needs the back office's full state and a token with that scope"
-                )
-            return method(*args, **kwargs)
-
-        return guarded
-
-    return wrap
-
-
-@dataclass(frozen=True)
-class EnrollReceipt:
-    """Where an acknowledged (durable) enrollment went.
-
-    ``staged_id`` is set when the template was acknowledged in the staging
-    area (``bin_id`` and ``slot`` are then 0 until its fold into a bin).
-    """
-
-    subject_id: str
-    handle: str
-    bin_id: int
-    slot: int
-    staged_id: int = 0
-
-
-@dataclass(frozen=True)
-class BulkReceipt:
-    bins: int
-    subjects: int
-
 
 @dataclass(frozen=True)
 class RepackReport:
@@ -153,11 +104,9 @@ class VeilClient:
         self.transport = Transport(
             target, token=token, root_cert=root_cert, insecure=insecure, timeout_s=timeout_s
         )
-        self._folder: ThreadPoolExecutor | None = None
-        self._folds: set[Future[None]] = set()
-        self._folds_lock = threading.Lock()
-        self._staging = True  # False once the server says this key cannot stage
         self._center_checked = False
+        # Enrollment internals: staged templates and their background folds, bulk streams.
+        self._enroller = Enroller(self)
         # Identification stages; keeps this key's copy of the bins' slot -> handle maps.
         self._search = Searcher(
             self.transport,
@@ -171,14 +120,12 @@ class VeilClient:
     def close(self) -> None:
         """Finish pending folds of staged enrollments, then close the channel."""
         try:
-            self.flush()
+            self._enroller.close()
         finally:
-            if self._folder is not None:
-                self._folder.shutdown(wait=True)
             self.transport.close()
             self.crypto.close()
 
-    def __enter__(self) -> VeilClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -208,7 +155,7 @@ class VeilClient:
         c = getattr(self.state, "center", None)
         return np.zeros(self.state.dim) if c is None else np.asarray(c, dtype=np.float64)
 
-    @_not_for_kiosk("calibrating the key")
+    @not_for_kiosk("calibrating the key")
     def calibrate(self, embeddings: npt.ArrayLike) -> None:
         """Fix the centering vector from the tenant's own templates (once per key).
 
@@ -224,7 +171,7 @@ class VeilClient:
         self.state.center = self.normalize(embeddings).mean(axis=0)
         self.register_center()
 
-    @_not_for_kiosk("registering the centering vector")
+    @not_for_kiosk("registering the centering vector")
     def register_center(self) -> None:
         """Send the encrypted centering vector (the server adds ``(x - mu) . mu`` at re-ranking)."""
         mixed = self._mix @ self.center
@@ -285,7 +232,7 @@ class VeilClient:
 
     # -- tenant ---------------------------------------------------------
 
-    @_not_for_kiosk("registering a key")
+    @not_for_kiosk("registering a key")
     def register_key(self) -> KeyInfo:
         """Register the public context (and the center, if already fixed); the key as registered."""
         keys = self.state.keys()
@@ -309,7 +256,7 @@ class VeilClient:
         )
         return convert.tenant_info_from_proto(resp)
 
-    @_not_for_kiosk("training the routing lists")
+    @not_for_kiosk("training the routing lists")
     def train_routing(
         self, embeddings: npt.ArrayLike, *, nlist: int, seed: int = 0, force: bool = False
     ) -> Router:
@@ -342,7 +289,7 @@ class VeilClient:
 
     # -- enrollment -----------------------------------------------------
 
-    @_not_for_kiosk("enrolling")
+    @not_for_kiosk("enrolling")
     def enroll(
         self,
         subject_id: str,
@@ -364,68 +311,13 @@ class VeilClient:
         straight into its bin: 128 ciphertexts instead of one, several times
         slower to acknowledge.
         """
-        if fold not in {"background", "now", "later"}:
-            raise InvalidArgument("fold must be 'background', 'now' or 'later'")
-        self._freeze_center()
-        xn = self.normalize(embedding)
-        x = self.prepare(xn)
-        handle = self._handles.encode(subject_id)
-        label = self._labels_for(xn)[0]
-        if self._staging and staged:
-            try:
-                resp = self.transport.call(
-                    self.transport.enrollment.EnrollStaged,
-                    pb.EnrollStagedRequest(
-                        tenant_id=self.state.tenant_id,
-                        key_id=self.state.key_id,
-                        label=label,
-                        handle=handle,
-                        ciphertext=self.crypto.encrypt_staged(x[0]),
-                    ),
-                )
-            except FailedPrecondition:
-                log.info("this key cannot stage templates; enrolling straight into bins")
-                self._staging = False
-            except ResourceExhausted:
-                log.info("staging area full; enrolling straight into a bin")
-            else:
-                staged_id = int(resp.staged_id)
-                if fold == "now":
-                    self._fold(handle, label, x, staged_id)
-                elif fold == "background":
-                    self._fold_in_background(handle, label, x, staged_id)
-                return EnrollReceipt(subject_id, handle, 0, 0, staged_id)
-        bin_id, slot = self._enroll_into_bin(handle, label, x)
-        return EnrollReceipt(subject_id, handle, bin_id, slot)
-
-    def _fold_in_background(self, handle: str, label: str, x: FloatArray, staged_id: int) -> None:
-        if self._folder is None:
-            self._folder = ThreadPoolExecutor(1, thread_name_prefix="veilface-fold")
-        fut = self._folder.submit(self._fold, handle, label, x, staged_id)
-        with self._folds_lock:
-            self._folds.add(fut)
-
-        def done(f: Future[None]) -> None:
-            with self._folds_lock:
-                self._folds.discard(f)
-            if not f.cancelled() and (exc := f.exception()) is not None:
-                # The template stays staged (and searchable); fold_staged() retries.
-                log.warning("fold of a staged template failed: %s", type(exc).__name__)
-
-        fut.add_done_callback(done)
-
-    def _fold(self, handle: str, label: str, x: FloatArray, staged_id: int) -> None:
-        self._enroll_into_bin(handle, label, x, staged_id)
+        return self._enroller.enroll(subject_id, embedding, fold=fold, staged=staged)
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until this client's background folds are done (failures are logged)."""
-        with self._folds_lock:
-            pending = list(self._folds)
-        for f in pending:
-            if f.exception(timeout=timeout_s) is not None:
-                continue  # logged by the done callback; the template stays staged
+        self._enroller.flush(timeout_s)
 
-    @_not_for_kiosk("folding staged templates")
+    @not_for_kiosk("folding staged templates")
     def fold_staged(self, *, limit: int = 0) -> int:
         """Fold staged templates left by any client of this key (for example one that died).
 
@@ -433,109 +325,16 @@ class VeilClient:
         it from the staging area in one server transaction. Returns how many
         were folded.
         """
-        self.flush()
-        resp = self.transport.call(
-            self.transport.enrollment.FetchStaged,
-            pb.FetchStagedRequest(tenant_id=self.state.tenant_id, key_id=self.state.key_id, limit=limit),
-        )
-        done = 0
-        for t in resp.staged:
-            x = self.crypto.decrypt_staged(t.ciphertext)[None, :]
-            try:
-                self._fold(t.handle, t.label, x, int(t.staged_id))
-            except NotFound:  # deleted or folded by another client meanwhile
-                continue
-            done += 1
-        return done
+        return self._enroller.fold_staged(limit=limit)
 
-    def _enroll_into_bin(
-        self, handle: str, label: str, x: FloatArray, staged_id: int = 0
-    ) -> tuple[int, int]:
-        """Reserve a slot and add the template into its bin (streamed); (bin id, slot)."""
-        res = self.transport.call(
-            self.transport.enrollment.ReserveSlots,
-            pb.ReserveSlotsRequest(
-                tenant_id=self.state.tenant_id, key_id=self.state.key_id, label=label, count=1
-            ),
-        )
-        def messages() -> Iterator[pb.EnrollRequest]:
-            # Encrypt chunk k+1 while chunk k is on the wire and being checked.
-            for i, cts in enumerate(self.crypto.encrypt_contribution_chunks(x, list(res.slots))):
-                if i == 0:
-                    yield pb.EnrollRequest(
-                        tenant_id=self.state.tenant_id,
-                        key_id=self.state.key_id,
-                        reservation_id=res.reservation_id,
-                        handles=[handle],
-                        ciphertexts=cts,
-                        staged_id=staged_id,
-                    )
-                else:
-                    yield pb.EnrollRequest(ciphertexts=cts)
-
-        resp = self.transport.call(self.transport.enrollment.Enroll, messages())
-        return int(resp.bin_id), int(resp.slots[0])
-
-    def _bulk_chunks(
-        self,
-        handles: Sequence[str],
-        xn: FloatArray,
-        progress: bool,
-        replaces: Sequence[pb.BinRef] = (),
-    ) -> Iterator[pb.BulkEnrollChunk]:
-        from tqdm import tqdm
-
-        labels = self._labels_for(xn)
-        first = True
-        x = self.prepare(xn)
-        order: dict[str, list[int]] = {}
-        for i, lab in enumerate(labels):
-            order.setdefault(lab, []).append(i)
-        cap = self.layout.capacity
-        # The first chunk declares how many follow: the server imports
-        # nothing unless that many arrive (a cut stream leaves nothing).
-        plan = [
-            (lab, rows[i : i + cap]) for lab, rows in order.items() for i in range(0, len(rows), cap)
-        ]
-        bar = tqdm(total=len(x), unit="tpl", desc="encrypting bins", disable=not progress)
-        try:
-            for lab, idx in plan:
-                slots = list(range(len(idx)))
-                cts = self.crypto.encrypt_contribution(x[idx], slots)
-                bar.update(len(idx))
-                yield pb.BulkEnrollChunk(
-                    tenant_id=self.state.tenant_id,
-                    key_id=self.state.key_id,
-                    label=lab,
-                    handles=[handles[i] for i in idx],
-                    slots=slots,
-                    ciphertexts=cts,
-                    replaces=list(replaces) if first else [],
-                    total_bins=len(plan) if first else 0,
-                )
-                first = False
-        finally:
-            bar.close()
-
-    @_not_for_kiosk("bulk enrollment")
+    @not_for_kiosk("bulk enrollment")
     def enroll_many(
         self, subject_ids: Sequence[str], embeddings: npt.ArrayLike, *, progress: bool = False
     ) -> BulkReceipt:
         """Bulk import: pack whole bins client-side and stream them (all-or-nothing)."""
-        xn = self.normalize(embeddings)
-        if len(subject_ids) != len(xn):
-            raise InvalidArgument("one subject id per embedding is required")
-        if len(set(subject_ids)) != len(subject_ids):
-            raise InvalidArgument("subject ids must be distinct")
-        if getattr(self.state, "center", None) is None:
-            self.calibrate(xn)  # first templates of this key: fix the center from them
-        handles = [self._handles.encode(s) for s in subject_ids]
-        resp = self.transport.call(
-            self.transport.enrollment.BulkEnroll, self._bulk_chunks(handles, xn, progress)
-        )
-        return BulkReceipt(resp.bins, resp.subjects)
+        return self._enroller.enroll_many(subject_ids, embeddings, progress=progress)
 
-    @_not_for_kiosk("re-packing or rotating the gallery")
+    @not_for_kiosk("re-packing or rotating the gallery")
     def repack(
         self,
         *,
@@ -641,7 +440,7 @@ class VeilClient:
 
     # -- photos -----------------------------------------------------------
 
-    @_not_for_kiosk("keeping photos")
+    @not_for_kiosk("keeping photos")
     def upload_photo(self, subject_id: str, image: ProtectedImage) -> str:
         """Keep a protected photo of an enrolled subject; returns its photo id.
 
@@ -649,85 +448,31 @@ class VeilClient:
         (made by ``deidentify`` or another protector); it is sealed with the
         tenant's key before it leaves, and deleted with the subject.
         """
-        from veilface.client.photos import seal_photo
+        return photos.upload_photo(self, subject_id, image)
 
-        handle = self._handles.encode(subject_id)
-        sealed, method = seal_photo(
-            image, key=self.state.photo_key, tenant_id=self.state.tenant_id, handle=handle
-        )
-        resp = self.transport.call(
-            self.transport.photos.UploadPhoto,
-            pb.UploadPhotoRequest(
-                tenant_id=self.state.tenant_id, handle=handle, sealed_photo=sealed, protection=method
-            ),
-        )
-        return str(resp.photo_id)
-
-    @_not_for_kiosk("listing photos")
+    @not_for_kiosk("listing photos")
     def list_photos(self, subject_id: str) -> list[str]:
-        resp = self.transport.call(
-            self.transport.photos.ListPhotos,
-            pb.ListPhotosRequest(tenant_id=self.state.tenant_id, handle=self._handles.encode(subject_id)),
-        )
-        return list(resp.photo_ids)
+        return photos.list_photos(self, subject_id)
 
-    @_not_for_kiosk("fetching photos")
+    @not_for_kiosk("fetching photos")
     def fetch_photo(self, photo_id: str) -> tuple[str, bytes, dict[str, object]]:
         """(subject id, JPEG bytes, protection record) of a kept photo."""
-        from veilface.client.photos import open_photo
+        return photos.fetch_photo(self, photo_id)
 
-        resp = self.transport.call(
-            self.transport.photos.FetchPhoto,
-            pb.FetchPhotoRequest(tenant_id=self.state.tenant_id, photo_id=photo_id),
-        )
-        jpeg, meta = open_photo(
-            resp.sealed_photo,
-            key=self.state.photo_key,
-            tenant_id=self.state.tenant_id,
-            handle=resp.handle,
-        )
-        return self._handles.decode(resp.handle), jpeg, meta
-
-    @_not_for_kiosk("deleting a subject")
+    @not_for_kiosk("deleting a subject")
     def delete(self, subject_id: str, *, retries: int = 3) -> None:
         """Delete a subject: re-pack its bin without it; the server forgets the handle and its photos."""
-        handle = self._handles.encode(subject_id)
-        self.flush()  # a fold of this subject in flight would race the deletion
-        for attempt in range(retries):
-            got = self.transport.call(
-                self.transport.enrollment.FetchSubjectBin,
-                pb.FetchSubjectBinRequest(tenant_id=self.state.tenant_id, handle=handle),
-            )
-            if got.key_id != self.state.key_id:
-                raise FailedPrecondition(f"the subject is enrolled under key {got.key_id!r}")
-            if got.staged:
-                try:
-                    self.transport.call(
-                        self.transport.enrollment.DeleteSubject,
-                        pb.DeleteSubjectRequest(tenant_id=self.state.tenant_id, handle=handle),
-                    )
-                    return
-                except NotFound:  # folded into a bin meanwhile: fetch again
-                    if attempt == retries - 1:
-                        raise
-                    continue
-            keep = [s for s in got.occupied_slots if s != got.slot]
-            templates = self.crypto.decrypt_bin(list(got.ciphertexts), keep)
-            cts = self.crypto.encrypt_contribution(templates, keep)
-            try:
-                self.transport.call(
-                    self.transport.enrollment.DeleteSubject,
-                    pb.DeleteSubjectRequest(
-                        tenant_id=self.state.tenant_id,
-                        handle=handle,
-                        bin_id=got.bin_id,
-                        bin_version=got.bin_version,
-                        ciphertexts=cts,
-                    ),
-                )
-                return
-            except FailedPrecondition:
-                if attempt == retries - 1:
-                    raise
-                log.info("bin changed during deletion; retrying")
-        raise NotFound("unreachable")
+        self._enroller.delete(subject_id, retries=retries)
+
+
+__all__ = [
+    "BulkReceipt",
+    "Candidate",
+    "EnrollReceipt",
+    "Identification",
+    "QueryStats",
+    "RepackReport",
+    "SearchMode",
+    "VeilClient",
+    "Verification",
+]

@@ -14,11 +14,9 @@ router, the threshold and the centering vector. (Files written before the
 photo key was stored lack it: it is then derived from the handle key, as it
 was when they were written.)
 
-A *kiosk* state (:meth:`TenantState.export_kiosk`, ``veilface keys export
---role kiosk``) holds only what identifying and verifying need: no photo
-key, and, unless it routes, no router and no label key. Its header carries
-``"role": "kiosk"`` (authenticated like the rest of the header); a full
-state's header has no role field, as before.
+A *kiosk* state (:mod:`veilface.client.kiosk`, ``veilface keys export --role
+kiosk``) holds only what identifying and verifying need. Its header carries
+``"role": "kiosk"`` (authenticated like the rest); a full state's has no role.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,11 +40,11 @@ from veilface.client.handles import KEY_BYTES as HANDLE_KEY_BYTES
 from veilface.client.handles import HandleCodec
 from veilface.client.photos import PHOTO_KEY_BYTES, legacy_photo_key, new_photo_key
 from veilface.client.routing import LABEL_KEY_BYTES, Router
+from veilface.client.secrets import resolve_secret  # re-exported: it used to live here
 from veilface.crypto.keys import TenantKeys
 from veilface.crypto.keystore import (
     PassphraseKdf,
     open_blob,
-    read_passphrase_file,
     read_private_file,
     seal_blob,
 )
@@ -259,49 +257,14 @@ class TenantState:
     def export_kiosk(self, *, keep_router: bool = True) -> TenantState:
         """A copy of this state for a kiosk: identify and verify, nothing else.
 
-        Kept: the CKKS secret key (a kiosk encrypts its probes and decrypts
-        its own scores), the handle key (subject ids to handles and back),
-        the mixing seed, the centering vector and the threshold, and the
-        router with its label key when ``keep_router`` (routed queries need
-        the centroids). Left out: the photo key, and the router and label
-        key without ``keep_router``. No state holds relinearization or
-        Galois keys (they are derived from the secret key when a key is
-        registered, which a kiosk refuses); what a kiosk key holder can
-        still learn is in docs/protocol.md ("Token scopes").
-
-        Raises
-        ------
-        FailedPrecondition
-            The key's centering vector is not fixed yet (export after the
-            key's first enrollment, from the state saved then).
+        What it keeps (the router only with ``keep_router``) and leaves out:
+        :func:`veilface.client.kiosk.export_kiosk`. FailedPrecondition while
+        the key's centering vector is not fixed (export after the key's
+        first enrollment, from the state saved then).
         """
-        from veilface.errors import FailedPrecondition
+        from veilface.client.kiosk import export_kiosk
 
-        if self.center is None:
-            raise FailedPrecondition(
-                "this state has no centering vector yet: export the kiosk state after the "
-                "key's first enrollment, from the state file saved then"
-            )
-        router = self.router if keep_router else None
-        kiosk = TenantState(
-            tenant_id=self.tenant_id,
-            key_id=self.key_id,
-            param_set=self.param_set,
-            dim=self.dim,
-            presel_dims=self.presel_dims,
-            secret_key=self.secret_key,
-            label_key=self.label_key if router is not None else b"",
-            handle_key=self.handle_key,
-            mixing_seed=self.mixing_seed,
-            router=router,
-            threshold=self.threshold,
-            created_at=self.created_at,
-            center=None if self.center is None else np.array(self.center, dtype=np.float64),
-            role="kiosk",
-        )
-        kiosk._keys = self._keys
-        logger.info("exported a kiosk state of tenant %s (key %s)", self.tenant_id, self.key_id)
-        return kiosk
+        return export_kiosk(self, keep_router=keep_router)
 
     # -- derived objects ------------------------------------------------------------
 
@@ -531,63 +494,6 @@ class TenantState:
             ) from exc
         logger.info("loaded tenant state for %s (key %s)", state.tenant_id, state.key_id)
         return state
-
-
-def resolve_secret(
-    passphrase_env: str | None,
-    key_file: Path | None,
-    *,
-    passphrase_file: Path | None = None,
-    remove_env: bool = False,
-) -> tuple[str | None, Path | None]:
-    """The ``(passphrase, key_file)`` pair to pass to :meth:`TenantState.load`/``save``.
-
-    Parameters
-    ----------
-    passphrase_env
-        Name of an environment variable holding the passphrase (the CLI's
-        ``--passphrase-env``); the passphrase itself never goes on a
-        command line.
-    key_file
-        Path of a key file.
-    passphrase_file
-        Path of a file holding the passphrase (mode 0600; see
-        :func:`veilface.crypto.keystore.read_passphrase_file`).
-    remove_env
-        Delete the variable from ``os.environ`` once read, so that child
-        processes started later do not inherit the passphrase (the CLI does
-        this). Off by default for callers that read it more than once.
-
-    Returns
-    -------
-    tuple
-        ``(passphrase, None)`` or ``(None, key_file)``.
-
-    Raises
-    ------
-    InvalidArgument
-        Not exactly one of the three given.
-    KeystoreError
-        The environment variable is unset or empty; the passphrase file is
-        unreadable, empty or accessible to group or others.
-    """
-    given = sum(x is not None for x in (passphrase_env, key_file, passphrase_file))
-    if given != 1:
-        raise InvalidArgument(
-            "give exactly one way to unlock the tenant secrets: the name of an environment "
-            "variable holding the passphrase, a passphrase file, or a key file"
-        )
-    if key_file is not None:
-        return None, Path(key_file)
-    if passphrase_file is not None or passphrase_env is None:
-        return read_passphrase_file(Path(cast(Path, passphrase_file))), None
-    value = os.environ.pop(passphrase_env, None) if remove_env else os.environ.get(passphrase_env)
-    if not value:
-        raise KeystoreError(
-            f"environment variable {passphrase_env!r} is unset or empty; "
-            "export the passphrase in it, or use a passphrase file or a key file"
-        )
-    return value, None
 
 
 __all__ = ["DEFAULT_THRESHOLD", "FORMAT", "ROLES", "TenantState", "resolve_secret"]

@@ -85,7 +85,7 @@ def test_a_stale_or_incomplete_repack_changes_nothing(server: LocalServer, faces
         x = c.normalize(gallery[:30])
 
         def stream(hs, rows, version):  # type: ignore[no-untyped-def]
-            return c._bulk_chunks(hs, rows, False, replaces=[pb.BinRef(bin_id=ref.bin_id, version=version)])
+            return c._enroller.bulk_chunks(hs, rows, False, replaces=[pb.BinRef(bin_id=ref.bin_id, version=version)])
 
         with pytest.raises(FailedPrecondition):  # leaves out 5 subjects of the replaced bin
             tr.call(tr.enrollment.BulkEnroll, stream(handles[:25], x[:25], ref.version))

@@ -142,7 +142,7 @@ def test_a_rotation_stream_must_carry_every_subject(  # type: ignore[no-untyped-
         tr = new.transport
 
         def stream(k: int, renew: bool = True) -> Iterator[pb.BulkEnrollChunk]:
-            for i, chunk in enumerate(new._bulk_chunks(handles[:k], x[:k], False, replaces=replaces)):
+            for i, chunk in enumerate(new._enroller.bulk_chunks(handles[:k], x[:k], False, replaces=replaces)):
                 chunk.renew_handles = renew and i == 0
                 yield chunk
 

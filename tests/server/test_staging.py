@@ -102,9 +102,9 @@ def test_fold_of_a_foreign_or_unknown_staged_id_writes_nothing(server: LocalServ
         x = b.prepare(gallery[1])
         h = b.state.handles().encode(names[1])
         with pytest.raises(NotFound):  # b cannot fold (remove) a's staged template
-            b._enroll_into_bin(h, "", x, ra.staged_id)
+            b._enroller.enroll_into_bin(h, "", x, ra.staged_id)
         with pytest.raises(NotFound):
-            b._enroll_into_bin(h, "", x, 10**9)
+            b._enroller.enroll_into_bin(h, "", x, 10**9)
         assert _key(b).subjects == 0 and _key(a).staged == 1
 
 
