@@ -23,7 +23,7 @@ from veilface.client.sdk import (
     VeilClient,
     Verification,
 )
-from veilface.client.secrets import resolve_secret
+from veilface.client.unlock import resolve_secret
 from veilface.client.tenant_state import TenantState
 
 __all__ = [

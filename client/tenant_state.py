@@ -40,7 +40,7 @@ from veilface.client.handles import KEY_BYTES as HANDLE_KEY_BYTES
 from veilface.client.handles import HandleCodec
 from veilface.client.photos import PHOTO_KEY_BYTES, legacy_photo_key, new_photo_key
 from veilface.client.routing import LABEL_KEY_BYTES, Router
-from veilface.client.secrets import resolve_secret  # re-exported: it used to live here
+from veilface.client.unlock import resolve_secret  # re-exported: it used to live here
 from veilface.crypto.keys import TenantKeys
 from veilface.crypto.keystore import (
     PassphraseKdf,

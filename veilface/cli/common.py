@@ -101,7 +101,7 @@ def secret_args(args: argparse.Namespace, *, confirm: bool | None = None) -> dic
     KeystoreError
         The passphrase file is unreadable, empty or accessible to others.
     """
-    from veilface.client.secrets import resolve_secret
+    from veilface.client.unlock import resolve_secret
 
     cached = getattr(args, _SECRET_CACHE, None)
     if cached is not None:
