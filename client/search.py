@@ -22,15 +22,14 @@
 The routed plan. With ``r`` real lists and ``k`` candidates, each named label
 ``l`` (real or decoy) has a quota of ``q = ceil(k / r)`` slots and
 re-ranks ``B_l = min(q, bins of l)`` bins: its ``B_l`` bins with the best
-preselection score, the best slot of each, then (when ``B_l < q``, i.e. all
-of its bins are re-ranked) its next best slots up to ``min(q, occupied slots
-of l)``. Both counts are functions of what the server knows anyway (the
+preselection score, every occupied slot of each (the server scores whole
+bins anyway; naming only a top few slots per bin lost matches ranked just
+below them). Both counts are functions of what the server knows anyway (the
 label's bins and their occupancy), so they are the same for a decoy as for
 a real label. When ``sum(B_l)`` reaches ``rerank_all_above`` of the searched
 bins (also public), every occupied slot of every searched bin is re-ranked
 instead (exact over the searched lists). Cost against re-ranking only the
-real lists' top ``k``: about ``(r + decoys) * q`` slots and
-``sum(B_l)`` bins, i.e. each decoy label is re-ranked like a real one
+real lists' top ``k``: the occupied slots of ``sum(B_l)`` bins, i.e. each decoy label is re-ranked like a real one
 (with ``decoys = nprobe`` the re-ranking work roughly doubles), and a real
 list contributes at most ``q`` candidates (one nearest list can no longer
 take all ``k``).
@@ -250,30 +249,21 @@ def _plan_strict(bins: Sequence[PreselectedBin], k: int, rerank_all_above: float
         # The candidates already span most bins: scoring the rest too costs
         # little more and makes the search exact over them.
         return _exhaustive(bins)
-    return RerankPlan({b: tuple(sorted(s)) for b, s in sorted(picked.items())})
+    # Every occupied slot of a candidate's bin: the server scores the whole
+    # bin anyway, and a match just outside the top k often shares a bin with
+    # one inside it (naming only the top-k slots lost such matches).
+    occupied = {b.bin_id: b.occupied for b in bins}
+    return RerankPlan(
+        {b: tuple(int(s) for s in occupied[b]) for b in sorted(picked)}
+    )
 
 
 def _label_pick(group: Sequence[PreselectedBin], quota: int) -> dict[int, tuple[int, ...]]:
-    """One label's share: ``min(quota, len(group))`` bins, ``min(quota, occupied)`` slots."""
+    """One label's share: its ``min(quota, len(group))`` best bins, every occupied slot of each."""
     best = [float(np.max(b.scores[b.occupied])) for b in group]
     order = sorted(range(len(group)), key=lambda i: (-best[i], group[i].bin_id))
     chosen = [group[i] for i in order[: min(quota, len(group))]]
-    picked: dict[int, list[int]] = {}
-    rest_bin: list[int] = []
-    rest_slot: list[int] = []
-    rest_score: list[float] = []
-    for b in chosen:
-        occ_scores = b.scores[b.occupied]
-        rank = np.argsort(-occ_scores, kind="stable")
-        picked[b.bin_id] = [int(b.occupied[rank[0]])]  # every re-ranked bin has its best slot
-        rest_bin.extend([b.bin_id] * (rank.size - 1))
-        rest_slot.extend(int(s) for s in b.occupied[rank[1:]])
-        rest_score.extend(float(v) for v in occ_scores[rank[1:]])
-    budget = quota - len(chosen)  # > 0 only when every bin of the label is chosen
-    if budget > 0 and rest_score:
-        for i in np.argsort(-np.asarray(rest_score), kind="stable")[:budget]:
-            picked[rest_bin[int(i)]].append(rest_slot[int(i)])
-    return {b: tuple(sorted(s)) for b, s in picked.items()}
+    return {b.bin_id: tuple(int(s) for s in b.occupied) for b in chosen}
 
 
 # -- stage 6: the decision (pure) ----------------------------------------------------

@@ -267,6 +267,8 @@ class KillPhase:
             by_subject = {s: held.get(self.codec.encode(s), 0) for s in self._subjects(singles, streams)}
             rep.duplicates = max(rep.duplicates, sum(v - 1 for v in held.values() if v > 1))
             lost_now = [s for s in self.acked if held.get(self.codec.encode(s), 0) == 0]
+            for s in lost_now:
+                log.warning("audit: acknowledged %s is in no bin and not staged", s)
             new_acked = [s for s, ok in singles if ok] + [x for st in streams if st.acked for x in st.subjects]
             lost_now += [s for s in new_acked if not self._found(c, s)]
             for s in lost_now:
@@ -312,7 +314,13 @@ class KillPhase:
         except VeilfaceError as exc:
             log.warning("audit of %s failed: %s", sid, type(exc).__name__)
             return False
-        return bool(r.subject_id == sid and r.score > 0.99 and v.match and v.score > 0.99)
+        ok = bool(r.subject_id == sid and r.score > 0.99 and v.match and v.score > 0.99)
+        if not ok:
+            log.warning(
+                "audit of %s: identified as %s (score %.4f), verified %.4f",
+                sid, r.subject_id, r.score, v.score,
+            )
+        return ok
 
     def final_audit(self, *, sample: int = 100) -> None:
         """At the end: every acknowledged enrollment in the census, and a sample identified and verified.
@@ -325,6 +333,8 @@ class KillPhase:
             held = self.census(c)
             acked = list(self.acked)
             missing = [s for s in acked if held.get(self.codec.encode(s), 0) == 0]
+            for s in missing:
+                log.warning("final audit: acknowledged %s is in no bin and not staged", s)
             if 0 < sample < len(acked):
                 acked = [acked[i] for i in sorted(self.rng.choice(len(acked), sample, replace=False))]
             missing += [s for s in acked if not self._found(c, s)]
