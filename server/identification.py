@@ -174,13 +174,13 @@ class IdentificationService:
             )
         bins = await self.core.with_occupancy(bins)
         # Every occupied slot is needed (the tenant ranks them all); the rest is masked.
+        query_id = secrets.token_urlsafe(12)
         scored, staged_scores = await asyncio.gather(
-            self.core.score_bins(tenant_id, key_id, view, bins, probe, "presel"),
+            self.core.score_bins(tenant_id, key_id, view, bins, probe, "presel", query_id=query_id),
             self._score_staged(tenant_id, key_id, staged, probe, add_center=True),
         )
         if not bins and not staged:  # nothing loaded the probe: a worker validates it
             await self.pool.call(0, worker.validate_probe, tenant_id, key_id, list(probe))
-        query_id = secrets.token_urlsafe(12)
         self.probes.put(query_id, tenant_id, key_id, probe)
         return PreselectResult(
             bins=tuple(scored),
@@ -277,6 +277,7 @@ class IdentificationService:
             "rest",
             keep={b: tuple(s) for b, s in wanted.items()},
             add_center=True,
+            query_id=query_id,  # "" when the probe came with the request
         )
         # No handles: the tenant keeps its own slot -> handle maps (slot_maps).
         return [

@@ -56,6 +56,7 @@ class WorkerPool:
         *,
         split: bool = True,
         add_center: bool = False,
+        query_id: str = "",
     ) -> dict[int, list[bytes]]:
         """Score bins in parallel; returns bin_id -> score ciphertexts to add up.
 
@@ -64,7 +65,8 @@ class WorkerPool:
         than workers, each bin's giant steps are split across all workers
         (every worker can load any bin; its owner keeps it warm), so a small
         gallery still uses every core. Otherwise each worker scores the bins
-        it owns.
+        it owns. ``query_id``: the probe is that cached query's (workers keep
+        its deserialized form for the query's next stage).
         """
         units: dict[int, list[worker.ScoreUnit]] = {}
         if split and len(bins) < self.n and len(giants) >= 2:
@@ -85,7 +87,7 @@ class WorkerPool:
                 )
         results = await asyncio.gather(
             *(
-                self.call(i, worker.score, tenant_id, key_id, group, list(probe))
+                self.call(i, worker.score, tenant_id, key_id, group, list(probe), query_id)
                 for i, group in units.items()
             )
         )

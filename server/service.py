@@ -199,17 +199,20 @@ class GalleryService:
         keep: Mapping[int, Sequence[int]] | None = None,
         split: bool = True,
         add_center: bool = False,
+        query_id: str = "",
     ) -> list[BinScore]:
         """Score bins in the workers; every slot not in ``keep[bin_id]`` comes back masked.
 
         ``keep=None``: each bin's occupied slots (preselection needs them all).
+        ``query_id``: the probe is (or is about to be) the probe cache's entry
+        of that query, so workers may reuse its deserialized form.
         """
         if not bins:
             return []
         with self.limits.scoring(tenant_id, len(bins)):
             return await self._score_bins(
                 tenant_id, key_id, view, bins, probe, stage,
-                keep=keep, split=split, add_center=add_center,
+                keep=keep, split=split, add_center=add_center, query_id=query_id,
             )
 
     async def _score_bins(
@@ -224,6 +227,7 @@ class GalleryService:
         keep: Mapping[int, Sequence[int]] | None,
         split: bool,
         add_center: bool,
+        query_id: str = "",
     ) -> list[BinScore]:
         kept = {
             b.bin_id: tuple(int(s) for s in (b.occupied if keep is None else keep[b.bin_id]))
@@ -238,6 +242,7 @@ class GalleryService:
             kept,
             split=split,
             add_center=add_center,
+            query_id=query_id,
         )
         return [
             BinScore(b.bin_id, b.version, tuple(b.occupied), tuple(parts), label=b.label)
