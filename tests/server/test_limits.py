@@ -327,20 +327,10 @@ def test_concurrent_calls_per_tenant(tight: LocalServer) -> None:
 
 
 def _rss_mb(pid: int) -> float:
-    import psutil
+    """The server and its workers' RSS, as the chaos benchmark measures it."""
+    from veilface.bench.chaos_target import rss_mb
 
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            continue
-    return total / 2**20
+    return rss_mb(pid)
 
 
 @pytest.fixture(scope="module")
