@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -78,6 +78,23 @@ def is_held_out(name: str) -> bool:
     benchmark agree without sharing a file.
     """
     return hashlib.sha256(name.encode("utf-8")).digest()[0] % HOLDOUT_MODULUS == 0
+
+
+HeldOutSplit = Literal["train", "validation", "test"]
+
+
+def heldout_split(name: str) -> HeldOutSplit:
+    """Which part a person belongs to: surrogate ``train``ing, ``validation`` or ``test``.
+
+    The held-out people (:func:`is_held_out`) are cut in two halves by a
+    second byte of the same hash: ``validation`` people are the only ones
+    any tuning of the protection looks at; ``test`` people are the ones
+    the reported figures come from, and nothing is tuned on them.
+    """
+    if not is_held_out(name):
+        return "train"
+    second = hashlib.sha256(name.encode("utf-8")).digest()[1]
+    return "validation" if second % 2 == 0 else "test"
 
 
 def list_people(data: Path, *, min_images: int = 2) -> dict[str, list[Path]]:
