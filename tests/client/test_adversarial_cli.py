@@ -115,13 +115,22 @@ def test_bench_protect_reports_the_issue_keys(
     out = tmp_path / "bench.json"
     code = main([
         "bench", "protect", "--images", str(small_lfw), "--json", str(out), "--steps", "2",
-        "--max-others", "2", "--threads", "1", "--no-progress",
+        "--max-others", "2", "--threads", "1", "--no-progress", "--people", "unseen",
     ])  # fmt: skip
     assert code == 0
-    assert "unprotected" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "unprotected" in printed
+    # the three training people are left out, and the run says so
+    assert "people: 2 measured" in printed and "3 surrogate training" in printed
     doc = json.loads(out.read_text())
-    for key in ("psr", "psr_jpeg75", "psr_surrogates", "ssim", "psnr", "sec_per_image",
-                "n_people", "baseline"):
-        assert key in doc
+    for key in ("psr", "psr_hog", "psr_mtcnn", "psr_jpeg75", "psr_resize", "psr_blur",
+                "psr_surrogates", "ssim", "psnr", "sec_per_image", "cpu_sec_per_image",
+                "n_people", "n_undetected_cnn", "n_undetected_hog", "n_undetected_mtcnn",
+                "dlib_distance_before", "dlib_distance_after", "baseline", "selection"):
+        assert key in doc, key
     assert doc["n_people"] == 2
+    assert doc["selection"]["excluded"]["surrogate_training"] == 3
     assert 0.0 <= doc["psr"] <= 1.0 and doc["ssim"] >= 0.90
+    assert doc["baseline"]["psr"] == 0.0  # the unprotected photos still match
+    assert sorted(p["name"] for p in doc["people"]) == sorted(doc["selection"]["names"])
+    assert all(len(p["protected"]["cnn"]["distances"]) == 2 for p in doc["people"])

@@ -1,60 +1,75 @@
-"""``veilface bench protect``: does adversarial protection stop dlib from matching a person?
+"""``veilface bench protect``: does adversarial protection stop a recognizer from matching a person?
 
-For every person of ``DIR`` (``<person>/<image>``) with at least two images
-(by default only the people held out from surrogate training, see
-:func:`veilface.client.protect.surrogate_training.is_held_out`), the first
-image is protected with :func:`veilface.client.protect.cloak` and compared,
-with dlib's recognizer (the independent judge, never used by the protector),
-against that person's other images:
+For every selected person (see :mod:`veilface.bench.protect_selection`; by
+default the held-out LFW people of the ``test`` half), the first image is
+protected with :func:`veilface.client.protect.cloak` and judged the way an
+adversary would (:mod:`veilface.bench.protect_judges`): dlib's recognizer on
+the face a detector finds, compared with the person's other images (the
+references, embedded by the same judge) at dlib's distance 0.6. A reading
+*protects* the photo when the recognizer matches none of the references.
 
 ``psr``
-    share of protected images that match none of the person's other images
-    at dlib's standard distance 0.6 (an image in which dlib finds no face
-    counts as not matched, and is counted in ``n_undetected``).
-``psr_jpeg75``
-    the same after re-encoding the protected image as JPEG quality 75.
-``psr_recognizer``, ``psr_recognizer_jpeg75``
-    the same, but judging dlib's *recognizer* alone: when dlib's detector
-    misses the protected face, the face is aligned and embedded at the box
-    the detector found on the original photo (what a system with a better
-    detector would do), so a perturbation that only hides the face from
-    dlib's HOG detector does not count as protection here.
+    share of protected photos dlib's recognizer no longer matches, on the
+    face found by dlib's CNN detector, or at the original photo's box when
+    the detector misses it (``n_undetected_cnn`` counts those). The headline.
+``psr_mtcnn``
+    the same with MTCNN as the detector (``n_undetected_mtcnn``).
+``psr_hog``
+    dlib's HOG detector then the recognizer, no fallback: a photo in which
+    HOG finds no face counts as protected (``n_undetected_hog``). What the
+    benchmark reported as ``psr`` before issue 11; the gap to ``psr`` is
+    detector evasion.
+``psr_jpeg75``, ``psr_resize``, ``psr_blur``
+    ``psr`` after JPEG quality 75, after shrinking to 112 px on the long side
+    and back (bicubic), after a Gaussian blur of sigma 1.
 ``psr_surrogates``
-    the same against each surrogate (cosine threshold at 1% false accepts
-    over the impostor pairs of this run's reference images), averaged over
-    surrogates: how well the attack works on the models it optimised against
-    (white box), for contrast.
+    the same against each surrogate at the HOG box of the original photo
+    (cosine threshold at 1 % false accepts over this run's impostor pairs),
+    averaged: how well the attack works on the models it optimised against.
+``dlib_distance_before`` / ``dlib_distance_after``
+    mean over people of the mean dlib distance (CNN judge) from the
+    unprotected / protected photo to the person's references.
 ``baseline``
-    the same figures for the *unprotected* first image, in the same run
-    (``psr`` of an unprotected image is the share dlib already fails to match).
+    every ``psr_*`` and count above for the *unprotected* photos of the same
+    people in the same run.
 
 ``ssim``/``psnr`` compare protected and original pixels; ``sec_per_image``
 is the wall time of :func:`cloak` (detection included) and
-``cpu_sec_per_image`` the CPU time of this process during it (all threads),
-which moves less than wall time when other work shares the machine.
+``cpu_sec_per_image`` the CPU time of this process during it (all threads).
+Each result keeps one record per person (name, files, every reading's
+distances and detected flag, unprotected and protected) so the aggregates
+can be checked.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
+from veilface.bench.protect_judges import (
+    DLIB_THRESHOLD,
+    READINGS,
+    DlibJudge,
+    OriginalFaces,
+    References,
+    Verdict,
+)
+from veilface.bench.protect_selection import PeopleRule, PeopleSelection, select_people
 from veilface.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
-#: dlib's standard same-person distance.
-DLIB_THRESHOLD = 0.6
+#: Report key of each reading (``psr`` is the CNN judge).
+PSR_KEYS = {spec.name: ("psr" if spec.name == "cnn" else f"psr_{spec.name}") for spec in READINGS}
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -62,14 +77,18 @@ class ProtectBenchConfig:
     """Options of the protection benchmark."""
 
     images: Path
-    max_people: int = 40
+    people: PeopleRule = "test"
+    max_people: int | None = None
     max_others: int = 8
     preset: str = "medium"
     epsilon: float | None = None
     ssim_floor: float | None = None
     steps: int | None = None
     weights: Path | None = None
-    heldout_only: bool = True
+    #: folders the surrogates were trained on (default: the weights' manifest)
+    train_data: tuple[Path, ...] | None = None
+    cnn_upsample: int = 0
+    mtcnn_weights: Path | None = None
     threads: int = 2
     seed: int = 0
     progress: bool = True
@@ -80,11 +99,11 @@ class _Person:
     name: str
     probe: Path
     probe_rgb: npt.NDArray[np.uint8]
-    probe_box: Any
-    probe_dlib: npt.NDArray[np.float32]
-    others_dlib: npt.NDArray[np.float32]
-    others_sur: list[npt.NDArray[np.float32]]  # per surrogate (n_others, 128)
-    probe_sur: list[npt.NDArray[np.float32]]  # per surrogate (128,)
+    original: OriginalFaces
+    refs: References
+    refs_sur: list[npt.NDArray[np.float32]]  # per surrogate (n_refs, d)
+    unprotected: Verdict
+    unprotected_sur: list[bool]  # per surrogate: matched
 
 
 @dataclass
@@ -92,9 +111,11 @@ class ProtectBenchResult:
     """Figures of one budget (see the module docstring)."""
 
     psr: float
+    psr_hog: float
+    psr_mtcnn: float
     psr_jpeg75: float
-    psr_recognizer: float
-    psr_recognizer_jpeg75: float
+    psr_resize: float
+    psr_blur: float
     psr_surrogates: float
     ssim: float
     ssim_min: float
@@ -103,20 +124,38 @@ class ProtectBenchResult:
     cpu_sec_per_image: float
     n_people: int
     n_refused: int
-    n_undetected: int
-    n_undetected_jpeg75: int
-    psr_among_matched: float
+    n_undetected_cnn: int
+    n_undetected_hog: int
+    n_undetected_mtcnn: int
     dlib_distance_before: float
     dlib_distance_after: float
     budget: dict[str, Any] = field(default_factory=dict)
+    #: people the protector refused (name, error class), left out of every figure above
+    refused: list[dict[str, str]] = field(default_factory=list)
     baseline: dict[str, float] = field(default_factory=dict)
+    people: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _min_dist(vec: npt.NDArray[np.float32], others: npt.NDArray[np.float32]) -> float:
-    return float(np.linalg.norm(others - vec[None, :], axis=1).min())
+@dataclass
+class ProtectBenchRun:
+    """What :func:`run_protect_bench` returns: one result per budget, and who was measured."""
+
+    results: list[ProtectBenchResult]
+    selection: PeopleSelection
 
 
-def _sur_embed(ensemble: Any, rgb: npt.NDArray[np.uint8], box: Any) -> list[npt.NDArray[np.float32]]:
+def _progress(items: Sequence[_T], desc: str, unit: str, on: bool) -> Iterable[_T]:
+    if not on:
+        return items
+    from tqdm import tqdm
+
+    bar: Iterable[_T] = tqdm(items, desc=desc, unit=unit)
+    return bar
+
+
+def _sur_embed(
+    ensemble: Any, rgb: npt.NDArray[np.uint8], box: Any
+) -> list[npt.NDArray[np.float32]]:
     import torch
     import torch.nn.functional as F
 
@@ -128,56 +167,53 @@ def _sur_embed(ensemble: Any, rgb: npt.NDArray[np.uint8], box: Any) -> list[npt.
         return [F.normalize(m(cut(x, square, m.crop_size)))[0].numpy() for m in ensemble.models]
 
 
-def _prepare(cfg: ProtectBenchConfig, pipeline: Any, ensemble: Any) -> tuple[list[_Person], int]:
+def _sur_matched(ensemble: Any, person: _Person, rgb: npt.NDArray[np.uint8]) -> list[bool]:
+    """Per surrogate: does it still match ``rgb`` (at the original's HOG box) to the person?"""
+    emb = _sur_embed(ensemble, rgb, person.original.boxes["hog"])
+    return [
+        bool((person.refs_sur[i] @ emb[i]).max() >= ensemble.thresholds.get(arch, math.nan))
+        for i, arch in enumerate(ensemble.archs)
+    ]
+
+
+def _prepare(
+    cfg: ProtectBenchConfig, selection: PeopleSelection, judge: DlibJudge, ensemble: Any
+) -> list[_Person]:
+    """Locate each probe's face and embed the references (once for every budget)."""
     from veilface.client.face import load_image
-    from veilface.client.protect.surrogate_training import is_held_out, list_people
     from veilface.errors import FaceError
 
-    people = list_people(cfg.images, min_images=2)
-    names = [n for n in people if is_held_out(n)] if cfg.heldout_only else list(people)
-    if not names:
-        raise InvalidArgument("no held-out person with 2+ images in the folder; use --all-people")
-    names = names[: cfg.max_people]
-    iterator: Sequence[str] = names
-    if cfg.progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(names, desc="embedding references (dlib)", unit="person")
     out: list[_Person] = []
-    skipped = 0
-    for name in iterator:
-        files = people[name]
+    names = list(selection.people)
+    for name in _progress(names, "embedding references (dlib)", "person", cfg.progress):
+        files = selection.people[name]
         try:
             probe_rgb = load_image(files[0])
-            probe = pipeline.embed(probe_rgb)
         except FaceError:
-            skipped += 1
+            selection.drop(name, "no_face")
             continue
-        vecs, surs = [], []
-        for f in files[1 : 1 + cfg.max_others]:
-            try:
-                rgb = load_image(f)
-                emb = pipeline.embed(rgb)
-            except FaceError:
-                continue
-            vecs.append(emb.vector)
-            surs.append(_sur_embed(ensemble, rgb, emb.box))
-        if not vecs:
-            skipped += 1
+        original = judge.locate(probe_rgb)
+        refs = judge.references(name, files[1 : 1 + cfg.max_others])
+        if original is None or not refs.files:
+            selection.drop(name, "no_face")
             continue
+        refs_sur = [
+            _sur_embed(ensemble, load_image(f), face.box)
+            for f, face in zip(refs.files, refs.faces["hog"], strict=True)
+        ]
         out.append(
             _Person(
                 name=name,
                 probe=files[0],
                 probe_rgb=probe_rgb,
-                probe_box=probe.box,
-                probe_dlib=probe.vector,
-                others_dlib=np.stack(vecs),
-                others_sur=[np.stack([s[i] for s in surs]) for i in range(len(ensemble.models))],
-                probe_sur=_sur_embed(ensemble, probe_rgb, probe.box),
+                original=original,
+                refs=refs,
+                refs_sur=[np.stack([s[i] for s in refs_sur]) for i in range(len(ensemble.models))],
+                unprotected=judge.judge(probe_rgb, original, refs),
+                unprotected_sur=[],
             )
         )
-    return out, skipped
+    return out
 
 
 def _calibrate(people: Sequence[_Person], ensemble: Any) -> dict[str, float]:
@@ -188,11 +224,11 @@ def _calibrate(people: Sequence[_Person], ensemble: Any) -> dict[str, float]:
     (``manifest.json``) is kept.
     """
     out: dict[str, float] = {}
-    owners = np.concatenate([np.full(len(p.others_dlib), i) for i, p in enumerate(people)])
+    owners = np.concatenate([np.full(len(p.refs.files), i) for i, p in enumerate(people)])
     different = owners[:, None] != owners[None, :]
     upper = np.triu(np.ones_like(different), k=1)
     for i, arch in enumerate(ensemble.archs):
-        emb = np.concatenate([p.others_sur[i] for p in people])
+        emb = np.concatenate([p.refs_sur[i] for p in people])
         impostor = (emb @ emb.T)[different & upper]
         if impostor.size >= 100:
             out[arch] = float(np.quantile(impostor, 0.99))
@@ -201,243 +237,258 @@ def _calibrate(people: Sequence[_Person], ensemble: Any) -> dict[str, float]:
     return out
 
 
-def _jpeg75(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=75)
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"), dtype=np.uint8)
-
-
-class _Eval(NamedTuple):
-    matched: bool  # dlib (detector + recognizer) matches an other image of the person
-    undetected: bool
-    distance: float  # nan when undetected
-    sur_matched: list[bool]
-    matched_jpeg75: bool
-    undetected_jpeg75: bool
-    #: the recognizer alone: at the original photo's box when the detector misses
-    recognizer_matched: bool
-    recognizer_matched_jpeg75: bool
+def _aggregate(verdicts: Sequence[Verdict], sur: Sequence[Sequence[bool]]) -> dict[str, float]:
+    """``psr_*``, ``n_undetected_*`` and the mean CNN-judge distance over some verdicts."""
+    out: dict[str, float] = {}
+    for name, key in PSR_KEYS.items():
+        out[key] = float(np.mean([v.protected(name) for v in verdicts]))
+    for det in ("cnn", "hog", "mtcnn"):
+        out[f"n_undetected_{det}"] = sum(not v.readings[det].detected for v in verdicts)
+    out["psr_surrogates"] = float(np.mean([not m for s in sur for m in s])) if sur else math.nan
+    out["dlib_distance"] = float(np.nanmean([v.readings["cnn"].mean_distance for v in verdicts]))
+    return out
 
 
-def _evaluate_one(
-    person: _Person, pixels: npt.NDArray[np.uint8], pipeline: Any, ensemble: Any
-) -> _Eval:
-    from veilface.errors import FaceError
+def _record(
+    person: _Person, verdict: Verdict, sur: Sequence[bool], extra: dict[str, Any]
+) -> dict[str, Any]:
+    def readings(v: Verdict) -> dict[str, Any]:
+        return {name: r.to_json() for name, r in v.readings.items()}
 
-    def dlib_check(img: npt.NDArray[np.uint8]) -> tuple[bool, bool, float, Any, bool]:
-        try:
-            emb = pipeline.embed(img)
-        except FaceError:
-            vec = pipeline.backend.align_and_embed(img, person.probe_box)
-            alone = _min_dist(vec, person.others_dlib) < DLIB_THRESHOLD
-            return False, True, math.nan, None, alone
-        d = _min_dist(emb.vector, person.others_dlib)
-        return d < DLIB_THRESHOLD, False, d, emb.box, d < DLIB_THRESHOLD
-
-    matched, undetected, dist, box, alone = dlib_check(pixels)
-    sur_matched: list[bool] = []
-    if box is not None:
-        sur = _sur_embed(ensemble, pixels, box)
-        for i, arch in enumerate(ensemble.archs):
-            thr = ensemble.thresholds.get(arch, math.nan)
-            sims = person.others_sur[i] @ sur[i]
-            sur_matched.append(bool(sims.max() >= thr))
-    else:
-        sur_matched = [False] * len(ensemble.models)
-    jpeg = dlib_check(_jpeg75(pixels))
-    return _Eval(matched, undetected, dist, sur_matched, jpeg[0], jpeg[1], alone, jpeg[4])
+    return {
+        "name": person.name,
+        "probe": person.probe.name,
+        "references": [Path(f).name for f in person.refs.files],
+        "original_found": dict(person.original.found),
+        "unprotected": readings(person.unprotected),
+        "protected": readings(verdict),
+        "surrogates_matched_unprotected": list(person.unprotected_sur),
+        "surrogates_matched": list(sur),
+        **extra,
+    }
 
 
 def run_protect_bench(
-    cfg: ProtectBenchConfig, *, epsilons: Sequence[float | None] = (None,)
-) -> list[ProtectBenchResult]:
+    cfg: ProtectBenchConfig,
+    *,
+    epsilons: Sequence[float | None] = (None,),
+    selection: PeopleSelection | None = None,
+) -> ProtectBenchRun:
     """Run the benchmark for each budget in ``epsilons`` (``None``: the preset's).
 
-    The references (other images of each person) are embedded once and
-    shared by every budget.
+    The people are chosen by :func:`select_people` unless ``selection`` is
+    given; the run's selection also counts the people dropped for want of a face.
+    The references are embedded once and shared by every budget.
     """
     import torch
 
-    from veilface.client.face import FacePipeline
     from veilface.client.protect.adversarial import cloak
     from veilface.client.protect.image_quality import psnr, ssim
     from veilface.client.protect.surrogates import load_ensemble
     from veilface.errors import FaceError
 
     torch.set_num_threads(max(1, cfg.threads))
-    pipeline = FacePipeline(on_multiple="largest")
+    if selection is None:
+        selection = select_people(
+            cfg.images,
+            cfg.people,
+            max_people=cfg.max_people,
+            train_data=cfg.train_data,
+            weights_dir=cfg.weights,
+        )
+    judge = DlibJudge(cnn_upsample=cfg.cnn_upsample, mtcnn_weights=cfg.mtcnn_weights)
+    judge.load()
     ensemble = load_ensemble(cfg.weights)
-    people, skipped = _prepare(cfg, pipeline, ensemble)
+    people = _prepare(cfg, selection, judge, ensemble)
     if not people:
-        raise InvalidArgument("no person could be embedded by dlib; check the folder")
-    logger.info("%d people ready (%d skipped: dlib refused the probe or every other image)",
-                len(people), skipped)
-
+        raise InvalidArgument(
+            f"no selected person has a face dlib can find: {selection.summary_line()}"
+        )
+    logger.info(selection.summary_line())
     ensemble.thresholds = _calibrate(people, ensemble)
-    # baseline: the unprotected probe, in this same run
-    base = [_evaluate_one(p, p.probe_rgb, pipeline, ensemble) for p in people]
-    baseline = {
-        "match_rate": float(np.mean([b.matched for b in base])),
-        "psr_unprotected": float(np.mean([not b.matched for b in base])),
-        "psr_unprotected_jpeg75": float(np.mean([not b.matched_jpeg75 for b in base])),
-        "psr_unprotected_surrogates": float(
-            np.mean([not m for b in base for m in b.sur_matched])
-        ),
-        "dlib_distance": float(np.nanmean([b.distance for b in base])),
-        "skipped_people": float(skipped),
-        **{f"surrogate_threshold_{a}": t for a, t in ensemble.thresholds.items()},
-    }
+    for p in people:
+        p.unprotected_sur = _sur_matched(ensemble, p, p.probe_rgb)
     results = []
     for eps in epsilons:
-        rows = []
-        refused = 0
-        iterator: Sequence[_Person] = people
         label = "preset" if eps is None else f"eps {eps:g}"
-        if cfg.progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(people, desc=f"protecting ({label})", unit="img")
-        for person, b in zip(iterator, base, strict=True):
+        budget = {
+            "preset": cfg.preset,
+            "epsilon": eps if eps is not None else cfg.epsilon,
+            "ssim_floor": cfg.ssim_floor,
+            "steps": cfg.steps,
+        }
+        done: list[tuple[_Person, Verdict, list[bool], dict[str, float]]] = []
+        refused: list[dict[str, str]] = []
+        last: Exception | None = None
+        for person in _progress(people, f"protecting ({label})", "img", cfg.progress):
             t0, c0 = time.perf_counter(), time.process_time()
             try:
                 prot = cloak(
                     person.probe_rgb,
                     preset=cfg.preset,
-                    epsilon=eps if eps is not None else cfg.epsilon,
+                    epsilon=budget["epsilon"],
                     ssim_floor=cfg.ssim_floor,
                     steps=cfg.steps,
                     ensemble=ensemble,
                     seed=cfg.seed,
                 )
-            except FaceError:
-                refused += 1
+            except (FaceError, InvalidArgument) as exc:  # no face, or a change below the floor
+                logger.info("the protector refused %s: %s", person.name, type(exc).__name__)
+                refused.append({"name": person.name, "reason": type(exc).__name__})
+                last = exc
                 continue
             sec, cpu = time.perf_counter() - t0, time.process_time() - c0
             pixels = np.array(prot.pixels)
-            ev = _evaluate_one(person, pixels, pipeline, ensemble)
-            rows.append(
-                {
-                    "baseline_matched": b.matched,
-                    **ev._asdict(),
-                    "ssim": ssim(pixels, person.probe_rgb),
-                    "psnr": psnr(pixels, person.probe_rgb),
-                    "sec": sec,
-                    "cpu": cpu,
-                }
-            )
-        if not rows:
-            raise InvalidArgument("every probe was refused by the protector")
-        matched_base = [r for r in rows if r["baseline_matched"]]
-        budget = {"preset": cfg.preset, "epsilon": eps if eps is not None else cfg.epsilon,
-                  "ssim_floor": cfg.ssim_floor, "steps": cfg.steps}
-        results.append(
-            ProtectBenchResult(
-                psr=float(np.mean([not r["matched"] for r in rows])),
-                psr_jpeg75=float(np.mean([not r["matched_jpeg75"] for r in rows])),
-                psr_recognizer=float(np.mean([not r["recognizer_matched"] for r in rows])),
-                psr_recognizer_jpeg75=float(
-                    np.mean([not r["recognizer_matched_jpeg75"] for r in rows])
-                ),
-                psr_surrogates=float(np.mean([not m for r in rows for m in r["sur_matched"]])),
-                ssim=float(np.mean([r["ssim"] for r in rows])),
-                ssim_min=float(np.min([r["ssim"] for r in rows])),
-                psnr=float(np.mean([r["psnr"] for r in rows])),
-                sec_per_image=float(np.mean([r["sec"] for r in rows])),
-                cpu_sec_per_image=float(np.mean([r["cpu"] for r in rows])),
-                n_people=len(rows),
-                n_refused=refused,
-                n_undetected=int(sum(r["undetected"] for r in rows)),
-                n_undetected_jpeg75=int(sum(r["undetected_jpeg75"] for r in rows)),
-                psr_among_matched=(
-                    float(np.mean([not r["matched"] for r in matched_base]))
-                    if matched_base else math.nan
-                ),
-                dlib_distance_before=baseline["dlib_distance"],
-                dlib_distance_after=float(np.nanmean([r["distance"] for r in rows])),
-                budget=budget,
-                baseline=baseline,
-            )
-        )
-    return results
+            verdict = judge.judge(pixels, person.original, person.refs)
+            quality = {
+                "ssim": ssim(pixels, person.probe_rgb),
+                "psnr": psnr(pixels, person.probe_rgb),
+                "sec": sec,
+                "cpu": cpu,
+            }
+            done.append((person, verdict, _sur_matched(ensemble, person, pixels), quality))
+        if not done:
+            raise InvalidArgument(f"every probe was refused by the protector: {last}") from last
+        results.append(_result(done, refused, budget, ensemble.thresholds))
+    return ProtectBenchRun(results=results, selection=selection)
+
+
+def _result(
+    done: Sequence[tuple[_Person, Verdict, list[bool], dict[str, float]]],
+    refused: list[dict[str, str]],
+    budget: dict[str, Any],
+    thresholds: dict[str, float],
+) -> ProtectBenchResult:
+    after = _aggregate([d[1] for d in done], [d[2] for d in done])
+    before = _aggregate([d[0].unprotected for d in done], [d[0].unprotected_sur for d in done])
+    quality = [d[3] for d in done]
+    return ProtectBenchResult(
+        psr=after["psr"],
+        psr_hog=after["psr_hog"],
+        psr_mtcnn=after["psr_mtcnn"],
+        psr_jpeg75=after["psr_jpeg75"],
+        psr_resize=after["psr_resize"],
+        psr_blur=after["psr_blur"],
+        psr_surrogates=after["psr_surrogates"],
+        ssim=float(np.mean([q["ssim"] for q in quality])),
+        ssim_min=float(np.min([q["ssim"] for q in quality])),
+        psnr=float(np.mean([q["psnr"] for q in quality])),
+        sec_per_image=float(np.mean([q["sec"] for q in quality])),
+        cpu_sec_per_image=float(np.mean([q["cpu"] for q in quality])),
+        n_people=len(done),
+        n_refused=len(refused),
+        refused=refused,
+        n_undetected_cnn=int(after["n_undetected_cnn"]),
+        n_undetected_hog=int(after["n_undetected_hog"]),
+        n_undetected_mtcnn=int(after["n_undetected_mtcnn"]),
+        dlib_distance_before=before["dlib_distance"],
+        dlib_distance_after=after["dlib_distance"],
+        budget=budget,
+        baseline={**before, **{f"surrogate_threshold_{a}": t for a, t in thresholds.items()}},
+        people=[_record(p, v, s, q) for p, v, s, q in done],
+    )
 
 
 def format_table(results: Sequence[ProtectBenchResult]) -> str:
-    """A plain-text table of the results, one row per budget, plus the baseline."""
+    """A plain-text table of the results, one row per budget, plus the unprotected baseline."""
+    cols = ("psr", "psr_hog", "psr_mtcnn", "psr_jpeg75", "psr_resize", "psr_blur", "psr_surrogates")
+    short = ("psr", "hog", "mtcnn", "jpeg75", "resize", "blur", "sur")
     head = (
-        f"{'budget':>10s} {'psr':>6s} {'psr_jpeg75':>10s} {'rec':>6s} {'rec_j75':>7s} "
-        f"{'undet':>5s} {'psr_sur':>8s} {'ssim':>6s} "
-        f"{'ssim_min':>8s} {'psnr':>6s} {'s/img':>6s} {'cpu s':>6s} {'n':>4s} {'dist':>6s}"
+        f"{'budget':>11s} "
+        + " ".join(f"{c:>6s}" for c in short)
+        + f" {'ssim':>6s} {'min':>6s} {'psnr':>6s} {'s/img':>6s} {'cpu s':>6s} {'n':>4s}"
+        + f" {'undet c/h/m':>11s} {'dist':>6s}"
     )
     lines = [head]
     for r in results:
         eps = r.budget.get("epsilon")
         label = f"eps {eps:g}" if eps is not None else str(r.budget.get("preset"))
+        und = f"{r.n_undetected_cnn}/{r.n_undetected_hog}/{r.n_undetected_mtcnn}"
         lines.append(
-            f"{label:>10s} {r.psr:6.3f} {r.psr_jpeg75:10.3f} {r.psr_recognizer:6.3f} "
-            f"{r.psr_recognizer_jpeg75:7.3f} {r.n_undetected:5d} {r.psr_surrogates:8.3f} "
-            f"{r.ssim:6.3f} {r.ssim_min:8.3f} {r.psnr:6.2f} {r.sec_per_image:6.2f} "
-            f"{r.cpu_sec_per_image:6.2f} "
-            f"{r.n_people:4d} {r.dlib_distance_after:6.3f}"
+            f"{label:>11s} "
+            + " ".join(f"{getattr(r, c):6.3f}" for c in cols)
+            + f" {r.ssim:6.3f} {r.ssim_min:6.3f} {r.psnr:6.2f} {r.sec_per_image:6.2f}"
+            f" {r.cpu_sec_per_image:6.2f} {r.n_people:4d} {und:>11s} {r.dlib_distance_after:6.3f}"
         )
     if results:
-        b = results[0].baseline
+        b, n = results[0].baseline, results[0].n_people
+        und = (
+            f"{b['n_undetected_cnn']:.0f}/{b['n_undetected_hog']:.0f}/{b['n_undetected_mtcnn']:.0f}"
+        )
         lines.append(
-            f"{'unprotected':>10s} {b['psr_unprotected']:6.3f} {b['psr_unprotected_jpeg75']:10.3f} "
-            f"{'–':>6s} {'–':>7s} {'–':>5s} {b['psr_unprotected_surrogates']:8.3f} {1.0:6.3f} {1.0:8.3f} {'inf':>6s} "
-            f"{0.0:6.2f} {0.0:6.2f} {results[0].n_people:4d} {b['dlib_distance']:6.3f}"
+            f"{'unprotected':>11s} "
+            + " ".join(f"{b[c]:6.3f}" for c in cols)
+            + f" {1.0:6.3f} {1.0:6.3f} {'inf':>6s} {'–':>6s} {'–':>6s} {n:4d} {und:>11s}"
+            f" {b['dlib_distance']:6.3f}"
         )
     return "\n".join(lines)
 
 
-def to_json(results: Sequence[ProtectBenchResult]) -> dict[str, Any]:
+def to_json(
+    results: Sequence[ProtectBenchResult], selection: PeopleSelection | None = None
+) -> dict[str, Any]:
     """The JSON document: the first budget's figures at top level, every budget under ``sweep``."""
-    first = asdict(results[0])
-    doc: dict[str, Any] = {**first}
+    doc: dict[str, Any] = {**asdict(results[0]), "threshold": DLIB_THRESHOLD}
+    if selection is not None:
+        doc["selection"] = selection.to_json()
     if len(results) > 1:
         doc["sweep"] = [asdict(r) for r in results]
     return doc
 
 
-def write_json(results: Sequence[ProtectBenchResult], path: Path) -> None:
+def write_json(
+    results: Sequence[ProtectBenchResult], path: Path, selection: PeopleSelection | None = None
+) -> None:
+    import json
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_json(results), indent=2, default=float) + "\n")
+    path.write_text(json.dumps(to_json(results, selection), indent=2, default=float) + "\n")
 
 
 def plot_sweep(results: Sequence[ProtectBenchResult], path: Path) -> None:
-    """PNG of psr, psr_jpeg75 and mean SSIM against the L-infinity budget (needs matplotlib)."""
+    """PNG of psr (CNN judge), psr_hog and psr_jpeg75 against mean SSIM (needs matplotlib).
+
+    One point per budget, labelled with its epsilon, plus the unprotected
+    photos at SSIM 1.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    eps = [float(r.budget["epsilon"]) for r in results]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(eps, [r.psr for r in results], "o-", lw=2.5, ms=8, label="psr (dlib)")
-    ax.plot(eps, [r.psr_jpeg75 for r in results], "s-", label="psr after JPEG q75 (dlib)")
-    ax.plot(eps, [r.psr_recognizer for r in results], "v-",
-            label="psr, dlib recognizer alone (original box)")
-    ax.plot(eps, [r.psr_surrogates for r in results], "^--", label="psr (surrogates, white box)")
-    ax.plot(eps, [r.ssim for r in results], "k:", label="mean SSIM")
-    base = results[0].baseline["psr_unprotected"]
-    ax.axhline(base, color="grey", lw=0.8, label=f"unprotected psr ({base:.2f})")
-    dist = ax.twinx()
-    dist.plot(eps, [r.dlib_distance_after for r in results], "d-.", color="tab:purple",
-              label="dlib distance to own photos")
-    dist.axhline(DLIB_THRESHOLD, color="tab:purple", lw=0.8, ls=":")
-    dist.set_ylabel("mean dlib distance (match below 0.6)", color="tab:purple")
-    dist.set_ylim(0, 1.0)
-    dist.legend(fontsize=8, loc="center right")
-    ax.set_xlabel("L-inf budget epsilon (grey levels, face region)")
-    ax.set_ylabel("protection success rate / SSIM")
-    ax.set_ylim(0, 1.02)
+    pts = sorted(results, key=lambda r: r.ssim)
+    x = [r.ssim for r in pts] + [1.0]
+    base = results[0].baseline
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, style, label in (
+        ("psr", "o-", "psr: dlib recognizer on dlib CNN detector's face"),
+        ("psr_jpeg75", "s--", "psr after JPEG q75"),
+        ("psr_hog", "v:", "psr_hog: dlib HOG detector + recognizer (no fallback)"),
+    ):
+        lw = 2.5 if key == "psr" else 1.2
+        ax.plot(x, [getattr(r, key) for r in pts] + [base[key]], style, lw=lw, ms=6, label=label)
+    for r in pts:
+        eps = r.budget.get("epsilon")
+        ax.annotate(
+            f"ε {eps:g}" if eps is not None else str(r.budget.get("preset")),
+            (r.ssim, r.psr),
+            textcoords="offset points",
+            xytext=(4, 6),
+            fontsize=7,
+        )
+    ax.axhline(0.8, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("mean SSIM to the original photo")
+    ax.set_ylabel("protection success rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.invert_xaxis()
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="best")
     floor = results[0].budget.get("ssim_floor")
-    ax.set_title(f"veilface cloak vs dlib, n={results[0].n_people} held-out LFW people"
-                 + (f", SSIM floor {floor}" if floor is not None else ""), fontsize=9)
+    ax.set_title(
+        f"veilface cloak vs dlib's recognizer, n={results[0].n_people} people"
+        + (f", SSIM floor {floor}" if floor is not None else ""),
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -446,8 +497,10 @@ def plot_sweep(results: Sequence[ProtectBenchResult], path: Path) -> None:
 
 __all__ = [
     "DLIB_THRESHOLD",
+    "PSR_KEYS",
     "ProtectBenchConfig",
     "ProtectBenchResult",
+    "ProtectBenchRun",
     "format_table",
     "plot_sweep",
     "run_protect_bench",

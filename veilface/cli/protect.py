@@ -63,24 +63,38 @@ def register_bench(bench: argparse._SubParsersAction) -> None:  # type: ignore[t
     """Add ``veilface bench protect`` to the ``bench`` sub-commands."""
     p = bench.add_parser(
         "protect",
-        help="adversarial protection vs dlib: psr, psr_jpeg75, SSIM, time",
-        description="Protect the first image of every person with 2+ images (held-out people "
-        "only, by default) and check with dlib whether it still matches the person's other "
-        "images at distance 0.6.",
+        help="adversarial protection vs dlib's recognizer (CNN, MTCNN, HOG detectors): psr, SSIM",
+        description="Protect the first image of every selected person and judge it as an "
+        "adversary would: dlib's recognizer on the face dlib's CNN detector (and MTCNN, and "
+        "dlib's HOG detector) finds, at the original photo's box when the detector misses, "
+        "against the person's other images at distance 0.6. Prints who was left out and why.",
     )
     p.add_argument("--images", type=Path, required=True, help="folder of <person>/<image>")
     p.add_argument("--json", type=Path, help="write the result here")
-    p.add_argument("--max-people", type=int, default=40)
+    p.add_argument("--people", choices=["test", "validation", "unseen"], default="test",
+                   help="test: held-out people of the test half (default; reported figures); "
+                   "validation: the tuning half; unseen: every person with 2+ images not in "
+                   "surrogate training (a folder of unseen people is used whole)")
+    p.add_argument("--all-people", dest="people", action="store_const", const="unseen",
+                   help="same as --people unseen")
+    p.add_argument("--max-people", type=int, help="at most N people, in name order (default all)")
     p.add_argument("--max-others", type=int, default=8, help="reference images per person")
+    p.add_argument("--train-data", type=Path, action="append",
+                   help="folder the surrogates were trained on (repeatable; default: the "
+                   "weights' manifest.json)")
     p.add_argument("--preset", default="medium", help="low, medium, high")
     p.add_argument("--epsilon", type=float, help="override the preset's L-inf budget (0..255)")
     p.add_argument("--ssim-floor", type=float, help="override the preset's SSIM floor")
     p.add_argument("--steps", type=int, help="override the preset's steps")
-    p.add_argument("--sweep", help="comma-separated epsilons: run each, psr-vs-budget curve")
-    p.add_argument("--plot", type=Path, help="PNG of the sweep curve (needs matplotlib)")
+    p.add_argument("--sweep", help="comma-separated epsilons: run each, psr-vs-SSIM curve")
+    p.add_argument("--plot", type=Path, help="PNG of psr against mean SSIM (needs matplotlib)")
     p.add_argument("--weights", type=Path, help="surrogate weights directory")
-    p.add_argument("--all-people", action="store_true",
-                   help="also people the surrogates were trained on")
+    p.add_argument("--cnn-upsample", type=int, choices=[0, 1, 2], default=0,
+                   help="dlib CNN detector upsampling (0: faces from ~80 px, ~0.3 s a photo; "
+                   "1: from ~40 px, ~1.3 s)")
+    p.add_argument("--mtcnn-weights", type=Path,
+                   help="directory of MTCNN's pnet.pt/rnet.pt/onet.pt (default: the installed "
+                   "facenet-pytorch, see the install command)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -105,6 +119,7 @@ def bench_protect(args: argparse.Namespace) -> int:
             raise InvalidArgument(f"--sweep takes comma-separated numbers, got {args.sweep!r}") from exc
     cfg = ProtectBenchConfig(
         images=args.images,
+        people=args.people,
         max_people=args.max_people,
         max_others=args.max_others,
         preset=args.preset,
@@ -112,18 +127,21 @@ def bench_protect(args: argparse.Namespace) -> int:
         ssim_floor=args.ssim_floor,
         steps=args.steps,
         weights=args.weights,
-        heldout_only=not args.all_people,
+        train_data=tuple(args.train_data) if args.train_data else None,
+        cnn_upsample=args.cnn_upsample,
+        mtcnn_weights=args.mtcnn_weights,
         threads=args.threads,
         seed=args.seed,
         progress=not args.no_progress,
     )
-    results = run_protect_bench(cfg, epsilons=epsilons)
-    print(format_table(results))
+    run = run_protect_bench(cfg, epsilons=epsilons)
+    print(run.selection.summary_line())
+    print(format_table(run.results))
     if args.json:
-        write_json(results, args.json)
+        write_json(run.results, args.json, run.selection)
         print(f"wrote {args.json}")
     if args.plot:
-        plot_sweep(results, args.plot)
+        plot_sweep(run.results, args.plot)
         print(f"wrote {args.plot}")
     return 0
 
