@@ -53,14 +53,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from veilface.client.face.backend import FaceBox
-from veilface.client.face.errors import NoFaceFound
 from veilface.client.face.image_io import ImageSource, load_image
 from veilface.client.face.pipeline import FacePipeline
-from veilface.client.protect.deidentify import _check_boxes, _default_pipeline
+from veilface.client.protect.change_floor import MIN_CLOAK_EPSILON as MIN_EPSILON
 from veilface.client.protect.eot_transforms import gaussian_blur, jpeg, rescale
+from veilface.client.protect.face_cover import faces_to_protect
 from veilface.client.protect.face_crops import Square, crop_square, cut
 from veilface.client.protect.image_quality import psnr, ssim, ssim_tensor
-from veilface.client.protect.protected_image import ParamValue, ProtectedImage, _mint
+from veilface.client.protect.protected_image import ParamValue, ProtectedImage, mint_protected
+from veilface.client.protect.surrogate_shift import surrogate_similarity
 from veilface.client.protect.surrogates import SurrogateEnsemble, default_ensemble
 from veilface.errors import InvalidArgument
 
@@ -382,7 +383,11 @@ def cloak(
         "seconds": round(seconds, 2),
     }
     logger.debug("cloaked %d face(s) in %.1f s: %s", len(boxes), seconds, params)
-    return _mint(adv, method="adversarial", params=params, faces=regions)
+    # the change floor: the final 8-bit image must have moved the surrogates (and the regions)
+    moved = surrogate_similarity(ens, rgb, adv, boxes)
+    return mint_protected(
+        rgb, adv, method="adversarial", params=params, faces=regions, surrogate_similarity=moved
+    )
 
 
 def _resolve(
@@ -394,6 +399,12 @@ def _resolve(
     if epsilon is not None:
         if not (isinstance(epsilon, (int, float)) and 0 < epsilon <= 64):
             raise InvalidArgument(f"epsilon must be in (0, 64] grey levels, got {epsilon!r}")
+        if epsilon < MIN_EPSILON:
+            raise InvalidArgument(
+                f"epsilon {epsilon!r} is below {MIN_EPSILON} grey levels: so small a change "
+                "cannot protect a face, and the image would leave the device (nearly) as it "
+                "was; use a preset ('low' is 16 grey levels) or a larger epsilon"
+            )
         cfg = replace(cfg, epsilon=float(epsilon))
     if ssim_floor is not None:
         if not (isinstance(ssim_floor, (int, float)) and 0 <= ssim_floor < 1):
@@ -411,19 +422,23 @@ def _find_faces(
     faces: Literal["detect"] | Sequence[FaceBox],
     pipeline: FacePipeline | None,
 ) -> list[FaceBox]:
+    """The faces to cloak: found by dlib's HOG and CNN detectors, or caller boxes covering them.
+
+    The coverage check uses each box's crop square (the soft mask is at
+    least 0.6 inside it); see :mod:`veilface.client.protect.face_cover`.
+    """
     height, width = rgb.shape[:2]
-    if isinstance(faces, str):
-        if faces != "detect":
-            raise InvalidArgument(f"faces must be 'detect' or a list of FaceBox, got {faces!r}")
-        boxes: list[FaceBox] = (pipeline or _default_pipeline()).detect(rgb)
-        if not boxes:
-            raise NoFaceFound(
-                "no face found in the image, so it cannot be protected; use a photo with a "
-                "visible frontal face, or pass faces=[FaceBox(...)] if you know where it is"
-            )
-        return boxes
-    checked: list[FaceBox] = _check_boxes(faces, width=width, height=height)
-    return checked
+    boxes: list[FaceBox] = faces_to_protect(
+        rgb,
+        faces,
+        pipeline,
+        region=lambda box: FaceBox(*crop_square(box).bounds()).clipped(width, height),
+        no_face=(
+            "no face found in the image, so it cannot be protected; use a photo with a "
+            "visible frontal face, or pass faces=[FaceBox(...)] if you know where it is"
+        ),
+    )
+    return boxes
 
 
 def _enforce_floor(

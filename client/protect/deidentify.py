@@ -1,9 +1,10 @@
 """De-identification: blur, pixelate or mask the faces of a photo before it leaves the device.
 
 :func:`deidentify` loads the image with :func:`veilface.client.face.load_image`
-(so every input check of the face pipeline applies), finds the faces with the
-dlib detector (or takes the boxes the caller gives), grows each box by a
-margin, and replaces the pixels inside it:
+(so every input check of the face pipeline applies), finds the faces with
+dlib's HOG and CNN detectors (:mod:`veilface.client.protect.face_cover`; or
+takes the boxes the caller gives, refusing boxes that leave a detected face
+uncovered), grows each box by a margin, and replaces the pixels inside it:
 
 ``"blur"``
     Gaussian blur whose standard deviation is a fraction of the face size.
@@ -16,7 +17,10 @@ margin, and replaces the pixels inside it:
 Pixels outside the (expanded) boxes are left exactly as they were. The result
 is a :class:`~veilface.client.protect.ProtectedImage`, the only kind of image
 the SDK's upload path accepts. An image in which no face is found is refused
-with :class:`~veilface.client.face.NoFaceFound`: the protector never passes
+with :class:`~veilface.client.face.NoFaceFound`, and a result that left a
+protected region (nearly) unchanged with
+:class:`~veilface.client.protect.change_floor.InsufficientChange` (e.g. a
+mask over a region already of the fill colour): the protector never passes
 through an image it could not protect.
 
 What this protects against, and what it does not
@@ -43,10 +47,11 @@ What this protects against, and what it does not
 - **Masking** removes the face pixels entirely and is the strongest of the
   three; what remains (hair outside the margin, clothes, body shape, the
   background, the file's context) can still identify a person.
-- Only faces that are found are protected. The dlib HOG detector misses
-  profile, occluded and small faces (below about 40 px at ``upsample=1``);
-  those pass through unchanged. For crowds, give the boxes yourself or
-  configure a more sensitive ``pipeline``.
+- Only faces that are found are protected. dlib's HOG detector misses
+  profile, occluded and small faces (below about 40 px at ``upsample=1``),
+  its CNN detector faces below about 80 px; a face both miss passes through
+  unchanged. For crowds, give the boxes yourself or add a more sensitive
+  ``pipeline`` (its detections are added to dlib's).
 - None of this is adversarial protection: the output does not look unchanged,
   and nothing here is optimised against recognizers.
 """
@@ -55,7 +60,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -65,10 +69,10 @@ import numpy.typing as npt
 from PIL import Image, ImageFilter
 
 from veilface.client.face.backend import FaceBox
-from veilface.client.face.errors import NoFaceFound
 from veilface.client.face.image_io import ImageSource, load_image
 from veilface.client.face.pipeline import FacePipeline
-from veilface.client.protect.protected_image import ParamValue, ProtectedImage, _mint
+from veilface.client.protect.face_cover import faces_to_protect
+from veilface.client.protect.protected_image import ParamValue, ProtectedImage, mint_protected
 from veilface.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -116,18 +120,6 @@ PRESETS: Final[Mapping[Strength, DeidentifyPreset]] = {
 METHODS: Final[tuple[Method, ...]] = ("blur", "pixelate", "mask")
 
 
-_local = threading.local()
-
-
-def _default_pipeline() -> FacePipeline:
-    """The shared dlib pipeline of this thread (dlib backends are not thread-safe)."""
-    pipe: FacePipeline | None = getattr(_local, "pipeline", None)
-    if pipe is None:
-        pipe = FacePipeline()
-        _local.pipeline = pipe
-    return pipe
-
-
 def deidentify(
     image: ImageSource,
     *,
@@ -147,15 +139,19 @@ def deidentify(
         ``"blur"``, ``"pixelate"`` or ``"mask"`` (see the module docstring for
         how much each protects).
     faces
-        ``"detect"`` to find the faces with ``pipeline``'s detector, or the
-        face boxes (:class:`~veilface.client.face.FaceBox`, pixels of the
-        loaded image) to protect. Boxes grow by the preset's margin either way.
+        ``"detect"`` to protect every face dlib's HOG and CNN detectors (and
+        ``pipeline``'s) find, or the face boxes
+        (:class:`~veilface.client.face.FaceBox`, pixels of the loaded image)
+        to protect. Boxes grow by the preset's margin either way. The
+        detectors run on caller boxes too: every face they find must lie at
+        least 80 % inside the grown boxes (see
+        :mod:`veilface.client.protect.face_cover`).
     strength
         ``"low"``, ``"medium"`` or ``"high"``; see :data:`PRESETS`.
     pipeline
-        The face pipeline whose detector is used for ``faces="detect"``
-        (default: a dlib :class:`~veilface.client.face.FacePipeline` shared
-        by the calls of one thread, loaded on first use).
+        A face pipeline whose detections are added to dlib's HOG and CNN
+        detectors' (default: none; dlib's HOG detector is the shared
+        :class:`~veilface.client.face.FacePipeline` of the thread).
 
     Returns
     -------
@@ -168,12 +164,17 @@ def deidentify(
     ImageDecodeError, ImageSizeError
         The image cannot be loaded (see :func:`load_image`).
     NoFaceFound
-        ``faces="detect"`` and the detector found no face: nothing is
+        ``faces="detect"`` and the detectors found no face: nothing is
         returned, since the image could not be protected.
     InvalidArgument
         Unknown ``method`` or ``strength``; ``faces`` is empty, holds
         something other than ``FaceBox`` objects, or a box that lies outside
         the image.
+    FaceBoxTooSmall, UncoveredFace
+        A caller box has under 16 px a side in the image, or the caller's
+        boxes leave a detected face uncovered (both ``InvalidArgument``).
+    InsufficientChange
+        A protected region came out (nearly) unchanged (``InvalidArgument``).
     """
     if method not in METHODS:
         raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -183,18 +184,16 @@ def deidentify(
     rgb = load_image(image)
     height, width = rgb.shape[:2]
 
-    boxes: list[FaceBox]
-    if isinstance(faces, str):
-        if faces != "detect":
-            raise InvalidArgument(f"faces must be 'detect' or a list of FaceBox, got {faces!r}")
-        boxes = (pipeline or _default_pipeline()).detect(rgb)
-        if not boxes:
-            raise NoFaceFound(
-                "no face found in the image, so it cannot be de-identified; pass the face "
-                "boxes explicitly with faces=[FaceBox(...)] if you know where the faces are"
-            )
-    else:
-        boxes = _check_boxes(faces, width=width, height=height)
+    boxes = faces_to_protect(
+        rgb,
+        faces,
+        pipeline,
+        region=lambda box: _expand(box, preset.margin, width=width, height=height),
+        no_face=(
+            "no face found in the image, so it cannot be de-identified; pass the face "
+            "boxes explicitly with faces=[FaceBox(...)] if you know where the faces are"
+        ),
+    )
 
     out = rgb.copy()
     regions: list[FaceBox] = []
@@ -217,32 +216,7 @@ def deidentify(
     else:
         params["fill"] = preset.fill
     logger.debug("de-identified %d face region(s) with %s (%s)", len(regions), method, strength)
-    return _mint(out, method=method, params=params, faces=regions)
-
-
-def _check_boxes(faces: Sequence[FaceBox], *, width: int, height: int) -> list[FaceBox]:
-    if isinstance(faces, (bytes, bytearray)) or not isinstance(faces, Sequence):
-        raise InvalidArgument(
-            f"faces must be 'detect' or a list of FaceBox, not {type(faces).__name__}"
-        )
-    if len(faces) == 0:
-        raise InvalidArgument(
-            "faces is empty: there is nothing to protect; pass faces='detect' or the face boxes"
-        )
-    boxes: list[FaceBox] = []
-    for box in faces:
-        if not isinstance(box, FaceBox):
-            raise InvalidArgument(
-                f"faces must hold FaceBox objects, not {type(box).__name__} "
-                "(from veilface.client.face import FaceBox)"
-            )
-        if box.clipped(width, height).area == 0:
-            raise InvalidArgument(
-                f"face box ({box.left}, {box.top}, {box.right}, {box.bottom}) does not overlap "
-                f"the {width}x{height} image"
-            )
-        boxes.append(box)
-    return boxes
+    return mint_protected(rgb, out, method=method, params=params, faces=regions)
 
 
 def _expand(box: FaceBox, margin: float, *, width: int, height: int) -> FaceBox:

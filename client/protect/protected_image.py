@@ -1,9 +1,23 @@
 """The only kind of image the SDK sends off the device: :class:`ProtectedImage`.
 
 A :class:`ProtectedImage` can be created only by a protector of this package
-(today :func:`veilface.client.protect.deidentify`): its constructor demands a
-private capability token, so ``ProtectedImage(pixels, ...)`` raises
-``TypeError``. The object is immutable, its pixels live in an immutable
+(:func:`~veilface.client.protect.deidentify` and
+:func:`~veilface.client.protect.cloak`), through :func:`mint_protected`:
+
+- the constructor demands a capability token that no module attribute holds
+  (it lives in the closure of :func:`mint_protected`), so
+  ``ProtectedImage(pixels, ...)`` raises ``TypeError``;
+- :func:`mint_protected` refuses every caller but the code of the two
+  protector modules (it checks the calling frame's module), and only for the
+  methods each protector implements;
+- it demands the **original** image next to the result and refuses a result
+  below the change floor (:mod:`veilface.client.protect.change_floor`): an
+  unchanged or barely changed protected region, or, for ``cloak``,
+  surrogates that still see the same face. What it measured is added to the
+  image's params (``region_linf``, ``region_ssim``,
+  ``surrogate_similarity_final``) and sealed with them.
+
+The object is immutable, its pixels live in an immutable
 ``bytes`` buffer exposed as a read-only array that cannot be made writable,
 and it carries the SHA-256 of those pixels plus a seal (an HMAC under a
 per-process random key) over the hash, the shape, the method, its parameters
@@ -15,9 +29,10 @@ What this guarantees: an SDK caller cannot pass a raw array, file or byte
 string where a protected image is expected (refused by type checkers and at
 run time), and casual or accidental tampering is caught. What it cannot
 guarantee: Python has no real access control, so code in the same process
-that sets out to forge an object (reading the private key, patching this
-module) can do so; such code could equally send raw pixels over its own
-socket. The guarantee is against mistakes, not against a hostile host app.
+that sets out to forge an object (reading the private key or the closure,
+patching this module, faking a protector module) can do so; such code could
+equally send raw pixels over its own socket. The guarantee is against
+mistakes, not against a developer set on bypassing it or a hostile host app.
 """
 
 from __future__ import annotations
@@ -28,15 +43,17 @@ import io
 import json
 import logging
 import secrets
+import sys
 import types
-from collections.abc import Mapping, Sequence
-from typing import Final, cast, final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final, Protocol, cast, final
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
 from veilface.client.face.backend import FaceBox
+from veilface.client.protect.change_floor import require_change
 from veilface.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -44,9 +61,15 @@ logger = logging.getLogger(__name__)
 ParamValue = str | int | float | bool
 """A protection parameter: JSON scalars only, so metadata serialises as-is."""
 
-#: Capability token: only code of this package holds it, so only a protector
-#: can create a :class:`ProtectedImage`.
-_MINT: Final = object()
+#: The modules allowed to mint, and the methods each may record.
+_PROTECTORS: Final[Mapping[str, frozenset[str]]] = types.MappingProxyType(
+    {
+        "veilface.client.protect.deidentify": frozenset({"blur", "pixelate", "mask"}),
+        "veilface.client.protect.adversarial": frozenset({"adversarial"}),
+    }
+)
+#: Params the mint adds (what the change floor measured); a protector may not set them.
+_FLOOR_PARAMS: Final = ("region_linf", "region_ssim", "surrogate_similarity_final")
 #: Key of the seal over hash and metadata; random per process, never stored.
 _SEAL_KEY: Final = secrets.token_bytes(32)
 
@@ -107,7 +130,7 @@ class ProtectedImage:
         params: Mapping[str, ParamValue],
         faces: Sequence[FaceBox],
     ) -> None:
-        if token is not _MINT:
+        if not _is_token(token):
             raise TypeError(_NOT_MINTED)
         arr = np.asarray(pixels)
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
@@ -280,15 +303,104 @@ def _seal(
     return hmac.new(_SEAL_KEY, record, hashlib.sha256).digest()
 
 
-def _mint(
-    pixels: npt.NDArray[np.uint8],
-    *,
-    method: str,
-    params: Mapping[str, ParamValue],
-    faces: Sequence[FaceBox],
-) -> ProtectedImage:
-    """Create a :class:`ProtectedImage` (for protectors of this package only)."""
-    return ProtectedImage(_MINT, pixels, method=method, params=params, faces=faces)
+class MintFunction(Protocol):
+    """The signature of :func:`mint_protected`."""
+
+    def __call__(
+        self,
+        original: npt.NDArray[np.uint8],
+        result: npt.NDArray[np.uint8],
+        *,
+        method: str,
+        params: Mapping[str, ParamValue],
+        faces: Sequence[FaceBox],
+        surrogate_similarity: float | None = None,
+    ) -> ProtectedImage: ...
 
 
-__all__ = ["ParamValue", "ProtectedImage", "TamperedImageError", "UnprotectedImageError"]
+def _build_mint() -> tuple[Callable[[object], bool], MintFunction]:
+    """The token check and the mint; the token itself lives only in their closure."""
+    token = object()
+
+    def is_token(candidate: object) -> bool:
+        return candidate is token
+
+    def mint_protected(
+        original: npt.NDArray[np.uint8],
+        result: npt.NDArray[np.uint8],
+        *,
+        method: str,
+        params: Mapping[str, ParamValue],
+        faces: Sequence[FaceBox],
+        surrogate_similarity: float | None = None,
+    ) -> ProtectedImage:
+        """Create a :class:`ProtectedImage` from a protector's result (protector modules only).
+
+        Parameters
+        ----------
+        original
+            ``uint8 (H, W, 3)``: the image the protector was given (loaded).
+        result
+            ``uint8 (H, W, 3)``: what the protector made of it.
+        method, params, faces
+            As recorded on the image (``faces``: the protected regions).
+        surrogate_similarity
+            ``cloak`` only (required there): the surrogates' cosine
+            similarity between the original and the protected face.
+
+        Raises
+        ------
+        UnprotectedImageError
+            The caller is not a protector module, or not one allowed to
+            record ``method``.
+        InsufficientChange
+            The result is below the change floor (see
+            :mod:`veilface.client.protect.change_floor`).
+        """
+        frame_globals = sys._getframe(1).f_globals
+        name = frame_globals.get("__name__")
+        allowed = _PROTECTORS.get(name) if isinstance(name, str) else None
+        module = sys.modules.get(name) if isinstance(name, str) else None
+        if allowed is None or module is None or vars(module) is not frame_globals:
+            logger.warning("refused to mint a ProtectedImage outside the protectors (%s)", name)
+            raise UnprotectedImageError(
+                "only the protectors deidentify() and cloak() of veilface.client.protect create "
+                "protected images; protect the original image with one of them"
+            )
+        if method not in allowed:
+            raise UnprotectedImageError(f"{name} may not record protection method {method!r}")
+        if method == "adversarial" and surrogate_similarity is None:
+            raise InvalidArgument("an adversarial result needs its surrogate similarity")
+        orig, res = np.asarray(original), np.asarray(result)
+        for label, arr in (("original", orig), ("protected", res)):
+            if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+                raise InvalidArgument(
+                    f"{label} pixels must be uint8 of shape (H, W, 3), got {arr.dtype} {arr.shape}"
+                )
+        clash = sorted(set(params) & set(_FLOOR_PARAMS))
+        if clash:
+            raise InvalidArgument(f"protection params {clash} are set by the change floor")
+        report = require_change(
+            orig, res, faces, method=method, surrogate_similarity=surrogate_similarity
+        )
+        recorded: dict[str, ParamValue] = dict(params)
+        recorded["region_linf"] = report.min_linf
+        recorded["region_ssim"] = round(report.max_ssim, 4)
+        if report.surrogate_similarity is not None:
+            recorded["surrogate_similarity_final"] = round(report.surrogate_similarity, 4)
+        return ProtectedImage(token, res, method=method, params=recorded, faces=faces)
+
+    return is_token, mint_protected
+
+
+_is_token, mint_protected = _build_mint()
+del _build_mint
+
+
+__all__ = [
+    "ParamValue",
+    "ProtectedImage",
+    "TamperedImageError",
+    "UnprotectedImageError",
+    "mint_protected",
+]
