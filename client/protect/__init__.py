@@ -14,6 +14,7 @@ an SSIM floor; needs the ``client`` extra's torch) and :func:`deidentify`
 
 from typing import TYPE_CHECKING, Any
 
+from veilface.client.protect.change_floor import InsufficientChange
 from veilface.client.protect.deidentify import (
     METHODS,
     PRESETS,
@@ -22,6 +23,7 @@ from veilface.client.protect.deidentify import (
     Strength,
     deidentify,
 )
+from veilface.client.protect.face_cover import FaceBoxTooSmall, UncoveredFace
 from veilface.client.protect.protected_image import (
     ParamValue,
     ProtectedImage,
@@ -74,6 +76,8 @@ __all__ = [
     "CloakPreset",
     "CloakPresetName",
     "DeidentifyPreset",
+    "FaceBoxTooSmall",
+    "InsufficientChange",
     "Method",
     "ParamValue",
     "ProtectedImage",
@@ -81,6 +85,7 @@ __all__ = [
     "SurrogateEnsemble",
     "SurrogateWeightsNotFound",
     "TamperedImageError",
+    "UncoveredFace",
     "UnprotectedImageError",
     "UploadMetadata",
     "cloak",
