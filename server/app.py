@@ -30,7 +30,8 @@ from veilface.server.servicers import (
     TenantsServicer,
     TokensServicer,
 )
-from veilface.server.store.sqlite_store import SQLiteStore
+from veilface.server.store.base import GalleryStore
+from veilface.server.store.factory import open_store
 from veilface.server.tls import resolve_server_tls
 from veilface.server.tokens import QueryRateLimiter, TokenIndex, TokenService, hash_token
 
@@ -42,9 +43,28 @@ SERVICE_NAMES = [
 ]
 
 
+def admin_token_path(settings: ServerSettings) -> Path:
+    """``--admin-token-file``, or the file beside the SQLite database.
+
+    A PostgreSQL store needs the file named: the front-ends sharing the
+    database share the operator token.
+    """
+    if settings.admin_token_file is not None:
+        return settings.admin_token_file
+    url = settings.store_url()
+    if url.path is None:
+        from veilface.errors import InvalidArgument
+
+        raise InvalidArgument(
+            "a PostgreSQL store needs --admin-token-file (the front-ends sharing the "
+            "database share the operator token)"
+        )
+    return url.path.with_suffix(".admin-token")
+
+
 def load_admin_token(settings: ServerSettings) -> tuple[str, Path | None]:
-    """The admin token from ``--admin-token-file``, or a new one written beside the database."""
-    path = settings.admin_token_file or settings.db_path.with_suffix(".admin-token")
+    """The admin token from :func:`admin_token_path`, or a new one written there."""
+    path = admin_token_path(settings)
     if path.exists():
         token = path.read_text().strip()
         if len(token) < 16:
@@ -65,7 +85,7 @@ class RunningServer:
     server: grpc.aio.Server
     service: GalleryService
     pool: WorkerPool
-    store: SQLiteStore
+    store: GalleryStore
     port: int
     admin_token_path: Path | None
 
@@ -79,13 +99,16 @@ class RunningServer:
 async def start_server(settings: ServerSettings) -> RunningServer:
     # First, so a refused plaintext bind fails before the store or workers start.
     tls = resolve_server_tls(settings)
-    store = SQLiteStore(settings.db_path)
+    url = settings.store_url()
+    admin_token_path(settings)  # a PostgreSQL store without --admin-token-file fails before connecting
+    store = open_store(url)  # a URL that cannot be reached fails here, named without its password
+    log.info("store: %s", url.redacted)
     admin_token, admin_path = load_admin_token(settings)
     # The store is the truth; the index is its copy of the valid tokens.
     tokens = TokenIndex(hash_token(admin_token), store.active_tokens())
     limiter = QueryRateLimiter(settings.query_rate_per_s, settings.query_burst)
     bound_heap_growth()  # large request buffers go back to the system once freed
-    pool = WorkerPool(settings.db_path, settings.workers)
+    pool = WorkerPool(url.target, settings.workers)
     await pool.warm_up()
     await pool.broadcast(worker.configure, worker.WorkerLimits(settings.max_resident_keys))
     service = GalleryService(store, pool, settings)

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from veilface.server.store.factory import StoreURL, parse_db
+
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"VEILFACE_{name.upper()}", default)
@@ -34,7 +36,11 @@ class ServerSettings:
     ciphertext is loaded.
     """
 
+    # The store: a SQLite file (db_path, the embedded default), or, when
+    # db_url is set, the store it names (postgresql://user:pw@host:port/db;
+    # server/store/factory.py). ``--db`` sets one or the other.
     db_path: Path = Path("veilface.db")
+    db_url: str = ""
     host: str = "127.0.0.1"
     port: int = 50051
     workers: int = 2
@@ -123,6 +129,10 @@ class ServerSettings:
 
                 raise InvalidArgument(f"{name} must be at least 1 (VEILFACE_{name.upper()})")
         return settings
+
+    def store_url(self) -> StoreURL:
+        """The store to open: ``db_url`` when set, else the SQLite file ``db_path``."""
+        return parse_db(self.db_url) if self.db_url else StoreURL("sqlite", path=self.db_path)
 
 
 def _coerce(name: str, raw: str, current: object) -> object:

@@ -13,12 +13,17 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from veilface.errors import VeilfaceError
+from veilface.server.store.factory import parse_db
 
 
 class LocalServer:
     """``with LocalServer(db) as srv: srv.target, srv.admin_token``.
+
+    ``db`` is a SQLite file or a store URL (``postgresql://...``, which
+    needs ``admin_token_file``: no file sits beside such a database).
 
     The child binds 127.0.0.1 (loopback, so plaintext is allowed); with
     ``tls_cert``/``tls_key`` or ``tls_self_signed=DIR`` it serves TLS and
@@ -27,8 +32,9 @@ class LocalServer:
 
     def __init__(
         self,
-        db_path: Path,
+        db_path: Path | str,
         *,
+        admin_token_file: Path | None = None,
         workers: int = 2,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
@@ -37,7 +43,10 @@ class LocalServer:
         env: dict[str, str] | None = None,
         startup_timeout_s: float = 60.0,
     ) -> None:
-        self.db_path = Path(db_path)
+        self.store = parse_db(db_path)
+        if self.store.path is None and admin_token_file is None:
+            raise ValueError("a LocalServer on a PostgreSQL store needs admin_token_file")
+        self.admin_token_file = admin_token_file
         self.workers = workers
         self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
         self.tls_self_signed = Path(tls_self_signed) if tls_self_signed else None
@@ -48,7 +57,16 @@ class LocalServer:
         self.port = 0
 
     @property
+    def db_path(self) -> Path:
+        """The SQLite file (ValueError on a PostgreSQL store)."""
+        if self.store.path is None:
+            raise ValueError(f"the server's store is {self.store.redacted}, not a SQLite file")
+        return self.store.path
+
+    @property
     def admin_token_path(self) -> Path:
+        if self.admin_token_file is not None:
+            return self.admin_token_file
         return self.db_path.with_suffix(".admin-token")
 
     @property
@@ -67,11 +85,13 @@ class LocalServer:
         tls = self.tls or self.tls_self_signed
         return f"{'localhost' if tls else '127.0.0.1'}:{self.port}"
 
-    def start(self) -> LocalServer:
+    def start(self) -> Self:
         cmd = [
             sys.executable, "-m", "veilface.cli.main", "serve",
-            "--db", str(self.db_path), "--port", "0", "--workers", str(self.workers),
+            "--db", self.store.target, "--port", "0", "--workers", str(self.workers),
         ]
+        if self.admin_token_file is not None:
+            cmd += ["--admin-token-file", str(self.admin_token_file)]
         if self.tls:
             cmd += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         if self.tls_self_signed:
@@ -121,7 +141,7 @@ class LocalServer:
             if self.proc.stdout:
                 self.proc.stdout.close()
 
-    def __enter__(self) -> LocalServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(

@@ -22,13 +22,14 @@ T = TypeVar("T")
 
 
 class WorkerPool:
-    def __init__(self, db_path: Path, n: int) -> None:
+    def __init__(self, db: Path | str, n: int) -> None:
+        """``n`` workers, each reading the store ``db`` names (a SQLite path or a store URL)."""
         if n < 1:
             raise ValueError("at least one worker is needed")
         ctx = multiprocessing.get_context("spawn")
         self.n = n
         self._execs = [
-            ProcessPoolExecutor(1, mp_context=ctx, initializer=worker.init, initargs=(str(db_path),))
+            ProcessPoolExecutor(1, mp_context=ctx, initializer=worker.init, initargs=(str(db),))
             for _ in range(n)
         ]
         # One job at a time per worker, round-robin over the tenants waiting

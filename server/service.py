@@ -25,9 +25,9 @@ from veilface.server.enrollment import EnrollmentService
 from veilface.server.identification import BinScore, IdentificationService
 from veilface.server.limits import TenantLimiter
 from veilface.server.scoring import WorkerPool
+from veilface.server.store.base import GalleryStore
 from veilface.server.store.blobs import pack_blobs
 from veilface.server.store.records import BinInfo, KeyRecord, KeyStats
-from veilface.server.store.sqlite_store import SQLiteStore
 from veilface.server.tokens import TENANT_SCOPES, IssuedToken, mint_token
 from veilface.server.validation import (
     check_blob_sizes,
@@ -60,7 +60,7 @@ class GalleryService:
     background tasks.
     """
 
-    def __init__(self, store: SQLiteStore, pool: WorkerPool, settings: ServerSettings) -> None:
+    def __init__(self, store: GalleryStore, pool: WorkerPool, settings: ServerSettings) -> None:
         self.store = store
         self.pool = pool
         self.settings = settings

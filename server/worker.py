@@ -17,8 +17,9 @@ from veilface.crypto import seal_io
 from veilface.crypto.kernel import Bin, BinKernel, ScoreCiphertext
 from veilface.crypto.public_context import PublicContext
 from veilface.errors import NotFound
+from veilface.server.store.base import BinReader
 from veilface.server.store.blobs import pack_blobs, unpack_blobs
-from veilface.server.store.sqlite_store import BinReader
+from veilface.server.store.factory import open_reader
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ class WorkerLimits:
 
 
 class _WorkerState:
-    def __init__(self, db_path: str) -> None:
-        self.reader = BinReader(db_path)
+    def __init__(self, db: str) -> None:
+        self.reader: BinReader = open_reader(db)
         # Loaded public contexts (a few MB of Galois keys each), least
         # recently used first; evicted past ``limits.max_resident_keys``.
         self.kernels: OrderedDict[tuple[str, str], BinKernel] = OrderedDict()
@@ -131,12 +132,13 @@ class _WorkerState:
 _state: _WorkerState | None = None
 
 
-def init(db_path: str) -> None:
+def init(db: str) -> None:
+    """Open the worker's reader of the store ``db`` names (a SQLite path or a URL)."""
     global _state
     from veilface.server.limits import bound_heap_growth
 
     bound_heap_growth()  # large argument buffers go back to the system once freed
-    _state = _WorkerState(db_path)
+    _state = _WorkerState(db)
 
 
 def _s() -> _WorkerState:

@@ -60,6 +60,12 @@ class ResourceExhausted(VeilfaceError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class Unavailable(VeilfaceError):
+    """A service the server needs (its database) cannot be reached, or asks for a retry."""
+
+    status = "UNAVAILABLE"
+
+
 class Unauthenticated(VeilfaceError):
     """No or unknown API token."""
 
@@ -96,5 +102,6 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "Unauthenticated",
+    "Unavailable",
     "VeilfaceError",
 ]

@@ -9,7 +9,13 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve", help="run the identification service (gRPC)")
-    p.add_argument("--db", type=Path, help="SQLite database file (default veilface.db)")
+    p.add_argument(
+        "--db",
+        metavar="PATH|URL",
+        help="the gallery store: a SQLite file (default veilface.db), sqlite:///PATH, or "
+        "postgresql://user:password@host:port/database (several servers may share one; "
+        "needs --admin-token-file)",
+    )
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (0 picks a free one; default 50051)")
     p.add_argument("--workers", type=int, help="scoring processes (default 2)")
@@ -34,10 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def run(args: argparse.Namespace) -> int:
     from veilface.server import ServerSettings, serve
+    from veilface.server.store.factory import parse_db
     from veilface.server.tls import ensure_dev_tls
 
+    db = parse_db(args.db) if args.db else None
     settings = ServerSettings.from_env(
-        db_path=args.db,
+        db_path=db.path if db is not None and db.kind == "sqlite" else None,
+        db_url=db.dsn if db is not None and db.kind != "sqlite" else None,
         host=args.host,
         port=args.port,
         workers=args.workers,

