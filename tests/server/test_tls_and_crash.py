@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -105,12 +106,36 @@ def test_self_signed_dev_ca_end_to_end(tmp_path: Path) -> None:
             bad.close()
 
 
-def test_sigkill_during_bulk_loses_no_acknowledged_template(tmp_path, faces) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture(params=["sqlite", "postgres"])
+def crash_store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Path | None]:
+    """(``--db`` value, admin token file) of an empty store of each kind."""
+    if request.param == "sqlite":
+        return str(tmp_path / "crash.db"), None
+    return request.getfixturevalue("postgres").fresh_url(), tmp_path / "admin-token"
+
+
+def _staged_bins(db: str) -> int:
+    """Bins of unfinished bulk streams left in the store (a half-written import)."""
+    if "://" not in db:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            return int(con.execute("SELECT COUNT(*) FROM bins WHERE state='staged'").fetchone()[0])
+    import psycopg
+
+    with psycopg.connect(db) as conn:
+        row = conn.execute(b"SELECT COUNT(*) FROM bins WHERE state='staged'").fetchone()
+        return int(row[0]) if row else 0
+
+
+def test_sigkill_during_bulk_loses_no_acknowledged_template(  # type: ignore[no-untyped-def]
+    request, tmp_path, faces, crash_store
+) -> None:
+    """Enroll through a real server process, SIGKILL it mid-stream, restart: every
+    acknowledged template is there, nothing of the cut stream (on SQLite and PostgreSQL)."""
     gallery, names, _ = faces
-    db = tmp_path / "crash.db"
+    db, admin_file = crash_store
     state = TenantState.new("crash", dim=128)
     acknowledged: list[str] = []
-    srv = LocalServer(db).start()
+    srv = LocalServer(db, admin_token_file=admin_file).start()
     try:
         token = create_tenant(srv, "crash")
         c = VeilClient(srv.target, state, token=token, encrypt_workers=0)
@@ -129,7 +154,7 @@ def test_sigkill_during_bulk_loses_no_acknowledged_template(tmp_path, faces) -> 
             for i in range(6):
                 rows = list(range(15 * i, 15 * i + 15))
                 yield pb.BulkEnrollChunk(
-                    tenant_id="crash", key_id="k1", label="",
+                    tenant_id="crash", key_id="k1", label="", total_bins=6 if i == 0 else 0,
                     handles=[c.state.handles().encode(names[110 + r]) for r in rows],
                     slots=list(range(15)),
                     ciphertexts=c.crypto.encrypt_contribution(x[rows], list(range(15))),
@@ -148,15 +173,21 @@ def test_sigkill_during_bulk_loses_no_acknowledged_template(tmp_path, faces) -> 
         t = threading.Thread(target=bulk)
         t.start()
         assert started.wait(30)
-        time.sleep(0.4)
-        srv.kill()  # SIGKILL to the server and its workers
+        deadline = time.monotonic() + 30
+        while _staged_bins(db) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _staged_bins(db) >= 1, "no chunk of the stream was written before the kill"
+        srv.kill()  # SIGKILL to the server and its workers, mid-stream
         t.join(30)
         assert errors, "the killed bulk import must not be acknowledged"
         c.close()
     finally:
         srv.kill()
 
-    with LocalServer(db) as srv2:
+    if admin_file is not None:
+        request.getfixturevalue("postgres").wait_gone()  # the killed server's sessions have ended
+    with LocalServer(db, admin_token_file=admin_file) as srv2:
+        assert _staged_bins(db) == 0  # the cut stream's bins were removed at start-up
         with VeilClient(srv2.target, state, token=token, encrypt_workers=0) as c2:
             desc = c2.describe().keys[0]
             assert desc.subjects == len(acknowledged)  # all acknowledged, nothing of the cut stream
