@@ -33,7 +33,13 @@ from veilface.server.servicers import (
 from veilface.server.store.base import GalleryStore
 from veilface.server.store.factory import open_store
 from veilface.server.tls import resolve_server_tls
-from veilface.server.tokens import QueryRateLimiter, TokenIndex, TokenService, hash_token
+from veilface.server.tokens import (
+    QueryRateLimiter,
+    TokenIndex,
+    TokenService,
+    TokenSync,
+    hash_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +94,11 @@ class RunningServer:
     store: GalleryStore
     port: int
     admin_token_path: Path | None
+    token_sync: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self.token_sync is not None:
+            self.token_sync.cancel()
         await self.server.stop(grace)
         await self.service.close()
         self.pool.shutdown()
@@ -112,6 +121,10 @@ async def start_server(settings: ServerSettings) -> RunningServer:
     await pool.warm_up()
     await pool.broadcast(worker.configure, worker.WorkerLimits(settings.max_resident_keys))
     service = GalleryService(store, pool, settings)
+    sync_task: asyncio.Task[None] | None = None
+    if url.kind != "sqlite" and settings.token_sync_s > 0:  # other front-ends may share the store
+        sync = TokenSync(store, tokens, limiter, interval_s=settings.token_sync_s)
+        sync_task = asyncio.create_task(sync.run(), name="token sync")
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_send_message_bytes),
@@ -154,7 +167,7 @@ async def start_server(settings: ServerSettings) -> RunningServer:
     for name in [*SERVICE_NAMES, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("veilface serving on %s:%d (%s)", settings.host, port, "TLS" if tls else "plaintext")
-    return RunningServer(server, service, pool, store, port, admin_path)
+    return RunningServer(server, service, pool, store, port, admin_path, sync_task)
 
 
 async def serve(settings: ServerSettings, *, announce: bool = True) -> None:

@@ -104,6 +104,9 @@ class ServerSettings:
     query_burst: int = 30
     # Valid API tokens per tenant (revoked ones do not count).
     max_tokens_per_tenant: int = 64
+    # On a shared (PostgreSQL) store: seconds between reads of the tokens other
+    # front-ends created or revoked (server/tokens.py, TokenSync); 0 disables.
+    token_sync_s: float = 2.0
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod

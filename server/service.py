@@ -111,7 +111,11 @@ class GalleryService:
             public_context,
             public.fingerprint,
         )
-        await asyncio.to_thread(self.store.put_key, record)
+        # The store checks the cap again under the tenant's lock: another
+        # front-end on the same database may be registering a key too.
+        await asyncio.to_thread(
+            functools.partial(self.store.put_key, record, max_keys=self.settings.max_keys_per_tenant)
+        )
         log.info("tenant %s registered key %s (%s)", tenant_id, key_id, public.fingerprint)
         return await self.key(tenant_id, key_id)
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from veilface.errors import InvalidArgument, NotFound
+from veilface.errors import InvalidArgument, NotFound, VeilfaceError
 from veilface.server.config import ServerSettings
 from veilface.server.store.base import GalleryStore
 from veilface.server.store.records import TokenRecord
@@ -162,6 +162,27 @@ class TokenIndex:
             if h is not None:
                 self._by_hash.pop(h, None)
 
+    def apply(self, records: Iterable[TokenRecord]) -> None:
+        """Bring the index up to date with records read from the store (revoked ones leave it)."""
+        for rec in records:
+            if rec.revoked_at is None:
+                self.add(rec)
+            else:
+                self.remove(rec.token_id)
+
+    def reconcile(self, active: Iterable[TokenRecord]) -> None:
+        """Replace every tenant token by ``active`` (the store's valid tokens), atomically."""
+        by_hash: dict[str, Grant] = {}
+        hash_of: dict[str, str] = {}
+        for rec in active:
+            if rec.revoked_at is None:
+                by_hash[rec.token_hash] = Grant(
+                    rec.tenant_id, rec.token_id, frozenset(Scope(s) for s in rec.scopes)
+                )
+                hash_of[rec.token_id] = rec.token_hash
+        with self._lock:
+            self._by_hash, self._hash_of = by_hash, hash_of
+
     def resolve(self, token_hash: str) -> Grant | None:
         if self.admin_hash and hmac.compare_digest(self.admin_hash, token_hash):
             return ADMIN_GRANT
@@ -214,6 +235,63 @@ class QueryRateLimiter:
         with self._lock:
             self._buckets.pop(token_id, None)
             self._warned.pop(token_id, None)
+
+
+class TokenSync:
+    """Keeps a front-end's :class:`TokenIndex` in step with tokens other front-ends change.
+
+    With several servers on one database, a token created or revoked
+    through one must reach the others: every ``interval_s`` this reads the
+    tokens changed since the last read (with ``overlap_s`` of slack for the
+    writers' clocks; applying a record twice changes nothing). A revocation
+    made elsewhere takes effect here within ``interval_s``; one made
+    through this server, on the next call (:class:`TokenService`). Every
+    ``full_every`` rounds the whole index is rebuilt from the valid tokens
+    (a revoked row the store already forgot cannot be missed for long).
+    """
+
+    def __init__(
+        self,
+        store: GalleryStore,
+        index: TokenIndex,
+        limiter: QueryRateLimiter | None = None,
+        *,
+        interval_s: float = 2.0,
+        overlap_s: float = 300.0,
+        full_every: int = 150,
+    ) -> None:
+        self.store = store
+        self.index = index
+        self.limiter = limiter
+        self.interval_s = interval_s
+        self.overlap_s = overlap_s
+        self.full_every = max(1, full_every)
+        self._since = time.time()
+        self._rounds = 0
+
+    def sync_once(self) -> int:
+        """One read of the store (blocking); returns how many records were applied."""
+        started = time.time()
+        self._rounds += 1
+        if self._rounds % self.full_every == 0:
+            self.index.reconcile(self.store.active_tokens())
+        records = self.store.tokens_changed_since(self._since - self.overlap_s)
+        self.index.apply(records)
+        if self.limiter is not None:
+            for rec in records:
+                if rec.revoked_at is not None:
+                    self.limiter.forget(rec.token_id)
+        self._since = started
+        return len(records)
+
+    async def run(self) -> None:
+        """Sync until cancelled; a database that is unreachable is retried next round."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await asyncio.to_thread(self.sync_once)
+            except VeilfaceError as err:
+                log.warning("token sync failed (retrying): %s", err.message)
 
 
 class TokenService:
@@ -275,6 +353,7 @@ __all__ = [
     "Scope",
     "TokenIndex",
     "TokenService",
+    "TokenSync",
     "check_token_id",
     "check_token_name",
     "hash_token",

@@ -12,7 +12,7 @@ KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_HANDLE = 512
 MAX_LABEL = 128
 MAX_LABELS = 4096
-# The store keeps ids and versions in SQLite INTEGER columns: signed 64 bits.
+# The store keeps ids and versions in signed 64-bit columns (SQLite INTEGER, PostgreSQL BIGINT).
 MAX_INT64 = 2**63 - 1
 
 
@@ -32,15 +32,15 @@ def check_key_id(key_id: str) -> str:
 
 def check_handles(handles: Sequence[str]) -> None:
     for h in handles:
-        if not h or len(h) > MAX_HANDLE:
-            raise InvalidArgument(f"subject handles must be 1-{MAX_HANDLE} characters")
+        if not h or len(h) > MAX_HANDLE or "\x00" in h:
+            raise InvalidArgument(f"subject handles must be 1-{MAX_HANDLE} characters, none of them NUL")
     if len(set(handles)) != len(handles):
         raise InvalidArgument("subject handles in one request must be distinct")
 
 
 def check_label(label: str) -> str:
-    if len(label) > MAX_LABEL:
-        raise InvalidArgument(f"bin labels are at most {MAX_LABEL} characters")
+    if len(label) > MAX_LABEL or "\x00" in label:
+        raise InvalidArgument(f"bin labels are at most {MAX_LABEL} characters, none of them NUL")
     return label
 
 

@@ -86,6 +86,14 @@ class GalleryStore(Protocol):
         """
         ...
 
+    def tokens_changed_since(self, since: float) -> list[TokenRecord]:
+        """Tokens created or revoked at or after ``since`` (a ``time.time()``), oldest first.
+
+        How a front-end learns of tokens another front-end of the same
+        database created or revoked (:class:`~veilface.server.tokens.TokenSync`).
+        """
+        ...
+
     def list_tokens(self, tenant_id: str, *, include_revoked: bool = True) -> list[TokenRecord]:
         """The tenant's tokens, oldest first (an unknown tenant has none)."""
         ...
@@ -101,10 +109,12 @@ class GalleryStore(Protocol):
 
     # -- keys --------------------------------------------------------------
 
-    def put_key(self, record: KeyRecord) -> KeyRecord:
+    def put_key(self, record: KeyRecord, *, max_keys: int = 0) -> KeyRecord:
         """Register a key; registering the same key (same fingerprint) again changes nothing.
 
-        Raises AlreadyExists if the key id is taken by another context.
+        Raises AlreadyExists if the key id is taken by another context, or
+        ResourceExhausted if the tenant already has ``max_keys`` keys (0: no
+        cap; checked under the tenant's lock, across front-ends).
         """
         ...
 

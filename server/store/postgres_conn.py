@@ -3,7 +3,8 @@
 :class:`PgConn` lets the shared SQL (``?`` placeholders) run on psycopg
 (``%s``); :func:`db_errors` turns what psycopg raises when the database is
 down, restarting or asks for a retry into :class:`~veilface.errors.Unavailable`
-naming the database without its password.
+naming the database without its password (and a value PostgreSQL cannot
+store, such as text with a NUL character, into InvalidArgument).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from veilface.errors import Unavailable
+from veilface.errors import InvalidArgument, Unavailable
 from veilface.server.store.factory import redact
 from veilface.server.store.sql_base import Rows
 
@@ -70,6 +71,10 @@ def db_errors(dsn: str) -> Iterator[None]:
     """Map psycopg's operational failures to Unavailable (the caller may retry)."""
     try:
         yield
+    except psycopg.DataError:
+        # A value PostgreSQL cannot hold (text with a NUL character, a number out of
+        # range) that the boundary checks let through: the request's fault.
+        raise InvalidArgument("a value in the request cannot be stored (a NUL character?)") from None
     except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
         raise Unavailable("the gallery database asked for a retry (a concurrent write); retry") from None
     except psycopg.OperationalError as err:

@@ -44,6 +44,8 @@ CREATE TABLE tokens (
     revoked_at DOUBLE PRECISION
 );
 CREATE INDEX tokens_by_tenant ON tokens(tenant_id, created_at);
+CREATE INDEX tokens_by_created ON tokens(created_at);
+CREATE INDEX tokens_by_revoked ON tokens(revoked_at);
 CREATE TABLE keys (
     tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id),
     key_id TEXT NOT NULL,

@@ -46,7 +46,7 @@ class SqlGallery(SqlBulk, SqlReads, SqlTokens):
         except self.integrity_errors:
             raise AlreadyExists(f"tenant {tenant_id!r} already exists") from None
 
-    def put_key(self, record: KeyRecord) -> KeyRecord:
+    def put_key(self, record: KeyRecord, *, max_keys: int = 0) -> KeyRecord:
         with self._tx() as c:
             self._lock_tenant(c, record.tenant_id)
             row = c.execute(
@@ -60,6 +60,15 @@ class SqlGallery(SqlBulk, SqlReads, SqlTokens):
                         "register a new key id to rotate keys"
                     )
                 return record
+            if max_keys:
+                (n,) = c.execute(
+                    "SELECT COUNT(*) FROM keys WHERE tenant_id=?", (record.tenant_id,)
+                ).fetchone()
+                if n >= max_keys:
+                    raise ResourceExhausted(
+                        f"this tenant has {n} keys, the most allowed ({max_keys}); "
+                        "re-use or re-pack into an existing key"
+                    )
             c.execute(
                 "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
                 (

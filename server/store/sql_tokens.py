@@ -86,6 +86,15 @@ class SqlTokens(SqlBase):
                 )
             insert_token(c, record)
 
+    def tokens_changed_since(self, since: float) -> list[TokenRecord]:
+        """Tokens created or revoked at or after ``since``, oldest change first."""
+        rows = self._q(
+            f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE created_at >= ? OR revoked_at >= ? "
+            "ORDER BY COALESCE(revoked_at, created_at), token_id",
+            (since, since),
+        )
+        return [_record(r) for r in rows]
+
     def list_tokens(self, tenant_id: str, *, include_revoked: bool = True) -> list[TokenRecord]:
         """The tenant's tokens, oldest first."""
         sql = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE tenant_id=?"

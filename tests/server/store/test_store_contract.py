@@ -92,8 +92,11 @@ def test_keys(store: GalleryStore) -> None:
     assert got == rec and isinstance(got.public_context, bytes)
     with pytest.raises(NotFound):
         store.get_key("other", "k1")
-    store.put_key(KeyRecord("acme", "k2", "n8192", 512, 32, b"ctx2", "fp-k2"))
+    store.put_key(KeyRecord("acme", "k2", "n8192", 512, 32, b"ctx2", "fp-k2"), max_keys=2)
     assert [k.key_id for k, _ in store.list_keys("acme")] == ["k1", "k2"]
+    assert store.put_key(rec, max_keys=2) == rec  # a known key is not a new one
+    with pytest.raises(ResourceExhausted):
+        store.put_key(KeyRecord("acme", "k3", "n4096", 128, 16, b"ctx3", "fp-k3"), max_keys=2)
 
 
 def test_list_keys_counts(store: GalleryStore) -> None:
@@ -436,3 +439,28 @@ def test_acknowledged_writes_survive_reopening(store_url: str) -> None:
         assert len(s.list_tokens("acme")) == 2
     finally:
         s.close()
+
+
+def test_a_nul_character_is_refused_not_an_internal_error(store: GalleryStore) -> None:
+    """PostgreSQL text cannot hold NUL: a lookup by such an id is InvalidArgument there, NotFound on SQLite."""
+    tenant_with_key(store)
+    for call in (
+        lambda: store.get_reservation("acme", "r\x00"),
+        lambda: store.get_photo("acme", "p\x00"),
+        lambda: store.revoke_token("acme", "t\x00"),
+        lambda: store.subject("acme", "h\x00"),
+    ):
+        with pytest.raises((NotFound, InvalidArgument)):
+            call()
+    assert store.tenant_exists("acme")  # the store still answers
+
+
+def test_tokens_changed_since(store: GalleryStore) -> None:
+    store.create_tenant("acme", token("acme", at=100.0))
+    store.add_token(token("acme", 1, at=200.0), max_active=4)
+    assert [t.token_id for t in store.tokens_changed_since(150.0)] == ["t_acme_1"]
+    store.revoke_token("acme", "t_acme_0")  # revoked now: changed since 150 too
+    changed = store.tokens_changed_since(150.0)
+    assert [t.token_id for t in changed] == ["t_acme_1", "t_acme_0"]
+    assert changed[1].revoked_at is not None
+    assert store.tokens_changed_since(time.time() + 60) == []
