@@ -96,13 +96,21 @@ class TestPostgres:
         )
         pwfile.unlink()
         self.port = free_port()
+        self.resume()
+        self._run("createdb", "-h", str(self.root), "-p", str(self.port), "-U", USER, "veilface")
+        return self
+
+    def resume(self) -> None:
+        """Start the server (again) on its port and data."""
         opts = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} "
             "-c shared_buffers=32MB -c max_connections=60"
         )
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", opts, "start")
-        self._run("createdb", "-h", str(self.root), "-p", str(self.port), "-U", USER, "veilface")
-        return self
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (a database that goes down, to :meth:`resume`)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop", timeout=60)
 
     @property
     def url(self) -> str:

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 #: Connections the pool may open (the server's blocking calls run on asyncio's
 #: default thread pool, min(32, cores + 4) threads).
 POOL_MAX = 8
+#: Seconds a call waits for a connection before Unavailable.
+POOL_WAIT_S = 5.0
 
 
 class PostgresStore(SqlGallery):
@@ -96,7 +98,9 @@ class PostgresStore(SqlGallery):
             check=ConnectionPool.check_connection,
             open=False,
             name="veilface-store",
-            timeout=30.0,
+            # How long a call waits for a connection: with more connections than
+            # the server has threads, only a database that is down makes it wait.
+            timeout=POOL_WAIT_S,
         )
         try:
             self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S + 5)
