@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from veilface.errors import InvalidArgument
+from veilface.errors import FailedPrecondition, InvalidArgument
 from veilface.server.store.base import BinReader, GalleryStore
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -86,6 +86,17 @@ def parse_db(value: str | Path) -> StoreURL:
     )
 
 
+def _need_psycopg() -> None:
+    import importlib.util
+
+    for module in ("psycopg", "psycopg_pool"):
+        if importlib.util.find_spec(module) is None:
+            raise FailedPrecondition(
+                f"a PostgreSQL store needs {module}: pip install 'veilface[server]' "
+                "(psycopg[binary], psycopg-pool)"
+            )
+
+
 def _path(url: StoreURL) -> Path:
     if url.path is None:
         raise InvalidArgument("a SQLite store needs a file path")
@@ -103,6 +114,7 @@ def open_store(value: str | Path | StoreURL) -> GalleryStore:
         from veilface.server.store.sqlite_store import SQLiteStore
 
         return SQLiteStore(_path(url))
+    _need_psycopg()
     from veilface.server.store.postgres_store import PostgresStore
 
     return PostgresStore(url.dsn)
@@ -115,6 +127,7 @@ def open_reader(value: str | Path | StoreURL) -> BinReader:
         from veilface.server.store.sqlite_store import SQLiteBinReader
 
         return SQLiteBinReader(_path(url))
+    _need_psycopg()
     from veilface.server.store.postgres_reader import PostgresBinReader
 
     return PostgresBinReader(url.dsn)

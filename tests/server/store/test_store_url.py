@@ -54,3 +54,15 @@ def test_settings_pick_the_store() -> None:
     assert ServerSettings.from_env(db_path=Path("x.db")).store_url().path == Path("x.db")
     pg = ServerSettings.from_env(db_url="postgresql://u:pw@h/db").store_url()
     assert pg.kind == "postgresql" and pg.redacted == "postgresql://u:***@h/db"
+
+
+def test_a_missing_psycopg_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from veilface.errors import FailedPrecondition
+    from veilface.server.store.factory import open_store
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "psycopg" else real(n, *a))
+    with pytest.raises(FailedPrecondition, match=r"pip install 'veilface\[server\]'"):
+        open_store("postgresql://u:pw@127.0.0.1:1/db")
