@@ -88,8 +88,12 @@ class LocalServer:
     def start(self) -> Self:
         cmd = [
             sys.executable, "-m", "veilface.cli.main", "serve",
-            "--db", self.store.target, "--port", "0", "--workers", str(self.workers),
+            "--port", "0", "--workers", str(self.workers),
         ]
+        # A database URL travels in the environment, not argv: its password stays out of `ps`.
+        store_env = {"VEILFACE_DB_URL": self.store.dsn} if self.store.path is None else {}
+        if self.store.path is not None:
+            cmd += ["--db", str(self.store.path)]
         if self.admin_token_file is not None:
             cmd += ["--admin-token-file", str(self.admin_token_file)]
         if self.tls:
@@ -97,7 +101,7 @@ class LocalServer:
         if self.tls_self_signed:
             cmd += ["--tls-self-signed", str(self.tls_self_signed)]
         cmd += self.extra_args
-        env = {**os.environ, **(self.env or {})}
+        env = {**os.environ, **store_env, **(self.env or {})}
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, start_new_session=True
         )

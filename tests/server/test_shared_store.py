@@ -38,6 +38,8 @@ def test_two_front_ends_share_one_postgres(
     with LocalServer(url, admin_token_file=admin, workers=1, env=env) as a, LocalServer(
         url, admin_token_file=admin, workers=1, env=env
     ) as b:
+        assert a.proc is not None
+        assert postgres.password not in Path(f"/proc/{a.proc.pid}/cmdline").read_text()  # env, not argv
         token = create_tenant(a, "shared")  # b started before the tenant existed
         state = TenantState.new("shared", dim=128)
         with VeilClient(a.target, state, token=token, encrypt_workers=0) as ca:

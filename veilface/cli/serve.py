@@ -13,8 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--db",
         metavar="PATH|URL",
         help="the gallery store: a SQLite file (default veilface.db), sqlite:///PATH, or "
-        "postgresql://user:password@host:port/database (several servers may share one; "
-        "needs --admin-token-file)",
+        "postgresql://user@host:port/database (several servers may share one; needs "
+        "--admin-token-file). Keep a password out of the command line: set VEILFACE_DB_URL "
+        "instead, or let libpq read PGPASSWORD or ~/.pgpass",
     )
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (0 picks a free one; default 50051)")
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     db = parse_db(args.db) if args.db else None
     settings = ServerSettings.from_env(
         db_path=db.path if db is not None and db.kind == "sqlite" else None,
-        db_url=db.dsn if db is not None and db.kind != "sqlite" else None,
+        # --db PATH also overrides a VEILFACE_DB_URL of the environment
+        db_url=None if db is None else (db.dsn if db.kind != "sqlite" else ""),
         host=args.host,
         port=args.port,
         workers=args.workers,
