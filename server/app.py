@@ -21,6 +21,7 @@ from veilface.server.auth import AuthInterceptor
 from veilface.server.config import ServerSettings
 from veilface.server.errors_map import MalformedMessageInterceptor
 from veilface.server.limits import HeapTrimmer, TenantLimitInterceptor, bound_heap_growth
+from veilface.server.metrics import MetricsEndpoint, start_metrics
 from veilface.server.scoring import WorkerPool
 from veilface.server.service import GalleryService
 from veilface.server.servicers import (
@@ -95,8 +96,11 @@ class RunningServer:
     port: int
     admin_token_path: Path | None
     token_sync: asyncio.Task[None] | None = None
+    metrics: MetricsEndpoint | None = None
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)  # before the store closes
         if self.token_sync is not None:
             self.token_sync.cancel()
         await self.server.stop(grace)
@@ -121,6 +125,7 @@ async def start_server(settings: ServerSettings) -> RunningServer:
     await pool.warm_up()
     await pool.broadcast(worker.configure, worker.WorkerLimits(settings.max_resident_keys))
     service = GalleryService(store, pool, settings)
+    metrics = start_metrics(settings, store, pool.stats)  # None unless metrics_port is set
     sync_task: asyncio.Task[None] | None = None
     if url.kind != "sqlite" and settings.token_sync_s > 0:  # other front-ends may share the store
         sync = TokenSync(store, tokens, limiter, interval_s=settings.token_sync_s)
@@ -131,9 +136,11 @@ async def start_server(settings: ServerSettings) -> RunningServer:
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(
-        # Authentication first (the others need the caller), then the
-        # per-tenant call limit, then the parse-failure guard next to the servicer.
+        # Metrics outermost (they count refused calls too), then authentication
+        # (the others need the caller), then the per-tenant call limit, then the
+        # parse-failure guard next to the servicer.
         interceptors=[
+            *([metrics.interceptor] if metrics is not None else []),
             AuthInterceptor(tokens, hash_token, limiter),
             TenantLimitInterceptor(service.limits, HeapTrimmer()),
             MalformedMessageInterceptor(),
@@ -167,12 +174,14 @@ async def start_server(settings: ServerSettings) -> RunningServer:
     for name in [*SERVICE_NAMES, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("veilface serving on %s:%d (%s)", settings.host, port, "TLS" if tls else "plaintext")
-    return RunningServer(server, service, pool, store, port, admin_path, sync_task)
+    return RunningServer(server, service, pool, store, port, admin_path, sync_task, metrics)
 
 
 async def serve(settings: ServerSettings, *, announce: bool = True) -> None:
     running = await start_server(settings)
     if announce:
+        if running.metrics is not None:  # first: LocalServer reads up to the line below
+            print(f"veilface metrics on {running.metrics.url}", flush=True)
         print(f"veilface listening on {settings.host}:{running.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -107,6 +107,12 @@ class ServerSettings:
     # On a shared (PostgreSQL) store: seconds between reads of the tokens other
     # front-ends created or revoked (server/tokens.py, TokenSync); 0 disables.
     token_sync_s: float = 2.0
+    # The Prometheus endpoint (server/metrics.py; docs/architecture.md, "Metrics"):
+    # -1 off, 0 a free port (logged), else that port, on metrics_host. The tenant
+    # id is a label of the per-tenant counts; metrics_tenant_label=false sums them.
+    metrics_port: int = -1
+    metrics_host: str = "127.0.0.1"
+    metrics_tenant_label: bool = True
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod

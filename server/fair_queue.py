@@ -47,6 +47,11 @@ class FairLane:
         self.executor = executor
         self._waiting: OrderedDict[str, deque[_Job]] = OrderedDict()
         self._busy = False
+        self.waiting = 0  # jobs queued, as a plain int the metrics endpoint reads from its thread
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
 
     @property
     def queued(self) -> int:
@@ -61,6 +66,7 @@ class FairLane:
             self._waiting[tenant] = deque()
             self._waiting.move_to_end(tenant, last=False)
         self._waiting[tenant].append(job)
+        self.waiting += 1
         self._next()
         return await job.done
 
@@ -68,6 +74,7 @@ class FairLane:
         while not self._busy and self._waiting:
             tenant, jobs = next(iter(self._waiting.items()))
             job = jobs.popleft()
+            self.waiting -= 1
             if jobs:
                 self._waiting.move_to_end(tenant)  # the others go first next time
             else:

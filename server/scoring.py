@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from veilface.server import worker
 from veilface.server.fair_queue import FairLane
+from veilface.server.metrics import ScoringStats
 
 T = TypeVar("T")
 
@@ -35,11 +36,13 @@ class WorkerPool:
         # One job at a time per worker, round-robin over the tenants waiting
         # for it (server/fair_queue.py): no tenant's backlog delays another's query.
         self._lanes = [FairLane(ex) for ex in self._execs]
+        self.stats = ScoringStats(self._lanes)  # read by the metrics endpoint (server/metrics.py)
 
     def owner(self, bin_id: int) -> int:
         return bin_id % self.n
 
     async def call(self, idx: int, fn: Callable[..., T], *args: Any) -> T:
+        self.stats.track(idx, fn, args)  # counts the bins the job makes the worker load
         result: T = await self._lanes[idx].submit(fn, *args)
         return result
 

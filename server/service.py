@@ -213,7 +213,7 @@ class GalleryService:
         """
         if not bins:
             return []
-        with self.limits.scoring(tenant_id, len(bins)):
+        with self.limits.scoring(tenant_id, len(bins)), self.pool.stats.scoring(len(bins)):
             return await self._score_bins(
                 tenant_id, key_id, view, bins, probe, stage,
                 keep=keep, split=split, add_center=add_center, query_id=query_id,

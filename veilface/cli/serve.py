@@ -36,6 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--admin-token-file", type=Path, help="file holding the operator token")
     p.add_argument("--max-message-mb", type=int, help="largest gRPC message in MiB")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (0 picks a free port "
+        "and prints it; default off; VEILFACE_METRICS_HOST binds another address)",
+    )
     p.set_defaults(func=run)
 
 
@@ -58,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         insecure=True if args.insecure else None,  # None: keep VEILFACE_INSECURE
         admin_token_file=args.admin_token_file,
         max_message_bytes=args.max_message_mb * 1024 * 1024 if args.max_message_mb else None,
+        metrics_port=args.metrics_port,
     )
     if settings.tls_self_signed is not None and settings.tls_cert is None:
         # Made here to print the CA path; start_server reuses the same files.
