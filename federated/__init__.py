@@ -9,7 +9,8 @@ veilface.federated`` loads neither torch nor flwr:
 - :mod:`veilface.federated.datasets_vireid` (stdlib + numpy): SYSU-MM01,
   RegDB and LLCM indexes with layout validation, query/gallery protocols.
 - :mod:`veilface.federated.models_vireid` (torch): two-stream MobileNetV2
-  ReID encoder, GeM, BN-neck, local identity classifier, ImageNet loader.
+  ReID encoder, GeM, BN-neck, local identity classifier, ImageNet loader
+  (MobileNetV2 itself is :mod:`veilface.nn.mobilenet`).
 - :mod:`veilface.federated.datasets_pad` (stdlib): OULU-NPU, CASIA-FASD,
   Replay-Attack, MSU-MFSD and CelebA-Spoof indexes with layout/label checks.
 - :mod:`veilface.federated.models_pad` (torch): CLIP-style ViT with universal
@@ -65,10 +66,8 @@ _EXPORTS: dict[str, str] = {
     "IMAGENET_STD": "models_vireid",
     "IdentityClassifier": "models_vireid",
     "MODALITIES": "models_vireid",
-    "MobileNetV2": "models_vireid",
     "ReIDOutput": "models_vireid",
     "TwoStreamReID": "models_vireid",
-    "imagenet_weights_path": "models_vireid",
     "load_imagenet_backbone": "models_vireid",
     "PADSample": "datasets_pad",
     "PADSplits": "datasets_pad",
@@ -104,7 +103,6 @@ __all__ = [
     "GeM",
     "IdentityClassifier",
     "LabelMismatchError",
-    "MobileNetV2",
     "Modality",
     "PADErrorRates",
     "PADProxy",
@@ -125,7 +123,6 @@ __all__ = [
     "eer_threshold",
     "evaluate_retrieval",
     "hter",
-    "imagenet_weights_path",
     "load_casia_fasd",
     "load_celeba_spoof",
     "load_clip_visual",

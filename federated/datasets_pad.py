@@ -3,9 +3,9 @@
 The loaders read each set's published folder layout and protocol / label
 files and return :class:`PADSample` lists per split; they never decode
 videos or images. Anything wrong is raised at once as a
-:class:`~veilface.federated.datasets_vireid.DatasetLayoutError` naming the
+:class:`~veilface.errors.DatasetLayoutError` naming the
 path and the expected layout, or as its subclass
-:class:`~veilface.federated.datasets_vireid.LabelMismatchError` when a
+:class:`~veilface.errors.LabelMismatchError` when a
 label or protocol file disagrees with the files on disk (or with the file
 names' own codes). None of these sets can be downloaded by this package;
 they are licensed for research by their authors.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from veilface.federated.datasets_vireid import DatasetLayoutError, LabelMismatchError
+from veilface.errors import DatasetLayoutError, LabelMismatchError
 
 logger = logging.getLogger(__name__)
 

@@ -3,9 +3,11 @@
 The loaders read the sets' published folder layouts and label files and
 return :class:`ReIDSample` lists; they never open images (a training data
 pipeline does that). Everything a loader finds wrong is raised at once as a
-:class:`DatasetLayoutError` (an :class:`~veilface.errors.InvalidArgument`)
-naming the path and the layout that was expected, or as its subclass
-:class:`LabelMismatchError` when the label files disagree with the images.
+:class:`~veilface.errors.DatasetLayoutError` (an
+:class:`~veilface.errors.InvalidArgument`; re-exported here) naming the path
+and the layout that was expected, or as its subclass
+:class:`~veilface.errors.LabelMismatchError` when the label files disagree
+with the images.
 
 None of these sets can be downloaded by this package: they are licensed
 for research on request from their authors, and the user points the loader
@@ -35,7 +37,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from veilface.errors import InvalidArgument
+from veilface.errors import DatasetLayoutError, InvalidArgument, LabelMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +82,6 @@ LLCM_LAYOUT = """LLCM layout expected:
   <root>/idx/train_vis.txt, train_nir.txt, test_vis.txt, test_nir.txt
   each line: <path relative to root> <integer label>, e.g.
   nir/0001/0001_c01_s185535_f7010_nir.jpg 0  (camera from '_cNN', pid folder before the file)"""
-
-
-class DatasetLayoutError(InvalidArgument):
-    """A data set folder is missing, malformed or not in the expected layout."""
-
-
-class LabelMismatchError(DatasetLayoutError):
-    """Label files disagree with the images on disk (or with each other)."""
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from veilface.errors import InvalidArgument
-from veilface.federated.run_artifacts import CheckpointError
+from veilface.errors import CheckpointError, InvalidArgument
 
 logger = logging.getLogger(__name__)
 

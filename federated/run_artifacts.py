@@ -13,8 +13,8 @@ Every write goes to a temporary file in the same folder and is then renamed
 A checkpoint records the ``model_id`` the caller gives and a fingerprint of
 the array names, shapes and dtypes; :func:`load_checkpoint` refuses a file
 whose model id or fingerprint differs from what the caller expects, with a
-:class:`~veilface.federated.models_vireid.CheckpointError`-compatible
-:class:`CheckpointError`.
+:class:`~veilface.errors.CheckpointError` (re-exported here), the error the
+model loaders raise for foreign weights files too.
 
 Example
 -------
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from veilface.errors import InvalidArgument
+from veilface.errors import CheckpointError, InvalidArgument
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ __all__ = [
 ]
 
 _META_KEY = "__meta__"
-
-
-class CheckpointError(InvalidArgument):
-    """A checkpoint is missing, unreadable, or from another model."""
 
 
 def arrays_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:

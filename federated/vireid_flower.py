@@ -63,7 +63,6 @@ from veilface.errors import InvalidArgument
 from veilface.federated.models_vireid import (
     IdentityClassifier,
     TwoStreamReID,
-    imagenet_weights_path,
     load_imagenet_backbone,
 )
 from veilface.federated.privacy import prepare_strategy
@@ -93,6 +92,7 @@ from veilface.federated.vireid_training import (
     local_train,
     state_arrays,
 )
+from veilface.nn.mobilenet import imagenet_weights_path
 
 logger = logging.getLogger(__name__)
 

@@ -90,14 +90,29 @@ class FaceError(VeilfaceError, ValueError):
     status = "INVALID_ARGUMENT"
 
 
+class CheckpointError(InvalidArgument):
+    """A checkpoint or weights file is missing, unreadable, or from another model."""
+
+
+class DatasetLayoutError(InvalidArgument):
+    """A data set folder is missing, malformed or not in the expected layout."""
+
+
+class LabelMismatchError(DatasetLayoutError):
+    """Label files disagree with the images on disk (or with each other)."""
+
+
 __all__ = [
     "AlreadyExists",
+    "CheckpointError",
+    "DatasetLayoutError",
     "FaceError",
     "FailedPrecondition",
     "InvalidArgument",
     "InvalidCiphertext",
     "InvalidContext",
     "KeystoreError",
+    "LabelMismatchError",
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from veilface.errors import InvalidArgument
+from veilface.nn.mobilenet import MobileNetV2
 
 #: Side of the square face crops, in pixels.
 CROP_SIZE: Final = 64
@@ -254,9 +255,6 @@ class ImageNetMobileNet(Surrogate):
     crop_size: int = MNV2_CROP_SIZE
 
     def __init__(self) -> None:
-        # imported here: the definition lives with the federated ReID model, torch-only
-        from veilface.federated.models_vireid import MobileNetV2
-
         super().__init__()
         self.norm = _Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
         # features.18 (1280 channels) is replaced by the 512-channel projection below

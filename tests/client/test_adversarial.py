@@ -180,7 +180,7 @@ def test_imagenet_mobilenet_surrogate_loads_the_deep_sort_weights(tmp_path: Path
         ImageNetMobileNet,
         load_imagenet_features,
     )
-    from veilface.federated.models_vireid import imagenet_weights_path
+    from veilface.nn.mobilenet import imagenet_weights_path
 
     try:
         path = imagenet_weights_path()

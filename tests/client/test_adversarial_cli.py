@@ -58,7 +58,7 @@ def test_train_surrogates_fine_tunes_the_imagenet_mobilenet(
 ) -> None:
     from veilface.client.protect.surrogates import load_ensemble
     from veilface.errors import VeilfaceError
-    from veilface.federated.models_vireid import imagenet_weights_path
+    from veilface.nn.mobilenet import imagenet_weights_path
 
     try:
         imagenet = imagenet_weights_path()

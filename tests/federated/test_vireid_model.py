@@ -18,10 +18,10 @@ from veilface.federated.models_vireid import (
     CheckpointError,
     GeM,
     IdentityClassifier,
-    MobileNetV2,
     TwoStreamReID,
     load_imagenet_backbone,
 )
+from veilface.nn.mobilenet import MobileNetV2
 
 torch.set_num_threads(1)
 

@@ -191,7 +191,7 @@ def train_surrogates(args: argparse.Namespace) -> int:
 
 def _shipped_imagenet_weights() -> Path | None:
     from veilface.errors import VeilfaceError
-    from veilface.federated.models_vireid import imagenet_weights_path
+    from veilface.nn.mobilenet import imagenet_weights_path
 
     try:
         path: Path = imagenet_weights_path()
