@@ -1,21 +1,38 @@
 """Federated training across camera sites (Flower). Independent of the service.
 
+Layout, one subpackage per task plus what the tasks share:
+
+- :mod:`veilface.federated.server_app`, :mod:`veilface.federated.client_app`:
+  the one Flower ServerApp / ClientApp pair; they dispatch on the run-config
+  key ``task`` to :mod:`veilface.federated.vireid.flower` or
+  :mod:`veilface.federated.pad.flower`.
+- :mod:`veilface.federated.vireid`: visible-infrared ReID (data sets, model,
+  LFW proxy, local training, strategy, Flower task, benchmark).
+- :mod:`veilface.federated.pad`: rehearsal-free incremental PAD (data sets,
+  prompted ViT, rendered-attack proxy, local training, pre-training, Flower
+  task, benchmark).
+- :mod:`veilface.federated.privacy`: DP wrappers and SecAgg+ for either task.
+- :mod:`veilface.federated.deploy`: the local Deployment Engine harness (TLS,
+  SuperNode keys, launcher app, processes).
+- :mod:`veilface.federated.metrics`, :mod:`veilface.federated.run_artifacts`:
+  ReID and PAD metrics; checkpoints, metrics files, plots.
+
 Public names are imported from their submodule on first use, so ``import
 veilface.federated`` loads neither torch nor flwr:
 
 - :mod:`veilface.federated.metrics` (numpy): ReID retrieval metrics
   (Rank-k, mAP, mINP) and PAD metrics (HTER, APCER/BPCER/ACER, AUC, EER
   threshold, average forgetting).
-- :mod:`veilface.federated.datasets_vireid` (stdlib + numpy): SYSU-MM01,
+- :mod:`veilface.federated.vireid.datasets` (stdlib + numpy): SYSU-MM01,
   RegDB and LLCM indexes with layout validation, query/gallery protocols.
-- :mod:`veilface.federated.models_vireid` (torch): two-stream MobileNetV2
+- :mod:`veilface.federated.vireid.models` (torch): two-stream MobileNetV2
   ReID encoder, GeM, BN-neck, local identity classifier, ImageNet loader
   (MobileNetV2 itself is :mod:`veilface.nn.mobilenet`).
-- :mod:`veilface.federated.datasets_pad` (stdlib): OULU-NPU, CASIA-FASD,
+- :mod:`veilface.federated.pad.datasets` (stdlib): OULU-NPU, CASIA-FASD,
   Replay-Attack, MSU-MFSD and CelebA-Spoof indexes with layout/label checks.
-- :mod:`veilface.federated.models_pad` (torch): CLIP-style ViT with universal
+- :mod:`veilface.federated.pad.models` (torch): CLIP-style ViT with universal
   and per-domain prompts, Selective EWC, CLIP weight loader.
-- :mod:`veilface.federated.proxy_pad` (numpy + Pillow): the LFW-rendered
+- :mod:`veilface.federated.pad.proxy` (numpy + Pillow): the LFW-rendered
   incremental-PAD proxy and its check against real samples.
 """
 
@@ -42,48 +59,48 @@ _EXPORTS: dict[str, str] = {
     "evaluate_retrieval": "metrics",
     "hter": "metrics",
     "pad_error_rates": "metrics",
-    "DatasetLayoutError": "datasets_vireid",
-    "LLCM_LAYOUT": "datasets_vireid",
-    "LabelMismatchError": "datasets_vireid",
-    "Modality": "datasets_vireid",
-    "REGDB_LAYOUT": "datasets_vireid",
-    "ReIDSample": "datasets_vireid",
-    "ReIDSplits": "datasets_vireid",
-    "SYSU_INFRARED_CAMERAS": "datasets_vireid",
-    "SYSU_LAYOUT": "datasets_vireid",
-    "SYSU_VISIBLE_CAMERAS": "datasets_vireid",
-    "load_llcm": "datasets_vireid",
-    "load_regdb": "datasets_vireid",
-    "load_sysu_mm01": "datasets_vireid",
-    "relabel": "datasets_vireid",
-    "sample_arrays": "datasets_vireid",
-    "split_query_gallery": "datasets_vireid",
-    "sysu_query_gallery": "datasets_vireid",
-    "BNNeck": "models_vireid",
+    "DatasetLayoutError": "vireid.datasets",
+    "LLCM_LAYOUT": "vireid.datasets",
+    "LabelMismatchError": "vireid.datasets",
+    "Modality": "vireid.datasets",
+    "REGDB_LAYOUT": "vireid.datasets",
+    "ReIDSample": "vireid.datasets",
+    "ReIDSplits": "vireid.datasets",
+    "SYSU_INFRARED_CAMERAS": "vireid.datasets",
+    "SYSU_LAYOUT": "vireid.datasets",
+    "SYSU_VISIBLE_CAMERAS": "vireid.datasets",
+    "load_llcm": "vireid.datasets",
+    "load_regdb": "vireid.datasets",
+    "load_sysu_mm01": "vireid.datasets",
+    "relabel": "vireid.datasets",
+    "sample_arrays": "vireid.datasets",
+    "split_query_gallery": "vireid.datasets",
+    "sysu_query_gallery": "vireid.datasets",
+    "BNNeck": "vireid.models",
     "CheckpointError": "run_artifacts",
-    "GeM": "models_vireid",
-    "IMAGENET_MEAN": "models_vireid",
-    "IMAGENET_STD": "models_vireid",
-    "IdentityClassifier": "models_vireid",
-    "MODALITIES": "models_vireid",
-    "ReIDOutput": "models_vireid",
-    "TwoStreamReID": "models_vireid",
-    "load_imagenet_backbone": "models_vireid",
-    "PADSample": "datasets_pad",
-    "PADSplits": "datasets_pad",
-    "load_oulu_npu": "datasets_pad",
-    "load_casia_fasd": "datasets_pad",
-    "load_replay_attack": "datasets_pad",
-    "load_msu_mfsd": "datasets_pad",
-    "load_celeba_spoof": "datasets_pad",
-    "CLIPVisionConfig": "models_pad",
-    "CLIPVisionTransformer": "models_pad",
-    "PromptedPAD": "models_pad",
-    "SelectiveEWC": "models_pad",
-    "load_clip_visual": "models_pad",
-    "PADProxy": "proxy_pad",
-    "build_pad_proxy": "proxy_pad",
-    "compare_with_real_samples": "proxy_pad",
+    "GeM": "vireid.models",
+    "IMAGENET_MEAN": "vireid.models",
+    "IMAGENET_STD": "vireid.models",
+    "IdentityClassifier": "vireid.models",
+    "MODALITIES": "vireid.models",
+    "ReIDOutput": "vireid.models",
+    "TwoStreamReID": "vireid.models",
+    "load_imagenet_backbone": "vireid.models",
+    "PADSample": "pad.datasets",
+    "PADSplits": "pad.datasets",
+    "load_oulu_npu": "pad.datasets",
+    "load_casia_fasd": "pad.datasets",
+    "load_replay_attack": "pad.datasets",
+    "load_msu_mfsd": "pad.datasets",
+    "load_celeba_spoof": "pad.datasets",
+    "CLIPVisionConfig": "pad.models",
+    "CLIPVisionTransformer": "pad.models",
+    "PromptedPAD": "pad.models",
+    "SelectiveEWC": "pad.models",
+    "load_clip_visual": "pad.models",
+    "PADProxy": "pad.proxy",
+    "build_pad_proxy": "pad.proxy",
+    "compare_with_real_samples": "pad.proxy",
 }
 
 __all__ = [

@@ -10,8 +10,8 @@ the run-config key ``task`` and hand over to a task module, imported lazily
 =========  ==========================================
 ``task``   task module
 =========  ==========================================
-``vireid`` :mod:`veilface.federated.vireid_flower`
-``pad``    :mod:`veilface.federated.pad_flower`
+``vireid`` :mod:`veilface.federated.vireid.flower`
+``pad``    :mod:`veilface.federated.pad.flower`
 =========  ==========================================
 
 A task module defines three functions::
@@ -83,8 +83,8 @@ __all__ = [
 ]
 
 TASK_MODULES: dict[str, str] = {
-    "vireid": "veilface.federated.vireid_flower",
-    "pad": "veilface.federated.pad_flower",
+    "vireid": "veilface.federated.vireid.flower",
+    "pad": "veilface.federated.pad.flower",
 }
 
 DEFAULT_RUN_CONFIG: dict[str, Any] = {

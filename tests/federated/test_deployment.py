@@ -20,8 +20,9 @@ pytest.importorskip("torch")
 
 from cryptography import x509
 
-from veilface.federated import deployment
-from veilface.federated.deployment import (
+from veilface.errors import InvalidArgument
+from veilface.federated import deploy
+from veilface.federated.deploy import (
     DeploymentError,
     LocalDeployment,
     generate_node_keys,
@@ -66,27 +67,27 @@ def test_node_keys_load_the_way_flwr_loads_them(tmp_path: Path) -> None:
     pair = generate_node_keys(tmp_path, "node-0")
     assert try_load_public_key(pair.public_key)
     load_ssh_private_key(pair.private_key.read_bytes(), password=None)
-    with pytest.raises(deployment.InvalidArgument):
+    with pytest.raises(InvalidArgument):
         generate_node_keys(tmp_path, "../escape")
 
 
 def test_launcher_app_is_a_valid_flower_app(tmp_path: Path) -> None:
     from flwr.cli.config_utils import load_and_validate
 
-    config = {**deployment.project_run_config(), **TINY_VIREID}
+    config = {**deploy.project_run_config(), **TINY_VIREID}
     app = write_launcher_app(tmp_path, config)
     loaded, _ = load_and_validate(app / "pyproject.toml", check_module=True)
     flwr_app = loaded["tool"]["flwr"]["app"]
     assert flwr_app["components"]["serverapp"] == "veilface.federated.server_app:app"
     assert flwr_app["config"]["dp-mode"] == "client"
-    with pytest.raises(deployment.InvalidArgument):
+    with pytest.raises(InvalidArgument):
         write_launcher_app(tmp_path, {"bad": [1, 2]})
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_two_rounds_over_tls_with_node_auth(tmp_path: Path, data_dir: Path) -> None:
-    from veilface.federated.proxy_vireid import ProxyConfig, build_proxy
+    from veilface.federated.vireid.proxy import ProxyConfig, build_proxy
 
     proxy = build_proxy(
         data_dir / "lfw",
@@ -148,9 +149,9 @@ def test_cli_registers_fed_deploy_local_and_parses_overrides() -> None:
         "secagg": True,
         "dp-clip-norm": 0.5,
     }
-    with pytest.raises(deployment.InvalidArgument, match="quote strings"):
+    with pytest.raises(InvalidArgument, match="quote strings"):
         parse_overrides(["task=vireid"])
-    with pytest.raises(deployment.InvalidArgument, match="KEY=VALUE"):
+    with pytest.raises(InvalidArgument, match="KEY=VALUE"):
         parse_overrides(["novalue"])
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from veilface.errors import InvalidArgument
-from veilface.federated.datasets_pad import (
+from veilface.federated.pad.datasets import (
     DatasetLayoutError,
     LabelMismatchError,
     load_casia_fasd,

@@ -14,8 +14,8 @@ from flwr.app import Context, RecordDict
 from PIL import Image
 
 from veilface.errors import InvalidArgument
-from veilface.federated.pad_flower import PADRunConfig
-from veilface.federated.proxy_pad import CAPTURE_DOMAINS, build_pad_proxy
+from veilface.federated.pad.flower import PADRunConfig
+from veilface.federated.pad.proxy import CAPTURE_DOMAINS, build_pad_proxy
 from veilface.federated.run_artifacts import load_checkpoint
 
 
@@ -51,7 +51,7 @@ def _client_losing_site_1_in_round_2(overrides: dict[str, object], marker: Path)
     from flwr.app import Message
     from flwr.clientapp import ClientApp
 
-    from veilface.federated import pad_flower
+    from veilface.federated.pad import flower as pad_flower
     from veilface.federated.server_app import run_config, with_run_config
 
     def prepare(context: Context) -> Context:  # as the real ClientApp does
@@ -77,7 +77,7 @@ def _client_losing_site_1_in_round_2(overrides: dict[str, object], marker: Path)
 def test_aggregate_domain_metrics_weights_by_domain_counts() -> None:
     from flwr.app import MetricRecord
 
-    from veilface.federated.pad_flower import aggregate_domain_metrics
+    from veilface.federated.pad.flower import aggregate_domain_metrics
 
     a = RecordDict(
         {"metrics": MetricRecord({"d0-hter": 0.2, "d0-n": 30, "loss": 1.0, "num-examples": 30})}
@@ -98,8 +98,8 @@ def test_aggregate_domain_metrics_weights_by_domain_counts() -> None:
 def test_pad_task_runs_on_the_simulation_engine(tmp_path: Path) -> None:
     from flwr.simulation import run_simulation
 
-    from veilface.federated.models_pad import PromptedPAD
-    from veilface.federated.pad_training import MODEL_CONFIGS
+    from veilface.federated.pad.models import PromptedPAD
+    from veilface.federated.pad.training import MODEL_CONFIGS
     from veilface.federated.server_app import make_server_app
 
     lfw = fake_lfw(tmp_path / "lfw", people=40)

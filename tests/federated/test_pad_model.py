@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from veilface.errors import InvalidArgument
-from veilface.federated.models_pad import (
+from veilface.federated.pad.models import (
     CheckpointError,
     CLIPVisionConfig,
     CLIPVisionTransformer,
@@ -20,7 +20,7 @@ from veilface.federated.models_pad import (
     numpy_to_state,
     state_to_numpy,
 )
-from veilface.federated.pad_training import TrainSettings, build_model, train_domain
+from veilface.federated.pad.training import TrainSettings, build_model, train_domain
 from veilface.federated.run_artifacts import RunArtifacts, load_checkpoint
 
 TINY = CLIPVisionConfig.tiny()

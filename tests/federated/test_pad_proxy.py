@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from veilface.errors import InvalidArgument
-from veilface.federated.proxy_pad import (
+from veilface.federated.pad.proxy import (
     CAPTURE_DOMAINS,
     build_pad_proxy,
     capture,

@@ -364,9 +364,9 @@ def test_real_vireid_app_with_client_dp_and_secaggplus(
     from flwr.simulation import run_simulation
 
     from veilface.federated.client_app import make_client_app
-    from veilface.federated.proxy_vireid import ProxyConfig, build_proxy
     from veilface.federated.run_artifacts import load_checkpoint
     from veilface.federated.server_app import make_server_app
+    from veilface.federated.vireid.proxy import ProxyConfig, build_proxy
 
     proxy = build_proxy(
         data_dir / "lfw",

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from veilface.errors import InvalidArgument
-from veilface.federated.datasets_vireid import (
+from veilface.federated.vireid.datasets import (
     DatasetLayoutError,
     LabelMismatchError,
     load_llcm,

@@ -31,18 +31,10 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from veilface.errors import InvalidArgument
-from veilface.federated.datasets_vireid import DatasetLayoutError
-from veilface.federated.proxy_vireid import (
-    PROXY_CAMERAS,
-    ProxyConfig,
-    build_proxy,
-    load_proxy,
-    partition,
-    proxy_query_gallery,
-)
 from veilface.federated.run_artifacts import CheckpointError, load_checkpoint
 from veilface.federated.server_app import UnknownTaskError, load_task
-from veilface.federated.vireid_flower import (
+from veilface.federated.vireid.datasets import DatasetLayoutError
+from veilface.federated.vireid.flower import (
     CLASSIFIER_STATE_KEY,
     build_model,
     client_evaluate,
@@ -50,13 +42,21 @@ from veilface.federated.vireid_flower import (
     model_id,
     vireid_config,
 )
-from veilface.federated.vireid_strategy import (
+from veilface.federated.vireid.proxy import (
+    PROXY_CAMERAS,
+    ProxyConfig,
+    build_proxy,
+    load_proxy,
+    partition,
+    proxy_query_gallery,
+)
+from veilface.federated.vireid.strategy import (
     PROTOTYPES_KEY,
     PrototypeFedAvg,
     prototypes_record,
     read_prototypes,
 )
-from veilface.federated.vireid_training import compute_prototypes, state_arrays
+from veilface.federated.vireid.training import compute_prototypes, state_arrays
 
 TWO_CAMERAS = (PROXY_CAMERAS[0], PROXY_CAMERAS[2])  # one visible, one infrared
 

@@ -26,7 +26,8 @@ def test_fed_bench_task_defaults_and_threads_reach_the_configs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from veilface.errors import InvalidArgument
-    from veilface.federated import bench_pad, bench_vireid
+    from veilface.federated.pad import bench as bench_pad
+    from veilface.federated.vireid import bench as bench_vireid
 
     seen: dict[str, object] = {}
     monkeypatch.setattr(bench_vireid, "run_vireid_bench", lambda cfg, progress: seen.update(v=cfg))
@@ -59,8 +60,8 @@ def test_fed_bench_task_defaults_and_threads_reach_the_configs(
 
 def test_fed_bench_refuses_zero_threads(tmp_path: Path) -> None:
     from veilface.errors import InvalidArgument
-    from veilface.federated.bench_pad import PADBenchConfig, run_pad_bench
-    from veilface.federated.bench_vireid import VIReIDBenchConfig, run_vireid_bench
+    from veilface.federated.pad.bench import PADBenchConfig, run_pad_bench
+    from veilface.federated.vireid.bench import VIReIDBenchConfig, run_vireid_bench
 
     with pytest.raises(InvalidArgument, match="threads"):
         run_vireid_bench(VIReIDBenchConfig(lfw_dir="x", work_dir=str(tmp_path), threads=0))
@@ -84,7 +85,7 @@ def test_fed_bench_rejects_unknown_task_and_protocol(capsys: pytest.CaptureFixtu
 
 
 def test_site_seconds_sum_the_rounds_of_run_json(tmp_path: Path) -> None:
-    from veilface.federated.bench_vireid import _site_seconds
+    from veilface.federated.vireid.bench import _site_seconds
 
     rounds = {"1": {"train-seconds": 2.0, "proto-seconds": 0.5}, "2": {"train-seconds": 3.0}}
     (tmp_path / "run.json").write_text(json.dumps({"train_metrics": rounds}))

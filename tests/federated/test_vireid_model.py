@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from veilface.errors import InvalidArgument
-from veilface.federated.models_vireid import (
+from veilface.federated.vireid.models import (
     CheckpointError,
     GeM,
     IdentityClassifier,
@@ -234,8 +234,8 @@ def test_package_exports_match_submodules() -> None:
 def test_local_train_reuses_a_given_optimizer_and_otherwise_starts_fresh() -> None:
     import numpy as np
 
-    from veilface.federated.proxy_vireid import ReIDArrays
-    from veilface.federated.vireid_training import LocalTrainConfig, local_train, make_optimizer
+    from veilface.federated.vireid.proxy import ReIDArrays
+    from veilface.federated.vireid.training import LocalTrainConfig, local_train, make_optimizer
 
     torch.manual_seed(0)
     model = TwoStreamReID(**TINY)

@@ -29,7 +29,7 @@ def test_package_import_stays_light_and_exports_match() -> None:
 def test_client_surrogate_and_federated_encoder_share_one_mobilenet() -> None:
     pytest.importorskip("torch")
     from veilface.client.protect import surrogate_models
-    from veilface.federated import models_vireid as models
+    from veilface.federated.vireid import models
     from veilface.nn.mobilenet import MobileNetV2
 
     assert surrogate_models.MobileNetV2 is MobileNetV2

@@ -29,7 +29,7 @@ def _default_lfw() -> Path:
 
 
 def _bench_vireid(args: argparse.Namespace) -> dict[str, Any]:
-    from veilface.federated.bench_vireid import VIReIDBenchConfig, run_vireid_bench
+    from veilface.federated.vireid.bench import VIReIDBenchConfig, run_vireid_bench
 
     given = {
         key: value
@@ -87,7 +87,7 @@ def _whole(value: float, flag: str) -> int:
 
 
 def _bench_pad(args: argparse.Namespace) -> dict[str, Any]:
-    from veilface.federated.bench_pad import PADBenchConfig, run_pad_bench
+    from veilface.federated.pad.bench import PADBenchConfig, run_pad_bench
 
     lfw = Path(args.lfw or _default_lfw())
     cfg = PADBenchConfig(
@@ -107,7 +107,7 @@ def _bench_pad(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_pad(result: dict[str, Any]) -> None:
-    from veilface.federated.bench_pad import print_pad_table
+    from veilface.federated.pad.bench import print_pad_table
 
     print_pad_table(result)
 

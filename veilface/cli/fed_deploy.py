@@ -2,7 +2,7 @@
 
 Starts ``flower-superlink`` (TLS, SuperNode authentication) and N
 ``flower-supernode`` processes on 127.0.0.1 through
-:class:`veilface.federated.deployment.LocalDeployment`, then either runs the
+:class:`veilface.federated.deploy.LocalDeployment`, then either runs the
 project's apps once (``--run``, with ``--run-config key=value`` overrides) and
 stops, or keeps the deployment up until Ctrl-C so that ``flwr`` commands can be
 tried against it (the printed ``FLWR_HOME`` holds the connection).
@@ -99,7 +99,7 @@ def run_deploy_local(args: argparse.Namespace) -> int:
     """Start the deployment; run once (``--run``) or wait for Ctrl-C; always stop it."""
     from tqdm import tqdm
 
-    from veilface.federated.deployment import CONNECTION_NAME, LocalDeployment
+    from veilface.federated.deploy import CONNECTION_NAME, LocalDeployment
 
     if args.supernodes < 1:
         raise InvalidArgument("--supernodes must be >= 1")

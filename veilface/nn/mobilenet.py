@@ -1,6 +1,6 @@
 """MobileNetV2 (Sandler et al. 2018) in plain torch, and where its ImageNet weights are.
 
-Used by the federated VI-ReID encoder (:mod:`veilface.federated.models_vireid`)
+Used by the federated VI-ReID encoder (:mod:`veilface.federated.vireid.models`)
 and by the client's ImageNet-initialised protection surrogate
 (:mod:`veilface.client.protect.surrogate_models`); torch only, importing
 neither of them.

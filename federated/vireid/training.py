@@ -14,7 +14,7 @@ The losses follow L2RW (Jiang et al., arXiv 2503.12232) in spirit:
   person: this is what aligns the modalities under camera isolation.
 
 Images are ``(N, S, S, 3)`` uint8 arrays (see
-:mod:`veilface.federated.proxy_vireid`); they are normalised with the
+:mod:`veilface.federated.vireid.proxy`); they are normalised with the
 ImageNet mean/std here.
 """
 
@@ -33,13 +33,13 @@ from torch import Tensor, nn
 
 from veilface.errors import InvalidArgument
 from veilface.federated.metrics import RetrievalMetrics, evaluate_retrieval
-from veilface.federated.models_vireid import (
+from veilface.federated.vireid.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     IdentityClassifier,
     TwoStreamReID,
 )
-from veilface.federated.proxy_vireid import ReIDArrays, proxy_query_gallery
+from veilface.federated.vireid.proxy import ReIDArrays, proxy_query_gallery
 
 logger = logging.getLogger(__name__)
 

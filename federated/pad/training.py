@@ -1,13 +1,13 @@
 """Local training, consolidation and evaluation steps of incremental PAD (torch).
 
-These are the pieces a Flower client runs (:mod:`veilface.federated.pad_flower`)
+These are the pieces a Flower client runs (:mod:`veilface.federated.pad.flower`)
 on the data of the domain it currently holds; nothing here keeps data of
 an earlier domain.
 
 Methods
 -------
 ``"svlp"``
-    Multi-Aspect Prompting + Selective EWC (:class:`~veilface.federated.models_pad.PromptedPAD`
+    Multi-Aspect Prompting + Selective EWC (:class:`~veilface.federated.pad.models.PromptedPAD`
     with prompts; penalty ``ewc_lambda * SelectiveEWC.penalty``).
 ``"naive"``
     Sequential fine-tuning of the same backbone and head without prompts or
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from veilface.errors import InvalidArgument
 from veilface.federated.metrics import auc, hter, pad_error_rates
-from veilface.federated.models_pad import (
+from veilface.federated.pad.models import (
     CLIP_MEAN,
     CLIP_STD,
     CLIPVisionConfig,
@@ -37,7 +37,7 @@ from veilface.federated.models_pad import (
     compute_fisher,
     iter_batches,
 )
-from veilface.federated.proxy_pad import SPECIES
+from veilface.federated.pad.proxy import SPECIES
 
 logger = logging.getLogger(__name__)
 
@@ -200,11 +200,11 @@ def domain_fisher(
     Returns
     -------
     fisher : dict[str, Tensor]
-        See :func:`~veilface.federated.models_pad.compute_fisher`.
+        See :func:`~veilface.federated.pad.models.compute_fisher`.
     key_s1, key_s2 : Tensor
         ``(key_dim,)`` sum of the query descriptor and ``(key_dim, key_dim)``
         sum of its outer products
-        (:meth:`~veilface.federated.models_pad.PromptedPAD.domain_key_sums`).
+        (:meth:`~veilface.federated.pad.models.PromptedPAD.domain_key_sums`).
     """
     dom = domain if model.prompted else None
     fisher = compute_fisher(model, x, y, dom)
@@ -239,7 +239,7 @@ def evaluate_domain(
     x : Tensor
         ``(N, 3, H, W)`` test images of domain ``domain``.
     species : numpy.ndarray
-        ``(N,)`` int8 codes into :data:`~veilface.federated.proxy_pad.SPECIES` (0 = live).
+        ``(N,)`` int8 codes into :data:`~veilface.federated.pad.proxy.SPECIES` (0 = live).
     domain : int
         The true domain (for the domain-selection accuracy of prompted models).
     """

@@ -2,11 +2,11 @@
 
 ``veilface fed bench --task pad`` calls :func:`run_pad_bench`:
 
-1. render the proxy (:func:`~veilface.federated.proxy_pad.build_pad_proxy`:
+1. render the proxy (:func:`~veilface.federated.pad.proxy.build_pad_proxy`:
    LFW live faces, rendered print/replay attacks, four capture domains) and
    put simple statistics of it beside the real ``pad-samples`` photos;
 2. pretrain the CLIP-style tower on a generic degradation-regression task
-   (:mod:`~veilface.federated.pad_pretrain`, a stand-in for CLIP weights,
+   (:mod:`~veilface.federated.pad.pretrain`, a stand-in for CLIP weights,
    which cannot be installed here) and hand it to both methods through
    ``pad-clip-weights``;
 3. run the ``pad`` Flower task on the Simulation Engine twice with the same
@@ -35,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from veilface.errors import InvalidArgument
-from veilface.federated.proxy_pad import (
+from veilface.federated.pad.proxy import (
     CAPTURE_DOMAINS,
     build_pad_proxy,
     compare_with_real_samples,
@@ -83,8 +83,8 @@ def _proxy_path(cfg: PADBenchConfig) -> Path:
 
 
 def _pretrained_path(cfg: PADBenchConfig, skip_people: int, progress: bool) -> Path:
-    from veilface.federated.pad_pretrain import pretrain_visual
-    from veilface.federated.pad_training import MODEL_CONFIGS
+    from veilface.federated.pad.pretrain import pretrain_visual
+    from veilface.federated.pad.training import MODEL_CONFIGS
 
     path = (
         Path(cfg.work_dir)
@@ -163,8 +163,8 @@ def score_real_samples(
     """
     import torch
 
-    from veilface.federated.models_pad import numpy_to_state
-    from veilface.federated.pad_training import build_model, images_to_tensor
+    from veilface.federated.pad.models import numpy_to_state
+    from veilface.federated.pad.training import build_model, images_to_tensor
     from veilface.federated.run_artifacts import load_checkpoint
 
     model = build_model(model_size, method)

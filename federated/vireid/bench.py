@@ -1,12 +1,12 @@
 """``veilface fed bench --task vireid``: the federated VI-ReID PROXY benchmark, end to end.
 
 Three runs on the LFW visible/synthetic-thermal proxy
-(:mod:`veilface.federated.proxy_vireid`), same model, same images, same
+(:mod:`veilface.federated.vireid.proxy`), same model, same images, same
 budget (``rounds x local_epochs`` passes over every site's data):
 
 1. ``l2rw``: Flower rounds (``flwr.simulation.run_simulation``, one virtual
    SuperNode per site) with local identity classifiers, per-modality stem
-   averaging and identity-prototype averaging (:mod:`.vireid_strategy`);
+   averaging and identity-prototype averaging (:mod:`.strategy`);
 2. ``fedavg``: Flower rounds with plain FedAvg of everything (classifier
    included, global identity space), the baseline;
 3. ``centralized``: the same model trained on the pooled data in one
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from veilface.errors import InvalidArgument
-from veilface.federated.proxy_vireid import PROXY_CAMERAS, ProxyConfig, build_proxy, load_proxy
+from veilface.federated.vireid.proxy import PROXY_CAMERAS, ProxyConfig, build_proxy, load_proxy
 
 logger = logging.getLogger(__name__)
 
@@ -178,9 +178,9 @@ def _centralized(
 ) -> list[dict[str, Any]]:
     import torch
 
-    from veilface.federated.models_vireid import IdentityClassifier
-    from veilface.federated.vireid_flower import VIREID_DEFAULTS, build_model
-    from veilface.federated.vireid_training import (
+    from veilface.federated.vireid.flower import VIREID_DEFAULTS, build_model
+    from veilface.federated.vireid.models import IdentityClassifier
+    from veilface.federated.vireid.training import (
         LocalTrainConfig,
         evaluate_model,
         local_train,
