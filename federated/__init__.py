@@ -14,8 +14,9 @@ Layout, one subpackage per task plus what the tasks share:
 - :mod:`veilface.federated.privacy`: DP wrappers and SecAgg+ for either task.
 - :mod:`veilface.federated.deploy`: the local Deployment Engine harness (TLS,
   SuperNode keys, launcher app, processes).
-- :mod:`veilface.federated.metrics`, :mod:`veilface.federated.run_artifacts`:
-  ReID and PAD metrics; checkpoints, metrics files, plots.
+- :mod:`veilface.federated.arrays`, :mod:`veilface.federated.metrics`,
+  :mod:`veilface.federated.run_artifacts`: model state <-> numpy <->
+  ``ArrayRecord``; ReID and PAD metrics; checkpoints, metrics files, plots.
 
 Public names are imported from their submodule on first use, so ``import
 veilface.federated`` loads neither torch nor flwr:

@@ -64,7 +64,6 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -78,13 +77,13 @@ from flwr.serverapp.strategy import FedAvg, Result
 from tqdm import tqdm
 
 from veilface.errors import InvalidArgument
+from veilface.federated.arrays import arrays_to_record, record_to_arrays, state_arrays
 from veilface.federated.metrics import average_forgetting
 from veilface.federated.pad.models import (
     PromptedPAD,
     SelectiveEWC,
     accumulate_fisher,
     numpy_to_state,
-    state_to_numpy,
 )
 from veilface.federated.pad.proxy import PADProxy, load_pad_proxy
 from veilface.federated.pad.training import (
@@ -208,14 +207,6 @@ class PADRunConfig:
         return model
 
 
-def _to_record(arrays: Mapping[str, npt.NDArray[np.float32]]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-def _from_record(record: ArrayRecord) -> dict[str, npt.NDArray[np.float32]]:
-    return {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in record.items()}
-
-
 # --------------------------------------------------------------------------
 # client
 # --------------------------------------------------------------------------
@@ -249,7 +240,7 @@ def _site_mask(proxy: PADProxy, context: Context, domain: int, split: int) -> np
 def _client_model(cfg: PADRunConfig, record: ArrayRecord) -> PromptedPAD:
     torch.set_num_threads(1)
     model = build_model(cfg.model, cfg.method, n_prompts=cfg.prompts)
-    numpy_to_state(model, _from_record(record))
+    numpy_to_state(model, record_to_arrays(record, dtype=np.float32))
     return model
 
 
@@ -277,12 +268,14 @@ def client_train(msg: Message, context: Context) -> Message:
         out = {f"fisher.{k}": v.numpy() for k, v in fisher.items()}
         out["key.s1"] = s1.numpy()
         out["key.s2"] = s2.numpy()
-        content["arrays"] = _to_record(out)
+        content["arrays"] = arrays_to_record(out)
         content["metrics"] = MetricRecord({"num-examples": int(x.shape[0])})
         return Message(content=content, reply_to=msg)
     ewc = None
     if EWC_KEY in msg.content.array_records:
-        ewc = SelectiveEWC.from_numpy(_from_record(msg.content.array_records[EWC_KEY]))
+        ewc = SelectiveEWC.from_numpy(
+            record_to_arrays(msg.content.array_records[EWC_KEY], dtype=np.float32)
+        )
     pid, _ = _site(context)
     round_no = int(config.get("pad-round", 0))  # type: ignore[arg-type]
     stats = train_domain(
@@ -294,7 +287,7 @@ def client_train(msg: Message, context: Context) -> Message:
         ewc=ewc,
         seed=cfg.seed * 1009 + round_no * 31 + pid,
     )
-    content["arrays"] = _to_record(state_to_numpy(model))
+    content["arrays"] = arrays_to_record(state_arrays(model, dtype=np.float32))
     content["metrics"] = MetricRecord(
         {
             "num-examples": int(x.shape[0]),
@@ -370,7 +363,7 @@ class _PADFedAvg(FedAvg):
         for msg in messages:  # FedAvg sets "server-round" per start(); this counts all domains
             msg.content.config_records["config"]["pad-round"] = self.round_offset + server_round
         if self.ewc:
-            record = _to_record(self.ewc)
+            record = arrays_to_record(self.ewc)
             for msg in messages:
                 msg.content[EWC_KEY] = record
         return messages
@@ -444,7 +437,7 @@ def _consolidate(
                 reply.error.reason,
             )
             continue
-        arr = _from_record(reply.content.array_records["arrays"])
+        arr = record_to_arrays(reply.content.array_records["arrays"], dtype=np.float32)
         n = int(reply.content.metric_records["metrics"]["num-examples"])  # type: ignore[arg-type]
         n_total += n
         for k, v in arr.items():
@@ -470,7 +463,7 @@ def _evaluate_once(
 ) -> dict[str, float] | None:
     """One federated evaluation of ``model`` (no training), aggregated like the rounds'."""
     messages = strategy.configure_evaluate(
-        server_round, _to_record(state_to_numpy(model)), ConfigRecord(), grid
+        server_round, arrays_to_record(state_arrays(model, dtype=np.float32)), ConfigRecord(), grid
     )
     replies = grid.send_and_receive(messages, timeout=timeout)
     bar, strategy.bar = strategy.bar, None  # not a training round: no progress tick
@@ -516,13 +509,13 @@ def server_main(grid: Grid, context: Context) -> None:
             strategy, context, num_sampled_clients=cfg.min_nodes
         ).start(
             grid=grid,
-            initial_arrays=_to_record(state_to_numpy(model)),
+            initial_arrays=arrays_to_record(state_arrays(model, dtype=np.float32)),
             num_rounds=cfg.rounds_per_domain,
             timeout=timeout,
             train_config=ConfigRecord({"domain": domain, "phase": "train"}),
         )
         if len(result.arrays) > 0:
-            numpy_to_state(model, _from_record(result.arrays))
+            numpy_to_state(model, record_to_arrays(result.arrays, dtype=np.float32))
         else:  # every training reply of every round failed
             logger.warning("domain %d: no site returned a model; keeping the weights", domain)
         last: Mapping[str, Any] = {}
@@ -535,7 +528,7 @@ def server_main(grid: Grid, context: Context) -> None:
             last = row
         if model.prompted:
             fisher_t, mean, cov = _consolidate(
-                grid, _to_record(state_to_numpy(model)), domain, timeout
+                grid, arrays_to_record(state_arrays(model, dtype=np.float32)), domain, timeout
             )
             model.set_domain_key(domain, mean, cov)
             fisher_acc = accumulate_fisher(fisher_acc, fisher_t)
@@ -554,7 +547,9 @@ def server_main(grid: Grid, context: Context) -> None:
             matrices[metric].append(_row(last, metric, num_domains))
         if artifacts is not None:
             artifacts.save_checkpoint(
-                (domain + 1) * cfg.rounds_per_domain, state_to_numpy(model), model.model_id
+                (domain + 1) * cfg.rounds_per_domain,
+                state_arrays(model, dtype=np.float32),
+                model.model_id,
             )
     strategy.bar.close()
     results = summarize(matrices, cfg)

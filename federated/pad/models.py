@@ -77,7 +77,6 @@ __all__ = [
     "compute_fisher",
     "load_clip_visual",
     "numpy_to_state",
-    "state_to_numpy",
 ]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -702,11 +701,6 @@ def accumulate_fisher(
     if previous is None:
         return {k: v.clone() for k, v in new.items()}
     return {k: previous[k] + new[k] for k in new}
-
-
-def state_to_numpy(model: nn.Module) -> dict[str, npt.NDArray[np.float32]]:
-    """``model.state_dict()`` as float32 numpy arrays (for ArrayRecord / checkpoints)."""
-    return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()}
 
 
 def numpy_to_state(model: PromptedPAD, arrays: Mapping[str, npt.NDArray[np.float32]]) -> None:

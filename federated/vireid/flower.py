@@ -55,11 +55,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from veilface.errors import InvalidArgument
+from veilface.federated.arrays import (
+    arrays_to_record,
+    load_state_arrays,
+    record_to_arrays,
+    state_arrays,
+)
 from veilface.federated.privacy import prepare_strategy
 from veilface.federated.run_artifacts import RunArtifacts
 from veilface.federated.vireid.models import (
@@ -87,10 +93,8 @@ from veilface.federated.vireid.training import (
     compute_prototypes,
     embed,
     evaluate_model,
-    load_state_arrays,
     local_accuracy,
     local_train,
-    state_arrays,
 )
 from veilface.nn.mobilenet import imagenet_weights_path
 
@@ -240,14 +244,6 @@ def _ensure_proxy(cfg: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------
 
 
-def _record_to_numpy(record: ArrayRecord) -> dict[str, npt.NDArray[np.generic]]:
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def _numpy_to_record(arrays: Mapping[str, npt.NDArray[np.generic]]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
 def _split_classifier(
     arrays: Mapping[str, npt.NDArray[np.generic]],
 ) -> tuple[dict[str, npt.NDArray[np.generic]], dict[str, npt.NDArray[np.generic]]]:
@@ -276,7 +272,7 @@ def server_main(grid: Grid, context: Context) -> None:
     started = time.monotonic()
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        numpy_arrays = _record_to_numpy(arrays)
+        numpy_arrays = record_to_arrays(arrays)
         enc, _ = _split_classifier(numpy_arrays)
         load_state_arrays(model, enc)
         metrics = evaluate_model(model, test).as_dict()
@@ -307,7 +303,7 @@ def server_main(grid: Grid, context: Context) -> None:
     )
     result = prepare_strategy(strategy, context, num_sampled_clients=int(cfg["min-train-nodes"])).start(
         grid=grid,
-        initial_arrays=_numpy_to_record(initial),
+        initial_arrays=arrays_to_record(initial),
         num_rounds=int(cfg["num-server-rounds"]),
         train_config=ConfigRecord({"method": str(cfg["method"])}),
         evaluate_fn=evaluate_fn,
@@ -364,7 +360,7 @@ def _local_classifier(
     classifier = IdentityClassifier(dim, num_ids)
     saved = context.state.array_records.get(CLASSIFIER_STATE_KEY)
     if saved is not None:
-        arrays = _record_to_numpy(saved)
+        arrays = record_to_arrays(saved)
         if arrays.get("fc.weight") is not None and arrays["fc.weight"].shape == (num_ids, dim):
             load_state_arrays(classifier, arrays)
     return classifier
@@ -379,7 +375,7 @@ def _site_models(
     data = _client_data(cfg, context)
     labels, num_ids = _local_labels(cfg, data)
     model = build_model(cfg)
-    enc, cls = _split_classifier(_record_to_numpy(msg.content.array_records["arrays"]))
+    enc, cls = _split_classifier(record_to_arrays(msg.content.array_records["arrays"]))
     load_state_arrays(model, enc)
     classifier = _local_classifier(cfg, context, model.feature_dim, num_ids)
     if cls:
@@ -409,7 +405,7 @@ def client_train(msg: Message, context: Context) -> Message:
         round_seed=server_round * 97 + int(context.node_config.get("partition-id", 0)),
     )
     train_seconds = time.monotonic() - t0
-    context.state[CLASSIFIER_STATE_KEY] = _numpy_to_record(state_arrays(classifier))
+    context.state[CLASSIFIER_STATE_KEY] = arrays_to_record(state_arrays(classifier))
     arrays = state_arrays(model)
     t1 = time.monotonic()
     content = RecordDict()
@@ -425,7 +421,7 @@ def client_train(msg: Message, context: Context) -> Message:
         content[PROTOTYPES_KEY] = prototypes_record(local.pids, local.vectors, local.counts)
     else:
         arrays.update({_CLASSIFIER_PREFIX + k: v for k, v in state_arrays(classifier).items()})
-    content["arrays"] = _numpy_to_record(arrays)
+    content["arrays"] = arrays_to_record(arrays)
     metrics: dict[str, float] = {k: float(v) for k, v in stats.items()}
     metrics["num-examples"] = float(len(data))
     metrics["train-seconds"] = train_seconds  # local_train only

@@ -42,6 +42,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from veilface.federated.arrays import record_to_arrays
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PROTOTYPES_KEY", "PrototypeFedAvg", "prototypes_record", "read_prototypes"]
@@ -109,7 +111,7 @@ class PrototypeFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's messages, each also carrying the global prototypes."""
-        self.global_arrays = {k: v.numpy() for k, v in arrays.items()}
+        self.global_arrays = record_to_arrays(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         for msg in messages:
             msg.content[PROTOTYPES_KEY] = self.prototypes

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,12 +49,10 @@ __all__ = [
     "compute_prototypes",
     "embed",
     "evaluate_model",
-    "load_state_arrays",
     "local_accuracy",
     "local_train",
     "make_optimizer",
     "modality_bn_copy",
-    "state_arrays",
 ]
 
 
@@ -114,40 +111,6 @@ class Prototypes:
     pids: npt.NDArray[np.int64]
     vectors: npt.NDArray[np.float32]
     counts: npt.NDArray[np.float32]
-
-
-def state_arrays(module: nn.Module) -> dict[str, npt.NDArray[np.generic]]:
-    """``module.state_dict()`` as numpy arrays (copies)."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
-
-
-def load_state_arrays(module: nn.Module, arrays: Mapping[str, npt.NDArray[np.generic]]) -> None:
-    """Load numpy arrays into ``module``; keys missing from ``arrays`` keep their values.
-
-    Raises
-    ------
-    InvalidArgument
-        Unknown keys or shape mismatches (arrays from another model).
-    """
-    own = module.state_dict()
-    unknown = sorted(set(arrays) - set(own))
-    if unknown:
-        raise InvalidArgument(
-            f"{len(unknown)} arrays do not belong to this model (e.g. {unknown[:3]}); "
-            "server and clients must use the same model configuration"
-        )
-    fixed: dict[str, npt.NDArray[np.generic]] = {}
-    for key, value in arrays.items():
-        value = np.asarray(value)
-        if own[key].ndim == 0 and value.size == 1:  # transports may turn 0-d into (1,)
-            value = value.reshape(())
-        fixed[key] = value
-        if tuple(own[key].shape) != tuple(value.shape):
-            raise InvalidArgument(
-                f"array {key} has shape {np.shape(value)}, the model expects "
-                f"{tuple(own[key].shape)}; server and clients must use the same configuration"
-            )
-    module.load_state_dict({k: torch.from_numpy(v) for k, v in fixed.items()}, strict=False)
 
 
 def _to_tensor(images: npt.NDArray[np.uint8]) -> Tensor:

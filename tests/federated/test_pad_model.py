@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from veilface.errors import InvalidArgument
+from veilface.federated.arrays import state_arrays
 from veilface.federated.pad.models import (
     CheckpointError,
     CLIPVisionConfig,
@@ -18,7 +19,6 @@ from veilface.federated.pad.models import (
     compute_fisher,
     load_clip_visual,
     numpy_to_state,
-    state_to_numpy,
 )
 from veilface.federated.pad.training import TrainSettings, build_model, train_domain
 from veilface.federated.run_artifacts import RunArtifacts, load_checkpoint
@@ -126,7 +126,7 @@ def test_state_round_trip_grows_domains_and_refuses_other_models(tmp_path: Path)
     model = build_model("tiny", "svlp", n_prompts=2)
     model.add_domain()
     model.add_domain()
-    arrays = state_to_numpy(model)
+    arrays = state_arrays(model, dtype=np.float32)
     fresh = build_model("tiny", "svlp", n_prompts=2)
     numpy_to_state(fresh, arrays)
     assert fresh.num_domains == 2

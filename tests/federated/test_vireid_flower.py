@@ -31,6 +31,7 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from veilface.errors import InvalidArgument
+from veilface.federated.arrays import state_arrays
 from veilface.federated.run_artifacts import CheckpointError, load_checkpoint
 from veilface.federated.server_app import UnknownTaskError, load_task
 from veilface.federated.vireid.datasets import DatasetLayoutError
@@ -56,7 +57,7 @@ from veilface.federated.vireid.strategy import (
     prototypes_record,
     read_prototypes,
 )
-from veilface.federated.vireid.training import compute_prototypes, state_arrays
+from veilface.federated.vireid.training import compute_prototypes
 
 TWO_CAMERAS = (PROXY_CAMERAS[0], PROXY_CAMERAS[2])  # one visible, one infrared
 
