@@ -16,13 +16,12 @@ from grpc_reflection.v1alpha import reflection
 
 from veilface.proto.v1 import veilface_pb2 as pb
 from veilface.proto.v1 import veilface_pb2_grpc as pb_grpc
-from veilface.server import worker
 from veilface.server.auth import AuthInterceptor
 from veilface.server.config import ServerSettings
 from veilface.server.errors_map import MalformedMessageInterceptor
 from veilface.server.limits import HeapTrimmer, TenantLimitInterceptor, bound_heap_growth
 from veilface.server.metrics import MetricsEndpoint, start_metrics
-from veilface.server.scoring import WorkerPool
+from veilface.server.scoring import ScoringBackend, open_scoring
 from veilface.server.service import GalleryService
 from veilface.server.servicers import (
     EnrollmentServicer,
@@ -91,7 +90,7 @@ def load_admin_token(settings: ServerSettings) -> tuple[str, Path | None]:
 class RunningServer:
     server: grpc.aio.Server
     service: GalleryService
-    pool: WorkerPool
+    pool: ScoringBackend
     store: GalleryStore
     port: int
     admin_token_path: Path | None
@@ -121,9 +120,7 @@ async def start_server(settings: ServerSettings) -> RunningServer:
     tokens = TokenIndex(hash_token(admin_token), store.active_tokens())
     limiter = QueryRateLimiter(settings.query_rate_per_s, settings.query_burst)
     bound_heap_growth()  # large request buffers go back to the system once freed
-    pool = WorkerPool(url.target, settings.workers)
-    await pool.warm_up()
-    await pool.broadcast(worker.configure, worker.WorkerLimits(settings.max_resident_keys))
+    pool = await open_scoring(settings, url.target)  # an unreachable Ray cluster fails here, named
     service = GalleryService(store, pool, settings)
     metrics = start_metrics(settings, store, pool.stats)  # None unless metrics_port is set
     sync_task: asyncio.Task[None] | None = None

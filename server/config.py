@@ -44,6 +44,20 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 50051
     workers: int = 2
+    # Where scoring runs: "local" (``workers`` processes, the embedded
+    # default) or "ray" (actors of the Ray cluster at ``ray_address``;
+    # server/ray_scoring.py). ray_shards 0: one actor per CPU of the
+    # cluster. ray_namespace "": one derived from the store, so front-ends
+    # sharing a store share its actors. A shard lost with its node is
+    # waited for (restarted by Ray, re-created if Ray gave up) for at most
+    # ray_recovery_s, then the call is UNAVAILABLE; ray_call_timeout_s
+    # bounds one call to a live shard.
+    scoring: str = "local"
+    ray_address: str = ""
+    ray_shards: int = 0
+    ray_namespace: str = ""
+    ray_recovery_s: float = 60.0
+    ray_call_timeout_s: float = 300.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     # A development CA and certificate made (or reused) in this folder (server/tls.py).

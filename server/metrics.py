@@ -100,6 +100,13 @@ class ScoringStats:
         with self._lock:
             self._shard_loads += count
 
+    def worker_restarted(self, worker_idx: int) -> None:
+        """Worker ``worker_idx`` came back empty (a restarted Ray actor): it holds no bin now.
+
+        The bins it is asked for next count as loads again (:meth:`track`).
+        """
+        self._held.pop(worker_idx, None)
+
     def jobs_queued(self) -> int:
         """Jobs waiting in the workers' fair queues."""
         return sum(lane.waiting for lane in self.lanes)

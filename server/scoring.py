@@ -1,53 +1,71 @@
-"""The pool of scoring workers, seen from the asyncio server.
+"""Where the homomorphic work runs, seen from the asyncio server.
 
-One single-process executor per worker gives bin affinity: the bins of
-worker ``i`` are those with ``bin_id % n == i``, so each bin is deserialized
-once and stays in that worker's memory. Workers are started with ``spawn``
-(no fork of the gRPC process).
+:class:`ScoringBackend` is the interface the service is typed against: ``n``
+shards, each running the functions of :mod:`veilface.server.worker` one job
+at a time, with bin affinity (the bins of shard ``i`` are those with
+``bin_id % n == i``, so each bin is deserialized once and stays in that
+shard's memory). Every worker function is idempotent (reads, checks, cache
+drops), so a backend may retry a call a shard lost.
+
+Implementations: :class:`WorkerPool`, local processes (the embedded
+default, started with ``spawn``: no fork of the gRPC process), and
+:class:`veilface.server.ray_scoring.RayPool`, actors of a Ray cluster
+(``--scoring ray``). :func:`open_scoring` picks one from the settings.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
+import logging
 import multiprocessing
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from veilface.server import worker
 from veilface.server.fair_queue import FairLane
 from veilface.server.metrics import ScoringStats
 
+if TYPE_CHECKING:
+    from veilface.server.config import ServerSettings
+
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
-class WorkerPool:
-    def __init__(self, db: Path | str, n: int) -> None:
-        """``n`` workers, each reading the store ``db`` names (a SQLite path or a store URL)."""
-        if n < 1:
-            raise ValueError("at least one worker is needed")
-        ctx = multiprocessing.get_context("spawn")
-        self.n = n
-        self._execs = [
-            ProcessPoolExecutor(1, mp_context=ctx, initializer=worker.init, initargs=(str(db),))
-            for _ in range(n)
-        ]
-        # One job at a time per worker, round-robin over the tenants waiting
-        # for it (server/fair_queue.py): no tenant's backlog delays another's query.
-        self._lanes = [FairLane(ex) for ex in self._execs]
-        self.stats = ScoringStats(self._lanes)  # read by the metrics endpoint (server/metrics.py)
+class ScoringBackend(abc.ABC):
+    """``n`` scoring shards running :mod:`veilface.server.worker` functions.
+
+    Subclasses provide :attr:`n`, :meth:`call` and :meth:`shutdown`; bin
+    ownership, broadcasts and the split of a query into per-shard work
+    (:meth:`score`) are the same for every backend. A call that cannot be
+    served (a shard that stays lost) raises
+    :class:`veilface.errors.Unavailable`; a worker's own error (NotFound,
+    InvalidCiphertext...) propagates unchanged.
+    """
+
+    n: int
+    #: The backend's counters, read by the metrics endpoint (server/metrics.py).
+    stats: ScoringStats
+    #: Shards found restarted or re-created since start (0 for local processes).
+    shard_reloads: int = 0
+
+    @abc.abstractmethod
+    async def call(self, idx: int, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` (a :mod:`~veilface.server.worker` function) on shard ``idx``."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Stop using the shards (local processes end; shared Ray actors stay)."""
 
     def owner(self, bin_id: int) -> int:
         return bin_id % self.n
 
-    async def call(self, idx: int, fn: Callable[..., T], *args: Any) -> T:
-        self.stats.track(idx, fn, args)  # counts the bins the job makes the worker load
-        result: T = await self._lanes[idx].submit(fn, *args)
-        return result
-
     async def warm_up(self) -> None:
-        await asyncio.gather(*(self.call(i, worker.ping) for i in range(self.n)))
+        """Until every shard answers (started, its store reader open)."""
+        await self.broadcast(worker.ping)
 
     async def score(
         self,
@@ -66,10 +84,10 @@ class WorkerPool:
 
         ``keep[bin_id]``: the slots of that bin the response needs; every
         other slot comes back masked (each part on its own). With fewer bins
-        than workers, each bin's giant steps are split across all workers
-        (every worker can load any bin; its owner keeps it warm), so a small
-        gallery still uses every core. Otherwise each worker scores the bins
-        it owns. ``query_id``: the probe is that cached query's (workers keep
+        than shards, each bin's giant steps are split across all shards
+        (every shard can load any bin; its owner keeps it warm), so a small
+        gallery still uses every core. Otherwise each shard scores the bins
+        it owns. ``query_id``: the probe is that cached query's (shards keep
         its deserialized form for the query's next stage).
         """
         units: dict[int, list[worker.ScoreUnit]] = {}
@@ -105,6 +123,61 @@ class WorkerPool:
     async def broadcast(self, fn: Callable[..., T], *args: Any) -> list[T]:
         return list(await asyncio.gather(*(self.call(i, fn, *args) for i in range(self.n))))
 
+
+class WorkerPool(ScoringBackend):
+    """``n`` local worker processes, one single-process executor each."""
+
+    def __init__(self, db: Path | str, n: int) -> None:
+        """``n`` workers, each reading the store ``db`` names (a SQLite path or a store URL)."""
+        if n < 1:
+            raise ValueError("at least one worker is needed")
+        ctx = multiprocessing.get_context("spawn")
+        self.n = n
+        self._execs = [
+            ProcessPoolExecutor(1, mp_context=ctx, initializer=worker.init, initargs=(str(db),))
+            for _ in range(n)
+        ]
+        # One job at a time per worker, round-robin over the tenants waiting
+        # for it (server/fair_queue.py): no tenant's backlog delays another's query.
+        self._lanes = [FairLane(ex) for ex in self._execs]
+        self.stats = ScoringStats(self._lanes)
+
+    async def call(self, idx: int, fn: Callable[..., T], *args: Any) -> T:
+        self.stats.track(idx, fn, args)  # counts the bins the job makes the worker load
+        result: T = await self._lanes[idx].submit(fn, *args)
+        return result
+
     def shutdown(self) -> None:
         for ex in self._execs:
             ex.shutdown(wait=False, cancel_futures=True)
+
+
+async def open_scoring(settings: ServerSettings, db: str) -> ScoringBackend:
+    """The backend ``settings.scoring`` names, started and configured.
+
+    ``db``: the store as the shards open it (``StoreURL.target``). A Ray
+    cluster that cannot be reached raises Unavailable naming its address.
+    """
+    backend: ScoringBackend
+    limits = worker.WorkerLimits(settings.max_resident_keys)
+    if settings.scoring == "ray":
+        from veilface.server.ray_scoring import RayOptions, RayPool
+
+        backend = await asyncio.to_thread(RayPool, db, RayOptions.from_settings(settings), limits)
+    elif settings.scoring == "local":
+        backend = WorkerPool(db, settings.workers)
+    else:
+        from veilface.errors import InvalidArgument
+
+        raise InvalidArgument(f"--scoring {settings.scoring!r}: use local or ray")
+    try:
+        await backend.warm_up()
+        await backend.broadcast(worker.configure, limits)
+    except BaseException:
+        backend.shutdown()
+        raise
+    log.info("scoring: %s, %d shards", settings.scoring, backend.n)
+    return backend
+
+
+__all__ = ["ScoringBackend", "WorkerPool", "open_scoring"]

@@ -24,7 +24,7 @@ from veilface.server.config import ServerSettings
 from veilface.server.enrollment import EnrollmentService
 from veilface.server.identification import BinScore, IdentificationService
 from veilface.server.limits import TenantLimiter
-from veilface.server.scoring import WorkerPool
+from veilface.server.scoring import ScoringBackend
 from veilface.server.store.base import GalleryStore
 from veilface.server.store.blobs import pack_blobs
 from veilface.server.store.records import BinInfo, KeyRecord, KeyStats
@@ -60,7 +60,7 @@ class GalleryService:
     background tasks.
     """
 
-    def __init__(self, store: GalleryStore, pool: WorkerPool, settings: ServerSettings) -> None:
+    def __init__(self, store: GalleryStore, pool: ScoringBackend, settings: ServerSettings) -> None:
         self.store = store
         self.pool = pool
         self.settings = settings

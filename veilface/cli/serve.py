@@ -19,7 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (0 picks a free one; default 50051)")
-    p.add_argument("--workers", type=int, help="scoring processes (default 2)")
+    p.add_argument("--workers", type=int, help="scoring processes (default 2; --scoring local)")
+    p.add_argument(
+        "--scoring", choices=["local", "ray"],
+        help="where scoring runs: local processes (default) or actors of a Ray cluster",
+    )
+    p.add_argument("--ray-address", metavar="HOST:PORT", help="the Ray head (--scoring ray)")
+    p.add_argument("--ray-shards", type=int, help="Ray actors (default: one per CPU of the cluster)")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     p.add_argument(
@@ -59,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
+        scoring=args.scoring,
+        ray_address=args.ray_address,
+        ray_shards=args.ray_shards,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_self_signed=args.tls_self_signed,
