@@ -91,7 +91,8 @@ class AdminClient:
 
     Parameters
     ----------
-    target : ``host:port`` of the server
+    target : ``host:port`` of the server, or several (a list or ``"a:1,b:2"``):
+        one channel balanced round-robin over them (front-ends sharing a store)
     token : the operator's admin token, or a tenant's ``manage`` token
     root_cert : PEM root certificate to verify the server (TLS)
     insecure : permit plaintext to a non-loopback target (see :class:`Transport`)
@@ -99,7 +100,7 @@ class AdminClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         token: str,
         root_cert: Path | None = None,

@@ -74,7 +74,8 @@ class VeilClient:
 
     Parameters
     ----------
-    target : ``host:port`` of the server
+    target : ``host:port`` of the server, or several (a list or ``"a:1,b:2"``):
+        one channel balanced round-robin over them (front-ends sharing a store)
     state : the tenant's keys, routing and thresholds (:class:`TenantState`)
     token : the tenant's API token
     root_cert : PEM root certificate to verify the server (TLS). Without it a
@@ -87,7 +88,7 @@ class VeilClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         state: TenantState,
         *,
         token: str,

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import grpc
 
 from veilface import errors
+from veilface.client.targets import channel_target
 from veilface.loopback import is_loopback_host
 from veilface.proto.v1 import veilface_pb2_grpc as pb_grpc
 
@@ -193,13 +194,16 @@ def open_channel(
 class Transport:
     """Stubs over one channel; every call carries the bearer token.
 
+    ``target``: one address, or several (a list or ``"a:1,b:2"``) balanced
+    round-robin (:func:`veilface.client.targets.channel_target`).
+
     ``insecure`` permits plaintext to a non-loopback target that has no
     ``root_cert`` (otherwise such a target gets TLS with the system roots).
     """
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         token: str,
         root_cert: Path | None = None,
@@ -207,12 +211,16 @@ class Transport:
         max_message_bytes: int = 128 * 1024 * 1024,
         timeout_s: float = 120.0,
     ) -> None:
+        # Several addresses: one channel balanced round-robin over them (client/targets.py).
+        dial = channel_target(target)
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            *dial.options,
         ]
-        self.security = choose_channel_security(target, root_cert=root_cert, insecure=insecure)
-        self.channel = open_channel(target, self.security, options)
+        self.target = dial.target
+        self.security = choose_channel_security(dial.target, root_cert=root_cert, insecure=insecure)
+        self.channel = open_channel(dial.target, self.security, options)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self.timeout_s = timeout_s
         self.tenants = pb_grpc.TenantsStub(self.channel)

@@ -37,7 +37,11 @@ def add_state_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_server_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the service")
+    p.add_argument(
+        "--server",
+        default="127.0.0.1:50051",
+        help="host:port of the service, or several (a,b: round-robin over front-ends sharing a store)",
+    )
     p.add_argument("--token-env", default="VEILFACE_TOKEN", help="variable holding the API token")
     p.add_argument("--token-file", type=Path, help="file holding the API token")
     p.add_argument(
