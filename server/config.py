@@ -51,13 +51,15 @@ class ServerSettings:
     # sharing a store share its actors. A shard lost with its node is
     # waited for (restarted by Ray, re-created if Ray gave up) for at most
     # ray_recovery_s, then the call is UNAVAILABLE; ray_call_timeout_s
-    # bounds one call to a live shard.
+    # bounds one call to a live shard. ray_detached False: the actors end
+    # with the front-end that made them (benchmarks; unshared).
     scoring: str = "local"
     ray_address: str = ""
     ray_shards: int = 0
     ray_namespace: str = ""
     ray_recovery_s: float = 60.0
     ray_call_timeout_s: float = 300.0
+    ray_detached: bool = True
     tls_cert: Path | None = None
     tls_key: Path | None = None
     # A development CA and certificate made (or reused) in this folder (server/tls.py).

@@ -12,8 +12,9 @@ Sharing. Actors are named ``shard-<i>-of-<n>`` in a namespace derived from
 the store (``veilface-<hash of the URL without password>``, or
 ``--ray-namespace``) and detached from the front-end that created them: a
 second front-end on the same store and cluster finds them by name and uses
-them (the bins are loaded once for all front-ends); a front-end with
-another shard count or another store gets its own and coexists. The actors
+them, with their shard count (the bins are loaded once for all front-ends,
+and a front-end's cache drops reach every one); a front-end of another
+store, or given another ``--ray-shards``, gets its own and coexists. The actors
 stay up when the front-ends stop (they are a cache of the store; ``ray
 stop`` on the cluster, or a new namespace, drops them).
 
@@ -37,9 +38,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,6 +76,7 @@ class RayOptions:
     namespace: str = ""  # "": derived from the store
     recovery_s: float = 60.0
     call_timeout_s: float = 300.0
+    detached: bool = True  # False: the actors end with this front-end (not shared)
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> RayOptions:
@@ -84,6 +88,7 @@ class RayOptions:
             settings.ray_namespace,
             settings.ray_recovery_s,
             settings.ray_call_timeout_s,
+            settings.ray_detached,
         )
 
 
@@ -94,6 +99,9 @@ def namespace_for(db: str) -> str:
 
 def shard_name(i: int, n: int) -> str:
     return f"shard-{i}-of-{n}"
+
+
+_SHARD_NAME = re.compile(r"shard-\d+-of-(\d+)")
 
 
 class ShardActor:
@@ -163,19 +171,22 @@ class RayPool(ScoringBackend):
         self._limits = limits
         _check_reachable(options.address)
         try:
-            ray.init(
-                address=options.address,
-                namespace=self.namespace,
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-            )
+            with warnings.catch_warnings():  # Ray's notice about GPU variables: no GPU here
+                warnings.simplefilter("ignore", FutureWarning)
+                ray.init(
+                    address=options.address,
+                    namespace=self.namespace,
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                )
         except Exception as err:  # version mismatch, a port that is not a GCS...
             raise Unavailable(
                 f"cannot join the Ray cluster at {options.address}: {type(err).__name__}"
             ) from err
         nodes = [nd for nd in ray.nodes() if nd.get("Alive")]  # type: ignore[no-untyped-call]
         slots = _cpu_slots(nodes)
-        self.n = options.shards or max(1, len(slots))
+        # A front-end joining shards already up uses them, whatever the cluster's size now.
+        self.n = options.shards or self._existing_shards() or max(1, len(slots))
         self._cls = ray.remote(num_cpus=SHARD_CPUS, max_restarts=-1, max_task_retries=0)(ShardActor)
         self._handles = [self._get_or_create(i, slots[i % len(slots)] if slots else None)
                          for i in range(self.n)]
@@ -190,6 +201,17 @@ class RayPool(ScoringBackend):
             options.address, len(nodes), self.n, self.namespace,
         )
 
+    def _existing_shards(self) -> int:
+        """The shard count of the actors already named in this namespace (0: none)."""
+        from ray.util import list_named_actors
+
+        counts = [
+            int(m.group(1))
+            for name in list_named_actors()
+            if (m := _SHARD_NAME.fullmatch(str(name))) is not None
+        ]
+        return max(counts, default=0)
+
     def _get_or_create(self, idx: int, node_id: str | None) -> Any:
         """The shard's actor: the one of that name if alive, else a new one (near ``node_id``)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -197,9 +219,10 @@ class RayPool(ScoringBackend):
         opts: dict[str, Any] = {
             "name": shard_name(idx, self.n),
             "namespace": self.namespace,
-            "lifetime": "detached",
             "get_if_exists": True,
         }
+        if self.options.detached:
+            opts["lifetime"] = "detached"
         if node_id is not None:  # soft: anywhere when that node is gone
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
         return self._cls.options(**opts).remote(self._db, self._limits)
@@ -226,6 +249,7 @@ class RayPool(ScoringBackend):
         """``fn(*args)`` on shard ``idx``, waiting for a lost shard to come back (in a thread)."""
         from ray import exceptions as rx
 
+        lost = _lost_errors()
         name = fn.__name__
         if getattr(worker, name, None) is not fn:
             raise ValueError(f"{name} is not a veilface.server.worker function")
@@ -233,8 +257,9 @@ class RayPool(ScoringBackend):
         delay, failures = 0.1, 0
         while True:
             handle = self._handles[idx]
-            ref = handle.run.remote(name, args)
+            ref = None
             try:
+                ref = handle.run.remote(name, args)
                 result: T = self._ray.get(ref, timeout=self.options.call_timeout_s)
             except rx.RayTaskError as err:  # the worker's own error: re-raised as it is
                 cause = err.cause
@@ -242,12 +267,12 @@ class RayPool(ScoringBackend):
                     raise cause from None
                 raise
             except rx.GetTimeoutError:
-                self._ray.cancel(ref, force=True)
+                if ref is not None:
+                    self._ray.cancel(ref, force=True)
                 raise Unavailable(
                     f"scoring shard {idx} did not answer within {self.options.call_timeout_s:g} s"
                 ) from None
-            except (rx.RayActorError, rx.ObjectLostError, rx.WorkerCrashedError,
-                    rx.NodeDiedError, rx.RaySystemError) as err:
+            except lost as err:
                 failures += 1
                 if time.monotonic() + delay > deadline:
                     raise Unavailable(
@@ -259,6 +284,10 @@ class RayPool(ScoringBackend):
                 delay = min(2 * delay, 1.0)
                 self._refresh(idx, handle)
                 continue
+            except rx.RayError as err:  # Ray itself failed (not the worker): not our INTERNAL
+                raise Unavailable(
+                    f"scoring shard {idx}: the Ray cluster failed the call ({type(err).__name__})"
+                ) from None
             if failures:
                 self.shard_reloads += 1
                 self._restarted[idx] = True
@@ -284,6 +313,20 @@ class RayPool(ScoringBackend):
         self._threads.shutdown(wait=False, cancel_futures=True)
         if self._ray.is_initialized():
             self._ray.shutdown()
+
+
+def _lost_errors() -> tuple[type[BaseException], ...]:
+    """Ray's errors that mean the shard (its actor, worker, node or objects) is gone for now."""
+    from ray import exceptions as rx
+
+    return (
+        rx.RayActorError,  # ActorDiedError, ActorUnavailableError (restarting)
+        rx.ObjectLostError,
+        rx.WorkerCrashedError,
+        rx.NodeDiedError,
+        rx.OutOfMemoryError,  # the actor was killed for memory: Ray restarts it
+        rx.RaySystemError,
+    )
 
 
 def _cpu_slots(nodes: Sequence[dict[str, Any]]) -> list[str]:

@@ -65,6 +65,8 @@ def _placement(cluster: LocalRayCluster, url: str) -> list[str]:
     ray.init(address=cluster.address, namespace=namespace_for(url), log_to_driver=False,
              logging_level=logging.WARNING)
     try:
+        # one set of shards, found by name by the second front-end, not a set per front-end
+        assert sorted(ray.util.list_named_actors()) == [shard_name(0, 2), shard_name(1, 2)]
         handles = [ray.get_actor(shard_name(i, 2)) for i in range(2)]
         return [str(ray.get(h.where.remote(), timeout=120)[0]) for h in handles]
     finally:

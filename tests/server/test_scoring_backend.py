@@ -143,3 +143,75 @@ def test_namespace_ignores_the_password() -> None:
     assert a == namespace_for("postgresql://u:other@h:5432/db")
     assert a != namespace_for("postgresql://u:secret1@h:5432/db2")
     assert "secret" not in a
+
+
+class _FakeRay:
+    """``ray.get`` answering from a script: an exception to raise, or a value to return."""
+
+    def __init__(self, script: list[object]) -> None:
+        self.script = script
+        self.gets = 0
+
+    def get(self, ref: object, timeout: float) -> object:
+        self.gets += 1
+        step = self.script.pop(0) if self.script else "ok"
+        if isinstance(step, BaseException):
+            raise step
+        return step
+
+    def cancel(self, ref: object, force: bool) -> None:
+        pass
+
+    def get_actor(self, name: str, namespace: str) -> object:
+        return _FakeHandle()
+
+
+class _FakeHandle:
+    class run:  # the actor method's name
+        @staticmethod
+        def remote(*args: object) -> object:
+            return object()
+
+
+def _fake_pool(script: list[object], recovery_s: float = 5.0) -> Any:
+    import threading
+
+    from veilface.server.ray_scoring import RayOptions, RayPool
+
+    pool = object.__new__(RayPool)  # no cluster: only the retry logic runs
+    pool._ray = _FakeRay(script)
+    pool.options = RayOptions("127.0.0.1:1", recovery_s=recovery_s)
+    pool.namespace = "test"
+    pool.n = 2
+    pool._handles = [_FakeHandle(), _FakeHandle()]
+    pool._lock = threading.Lock()
+    pool.shard_reloads = 0
+    return pool
+
+
+def test_a_lost_shard_is_retried_until_it_is_back() -> None:
+    ray_exc = pytest.importorskip("ray.exceptions")
+    lost = [ray_exc.ActorUnavailableError("restarting", None), ray_exc.NodeDiedError("gone")]
+    pool = _fake_pool([*lost, "answer"])
+    assert pool._call_blocking(0, worker.ping, ()) == "answer"
+    assert pool._ray.gets == 3 and pool.shard_reloads == 1
+
+
+def test_a_shard_that_stays_lost_is_unavailable() -> None:
+    ray_exc = pytest.importorskip("ray.exceptions")
+    pool = _fake_pool([ray_exc.ActorUnavailableError("down", None)] * 100, recovery_s=0.5)
+    with pytest.raises(Unavailable, match="shard 1 of 2 was lost"):
+        pool._call_blocking(1, worker.ping, ())
+
+
+def test_worker_errors_come_back_as_they_are_and_ray_failures_are_unavailable() -> None:
+    ray_exc = pytest.importorskip("ray.exceptions")
+    wrapped = ray_exc.RayTaskError("run", "tb", NotFound("no bin 5"))
+    with pytest.raises(NotFound, match="no bin 5"):
+        _fake_pool([wrapped])._call_blocking(0, worker.current, (5,))
+    with pytest.raises(Unavailable, match="did not answer"):
+        _fake_pool([ray_exc.GetTimeoutError("slow")])._call_blocking(0, worker.ping, ())
+    with pytest.raises(Unavailable, match="Ray cluster failed"):
+        _fake_pool([ray_exc.ObjectStoreFullError("full")])._call_blocking(0, worker.ping, ())
+    with pytest.raises(ValueError, match="not a veilface.server.worker function"):
+        _fake_pool([])._call_blocking(0, print, ())
