@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from veilface.server.launcher import LocalServer
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,16 @@ class BenchConfig:
     seed: int = 0
     progress: bool = True
     presel_dims: int = 0  # 0: the layout's default
+    # The store (""): a SQLite file in a temporary folder; a postgresql:// URL:
+    # a scratch schema of that database, dropped at the end.
+    db: str = ""
+    scoring: str = "local"  # or "ray"
+    ray_address: str = ""  # "": a local cluster of two nodes, started for the run
+    # Run the same gallery and queries on each of these (in this order; the
+    # first is the baseline of the ratios): stores ("sqlite", "postgresql")
+    # or scoring backends ("local", "ray"). At most one of the two.
+    compare_db: tuple[str, ...] = ()
+    compare_scoring: tuple[str, ...] = ()
 
 
 def _data(cfg: BenchConfig) -> tuple[npt.NDArray[np.float32], list[str], npt.NDArray[np.float32], list[str], str]:
@@ -80,165 +92,197 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run_identify_bench(cfg: BenchConfig) -> dict[str, Any]:
-    import faiss
+    """One run on the store and scoring backend ``cfg`` names, or a comparison of two.
+
+    With ``cfg.compare_db`` or ``cfg.compare_scoring`` the same gallery and
+    queries run on each backend in turn (:mod:`veilface.bench.identify_compare`).
+    """
+    from veilface.bench.identify_compare import check_compare, run_compare, run_single
+
+    if cfg.compare_db or cfg.compare_scoring:
+        check_compare(cfg)
+    data = BenchData.make(cfg)
+    if cfg.compare_db or cfg.compare_scoring:
+        return run_compare(cfg, data)
+    return run_single(cfg, data)
+
+
+@dataclass
+class BenchData:
+    """The gallery, the probes and the plaintext baseline, shared by every run of one invocation."""
+
+    gal: npt.NDArray[np.float32]
+    gal_labels: list[str]
+    probes: npt.NDArray[np.float32]
+    probe_labels: list[str]
+    source: str
+    index: Any  # faiss.IndexFlatIP over the normalized gallery
+
+    @classmethod
+    def make(cls, cfg: BenchConfig) -> BenchData:
+        import faiss
+
+        gal, gal_labels, probes, probe_labels, source = _data(cfg)
+        # Plaintext baseline over exactly the enrolled gallery.
+        gnorm = gal / np.linalg.norm(gal, axis=1, keepdims=True)
+        index = faiss.IndexFlatIP(gal.shape[1])
+        index.add(np.ascontiguousarray(gnorm, dtype=np.float32))
+        return cls(gal, gal_labels, probes, probe_labels, source, index)
+
+
+def measure(cfg: BenchConfig, data: BenchData, srv: LocalServer, tenant: str = "bench") -> dict[str, Any]:
+    """Enroll ``data``'s gallery as a new tenant of the running ``srv``, then time its queries."""
     from tqdm import tqdm
 
     from veilface.client.admin import AdminClient
     from veilface.client.sdk import VeilClient
     from veilface.client.tenant_state import TenantState
-    from veilface.server.launcher import LocalServer
 
-    gal, gal_labels, probes, probe_labels, source = _data(cfg)
+    gal, gal_labels, probes, probe_labels, index = (
+        data.gal, data.gal_labels, data.probes, data.probe_labels, data.index
+    )
     dim = gal.shape[1]
     n_single = min(cfg.single, max(0, len(gal) - 1))
     bulk_ids = [f"{lab}" for lab in gal_labels[: len(gal) - n_single]]
     single_ids = gal_labels[len(gal) - n_single :]
-
-    # Plaintext baseline over exactly the enrolled gallery.
-    gnorm = gal / np.linalg.norm(gal, axis=1, keepdims=True)
-    index = faiss.IndexFlatIP(dim)
-    index.add(np.ascontiguousarray(gnorm, dtype=np.float32))
-
     result: dict[str, Any] = {
         "mode": cfg.mode,
         "gallery": len(gal),
         "queries": len(probes),
         "dim": dim,
-        "source": source,
+        "source": data.source,
         "k": cfg.k,
     }
-    with tempfile.TemporaryDirectory(prefix="veilface-bench-") as tmp:
-        with LocalServer(Path(tmp) / "bench.db", workers=cfg.workers) as srv:
-            with AdminClient(srv.target, token=srv.admin_token) as admin:
-                token = admin.create_tenant("bench").api_token
-            state = TenantState.new("bench", dim=dim, presel_dims=cfg.presel_dims)
-            with VeilClient(srv.target, state, token=token) as client:
-                client.register_key()
-                if cfg.mode == "routed":
-                    nlist = cfg.nlist or max(1, len(gal) // 1024)
-                    t = time.perf_counter()
-                    client.train_routing(gal, nlist=nlist, seed=cfg.seed)
-                    result["routing_train_s"] = time.perf_counter() - t
-                    result["nlist"] = nlist
-                    result["nprobe"] = cfg.nprobe
+    with AdminClient(srv.target, token=srv.admin_token) as admin:
+        token = admin.create_tenant(tenant).api_token
+    state = TenantState.new(tenant, dim=dim, presel_dims=cfg.presel_dims)
+    with VeilClient(srv.target, state, token=token) as client:
+        client.register_key()
+        if cfg.mode == "routed":
+            nlist = cfg.nlist or max(1, len(gal) // 1024)
+            t = time.perf_counter()
+            client.train_routing(gal, nlist=nlist, seed=cfg.seed)
+            result["routing_train_s"] = time.perf_counter() - t
+            result["nlist"] = nlist
+            result["nprobe"] = cfg.nprobe
 
-                # The centering vector is fixed once per key from the tenant's own
-                # templates (and registered encrypted); not part of the import rate.
-                client.calibrate(gal[: len(bulk_ids)] if bulk_ids else gal)
+        # The centering vector is fixed once per key from the tenant's own
+        # templates (and registered encrypted); not part of the import rate.
+        client.calibrate(gal[: len(bulk_ids)] if bulk_ids else gal)
+        t = time.perf_counter()
+        if bulk_ids:
+            client.enroll_many(bulk_ids, gal[: len(bulk_ids)], progress=cfg.progress)
+        bulk_s = time.perf_counter() - t
+        result["enroll_bulk_s"] = bulk_s
+        result["enroll_bulk_per_s"] = len(bulk_ids) / bulk_s if bulk_s > 0 else float("nan")
+
+        # Let the workers finish the bulk import's background work (loading
+        # bins, precomputing their scores against the center) before timing.
+        for p in probes[:2]:
+            client.identify(p, mode=cfg.mode, k=cfg.k, nprobe=cfg.nprobe)
+
+        # Single enrollments, one after another as at a kiosk: every
+        # other one through the staging area (acknowledged durable and
+        # searchable, then folded into its bin in the background; the
+        # fold is timed apart), the others straight into their bin
+        # (the baseline, in the same run).
+        single_ms, fold_ms, direct_ms = [], [], []
+        for i, (sid, e) in enumerate(zip(single_ids, gal[len(bulk_ids) :], strict=True)):
+            t = time.perf_counter()
+            if i % 2 == 0:
+                client.enroll(sid, e)
+                single_ms.append((time.perf_counter() - t) * 1e3)
                 t = time.perf_counter()
-                if bulk_ids:
-                    client.enroll_many(bulk_ids, gal[: len(bulk_ids)], progress=cfg.progress)
-                bulk_s = time.perf_counter() - t
-                result["enroll_bulk_s"] = bulk_s
-                result["enroll_bulk_per_s"] = len(bulk_ids) / bulk_s if bulk_s > 0 else float("nan")
+                client.flush()
+                fold_ms.append((time.perf_counter() - t) * 1e3)
+            else:
+                client.enroll(sid, e, staged=False)
+                direct_ms.append((time.perf_counter() - t) * 1e3)
+        result["enroll_single_n"] = len(single_ms)
+        result["enroll_single_p50_ms"] = _pct(single_ms, 50)
+        result["enroll_single_p95_ms"] = _pct(single_ms, 95)
+        result["enroll_fold_p50_ms"] = _pct(fold_ms, 50)
+        result["enroll_direct_p50_ms"] = _pct(direct_ms, 50)
+        result["enroll_direct_p95_ms"] = _pct(direct_ms, 95)
+        # Let compaction (2 s after a bin's last write) fold the single
+        # enrollments' deltas into their bins before measuring storage.
+        # The machine may be loaded: wait for 5 s without change.
+        time.sleep(3.0)
+        last, stable = -1, 0
+        for _ in range(120):
+            stored = client.describe().keys[0].stored_bytes
+            stable = stable + 1 if stored == last else 0
+            if stable >= 5:
+                break
+            last = stored
+            time.sleep(1.0)
 
-                # Let the workers finish the bulk import's background work (loading
-                # bins, precomputing their scores against the center) before timing.
-                for p in probes[:2]:
-                    client.identify(p, mode=cfg.mode, k=cfg.k, nprobe=cfg.nprobe)
+        desc = client.describe()
+        key = desc.keys[0]
+        result["presel_dims"] = key.presel_dims
+        result["bytes_per_template"] = key.stored_bytes / max(1, key.subjects)
+        result["bins"] = key.bins
 
-                # Single enrollments, one after another as at a kiosk: every
-                # other one through the staging area (acknowledged durable and
-                # searchable, then folded into its bin in the background; the
-                # fold is timed apart), the others straight into their bin
-                # (the baseline, in the same run).
-                single_ms, fold_ms, direct_ms = [], [], []
-                for i, (sid, e) in enumerate(zip(single_ids, gal[len(bulk_ids) :], strict=True)):
-                    t = time.perf_counter()
-                    if i % 2 == 0:
-                        client.enroll(sid, e)
-                        single_ms.append((time.perf_counter() - t) * 1e3)
-                        t = time.perf_counter()
-                        client.flush()
-                        fold_ms.append((time.perf_counter() - t) * 1e3)
-                    else:
-                        client.enroll(sid, e, staged=False)
-                        direct_ms.append((time.perf_counter() - t) * 1e3)
-                result["enroll_single_n"] = len(single_ms)
-                result["enroll_single_p50_ms"] = _pct(single_ms, 50)
-                result["enroll_single_p95_ms"] = _pct(single_ms, 95)
-                result["enroll_fold_p50_ms"] = _pct(fold_ms, 50)
-                result["enroll_direct_p50_ms"] = _pct(direct_ms, 50)
-                result["enroll_direct_p95_ms"] = _pct(direct_ms, 95)
-                # Let compaction (2 s after a bin's last write) fold the single
-                # enrollments' deltas into their bins before measuring storage.
-                # The machine may be loaded: wait for 5 s without change.
-                time.sleep(3.0)
-                last, stable = -1, 0
-                for _ in range(120):
-                    stored = client.describe().keys[0].stored_bytes
-                    stable = stable + 1 if stored == last else 0
-                    if stable >= 5:
-                        break
-                    last = stored
-                    time.sleep(1.0)
+        # warm-up: the workers deserialize their bins on first use and
+        # finish precomputing the bins' scores against the center
+        for p in probes[:3]:
+            client.identify(p, mode=cfg.mode, k=cfg.k, nprobe=cfg.nprobe)
 
-                desc = client.describe()
-                key = desc.keys[0]
-                result["presel_dims"] = key.presel_dims
-                result["bytes_per_template"] = key.stored_bytes / max(1, key.subjects)
-                result["bins"] = key.bins
-
-                # warm-up: the workers deserialize their bins on first use and
-                # finish precomputing the bins' scores against the center
-                for p in probes[:3]:
-                    client.identify(p, mode=cfg.mode, k=cfg.k, nprobe=cfg.nprobe)
-
-                lat, pre_ms, rr_ms, enc_ms, qbytes, hits, enc_correct, plain_correct, plain_ms = (
-                    [], [], [], [], [], 0, 0, 0, [],
+        lat, pre_ms, rr_ms, enc_ms, qbytes, hits, enc_correct, plain_correct, plain_ms = (
+            [], [], [], [], [], 0, 0, 0, [],
+        )
+        route_hits, bins_pre, bins_rr = 0, [], []
+        router = client.state.router
+        gal_lists = (
+            router.assign((client.normalize(gal) @ client._mix.T).astype(np.float32))
+            if router is not None
+            else None
+        )
+        for p, lab in tqdm(
+            list(zip(probes, probe_labels, strict=True)),
+            desc=f"identify ({cfg.mode})",
+            disable=not cfg.progress,
+        ):
+            t = time.perf_counter()
+            q = np.ascontiguousarray(p[None, :] / np.linalg.norm(p), dtype=np.float32)
+            _, top = index.search(q, 1)
+            plain_ms.append((time.perf_counter() - t) * 1e3)
+            plain_top = gal_labels[int(top[0, 0])]
+            r = client.identify(p, mode=cfg.mode, k=cfg.k, nprobe=cfg.nprobe)
+            if gal_lists is not None and router is not None:
+                probed = router.probe_lists(
+                    (client._mix @ q[0].astype(np.float64)).astype(np.float32),
+                    min(cfg.nprobe, router.nlist),
                 )
-                route_hits, bins_pre, bins_rr = 0, [], []
-                router = client.state.router
-                gal_lists = (
-                    router.assign((client.normalize(gal) @ client._mix.T).astype(np.float32))
-                    if router is not None
-                    else None
-                )
-                for p, lab in tqdm(
-                    list(zip(probes, probe_labels, strict=True)),
-                    desc=f"identify ({cfg.mode})",
-                    disable=not cfg.progress,
-                ):
-                    t = time.perf_counter()
-                    q = np.ascontiguousarray(p[None, :] / np.linalg.norm(p), dtype=np.float32)
-                    _, top = index.search(q, 1)
-                    plain_ms.append((time.perf_counter() - t) * 1e3)
-                    plain_top = gal_labels[int(top[0, 0])]
-                    r = client.identify(p, mode=cfg.mode, k=cfg.k, nprobe=cfg.nprobe)
-                    if gal_lists is not None and router is not None:
-                        probed = router.probe_lists(
-                            (client._mix @ q[0].astype(np.float64)).astype(np.float32),
-                            min(cfg.nprobe, router.nlist),
-                        )
-                        route_hits += int(gal_lists[int(top[0, 0])] in set(np.ravel(probed).tolist()))
-                    bins_pre.append(r.stats.bins_preselected)
-                    bins_rr.append(r.stats.bins_reranked)
-                    lat.append(r.stats.total_ms)
-                    pre_ms.append(r.stats.preselect_ms)
-                    rr_ms.append(r.stats.rerank_ms)
-                    enc_ms.append(r.stats.encrypt_ms)
-                    qbytes.append(r.stats.bytes_up + r.stats.bytes_down)
-                    hits += int(r.subject_id == plain_top)
-                    enc_correct += int(r.subject_id == lab)
-                    plain_correct += int(plain_top == lab)
-                n = max(1, len(probes))
-                result.update(
-                    p50_ms=_pct(lat, 50),
-                    p95_ms=_pct(lat, 95),
-                    preselect_p50_ms=_pct(pre_ms, 50),
-                    rerank_p50_ms=_pct(rr_ms, 50),
-                    probe_encrypt_p50_ms=_pct(enc_ms, 50),
-                    plaintext_p50_ms=_pct(plain_ms, 50),
-                    hit_rate=hits / n,
-                    rank1_encrypted=enc_correct / n,
-                    rank1_plaintext=plain_correct / n,
-                    query_bytes=float(np.mean(qbytes)) if qbytes else float("nan"),
-                    bins_preselected_mean=float(np.mean(bins_pre)) if bins_pre else 0.0,
-                    bins_reranked_mean=float(np.mean(bins_rr)) if bins_rr else 0.0,
-                )
-                if gal_lists is not None:
-                    result["routing_recall"] = route_hits / n
-                result["slowdown_vs_plaintext"] = result["p50_ms"] / max(result["plaintext_p50_ms"], 1e-9)
+                route_hits += int(gal_lists[int(top[0, 0])] in set(np.ravel(probed).tolist()))
+            bins_pre.append(r.stats.bins_preselected)
+            bins_rr.append(r.stats.bins_reranked)
+            lat.append(r.stats.total_ms)
+            pre_ms.append(r.stats.preselect_ms)
+            rr_ms.append(r.stats.rerank_ms)
+            enc_ms.append(r.stats.encrypt_ms)
+            qbytes.append(r.stats.bytes_up + r.stats.bytes_down)
+            hits += int(r.subject_id == plain_top)
+            enc_correct += int(r.subject_id == lab)
+            plain_correct += int(plain_top == lab)
+        n = max(1, len(probes))
+        result.update(
+            p50_ms=_pct(lat, 50),
+            p95_ms=_pct(lat, 95),
+            preselect_p50_ms=_pct(pre_ms, 50),
+            rerank_p50_ms=_pct(rr_ms, 50),
+            probe_encrypt_p50_ms=_pct(enc_ms, 50),
+            plaintext_p50_ms=_pct(plain_ms, 50),
+            hit_rate=hits / n,
+            rank1_encrypted=enc_correct / n,
+            rank1_plaintext=plain_correct / n,
+            query_bytes=float(np.mean(qbytes)) if qbytes else float("nan"),
+            bins_preselected_mean=float(np.mean(bins_pre)) if bins_pre else 0.0,
+            bins_reranked_mean=float(np.mean(bins_rr)) if bins_rr else 0.0,
+        )
+        if gal_lists is not None:
+            result["routing_recall"] = route_hits / n
+        result["slowdown_vs_plaintext"] = result["p50_ms"] / max(result["plaintext_p50_ms"], 1e-9)
     return result
 
 

@@ -21,6 +21,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--presel-dims", type=int, default=0, help="coordinates scored by preselection")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--db", default="", metavar="sqlite|PATH|URL",
+        help="the store: sqlite (default, a temporary file) or postgresql://... (a scratch "
+        "schema of that database, dropped at the end)",
+    )
+    p.add_argument("--scoring", choices=["local", "ray"], default="local")
+    p.add_argument(
+        "--ray-address", default="", metavar="HOST:PORT",
+        help="the Ray head (default with --scoring ray: start a local cluster of two nodes)",
+    )
+    p.add_argument(
+        "--compare-db", default="", metavar="sqlite,postgresql",
+        help="run the same gallery and queries on each store, in one invocation (needs --db "
+        "postgresql://...); prints each figure's ratio to the first",
+    )
+    p.add_argument(
+        "--compare-scoring", default="", metavar="local,ray",
+        help="the same on each scoring backend (local processes, a Ray cluster)",
+    )
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=identify)
@@ -58,8 +77,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     register_bench(bench)
 
 
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
 def identify(args: argparse.Namespace) -> int:
     from veilface.bench.identify import BenchConfig, format_table, run_identify_bench, write_json
+    from veilface.bench.identify_compare import format_compare_table
 
     cfg = BenchConfig(
         gallery=args.gallery,
@@ -74,9 +98,20 @@ def identify(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         presel_dims=args.presel_dims,
+        db=args.db,
+        scoring=args.scoring,
+        ray_address=args.ray_address,
+        compare_db=_names(args.compare_db),
+        compare_scoring=_names(args.compare_scoring),
     )
     result = run_identify_bench(cfg)
-    print(format_table(result))
+    if "runs" in result:
+        for label, run in result["runs"].items():
+            print(f"== {label}")
+            print(format_table(run))
+        print(format_compare_table(result))
+    else:
+        print(format_table(result))
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")
