@@ -161,9 +161,7 @@ class RayPool(ScoringBackend):
         try:
             import ray
         except ImportError:
-            raise FailedPrecondition(
-                "--scoring ray needs Ray: pip install 'veilface[server]' (ray)"
-            ) from None
+            raise FailedPrecondition("--scoring ray needs Ray: pip install 'veilface[ray]'") from None
         self._ray = ray
         self.options = options
         self.namespace = options.namespace or namespace_for(db)
@@ -183,10 +181,23 @@ class RayPool(ScoringBackend):
             raise Unavailable(
                 f"cannot join the Ray cluster at {options.address}: {type(err).__name__}"
             ) from err
-        nodes = [nd for nd in ray.nodes() if nd.get("Alive")]  # type: ignore[no-untyped-call]
+        try:
+            nodes = self._start_shards()
+        except BaseException:
+            ray.shutdown()
+            raise
+        log.info(
+            "Ray cluster %s: %d live nodes, %d shards in namespace %s",
+            options.address, len(nodes), self.n, self.namespace,
+        )
+
+    def _start_shards(self) -> list[dict[str, Any]]:
+        """Find or create the shards' actors; the live nodes seen."""
+        ray = self._ray
+        nodes = [nd for nd in ray.nodes() if nd.get("Alive")]
         slots = _cpu_slots(nodes)
         # A front-end joining shards already up uses them, whatever the cluster's size now.
-        self.n = options.shards or self._existing_shards() or max(1, len(slots))
+        self.n = self.options.shards or self._existing_shards() or max(1, len(slots))
         self._cls = ray.remote(num_cpus=SHARD_CPUS, max_restarts=-1, max_task_retries=0)(ShardActor)
         self._handles = [self._get_or_create(i, slots[i % len(slots)] if slots else None)
                          for i in range(self.n)]
@@ -196,10 +207,7 @@ class RayPool(ScoringBackend):
         self.stats = ScoringStats(self._lanes)
         self._restarted = [False] * self.n  # set by a call's thread when its shard came back
         self.shard_reloads = 0
-        log.info(
-            "Ray cluster %s: %d live nodes, %d shards in namespace %s",
-            options.address, len(nodes), self.n, self.namespace,
-        )
+        return nodes
 
     def _existing_shards(self) -> int:
         """The shard count of the actors already named in this namespace (0: none)."""
