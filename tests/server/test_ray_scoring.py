@@ -162,6 +162,11 @@ def test_ray_node_killed_during_queries(
             tail = after[-5:]
             assert all(q.outcome == "ok" for q in tail), [q.outcome for q in tail]
 
+            # A delete through a (its bin re-packed, a new version) reaches the shards b uses.
+            ca.delete(names[7])
+            del acked[names[7]]
+            assert cb.identify(gallery[7]).subject_id != names[7]
+
             # Nothing acknowledged is lost: every template is found, through either front-end.
             for sid, i in acked.items():
                 client = cb if i % 2 else ca
