@@ -55,6 +55,7 @@ class LocalServer:
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
+        self.metrics_url = ""  # the Prometheus endpoint, when started with --metrics-port
 
     @property
     def db_path(self) -> Path:
@@ -111,6 +112,8 @@ class LocalServer:
             line = self.proc.stdout.readline()
             if not line:
                 break
+            if line.startswith("veilface metrics on "):  # --metrics-port: printed first
+                self.metrics_url = line.split(" on ", 1)[1].strip()
             if line.startswith("veilface listening on "):
                 self.port = int(line.rsplit(":", 1)[1])
                 return self

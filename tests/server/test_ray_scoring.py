@@ -48,7 +48,7 @@ def _ray_server(url: str, admin: Path, cluster: LocalRayCluster) -> LocalServer:
     return LocalServer(
         url,
         admin_token_file=admin,
-        extra_args=["--scoring", "ray", "--ray-address", cluster.address],
+        extra_args=["--scoring", "ray", "--ray-address", cluster.address, "--metrics-port", "0"],
         env={"VEILFACE_TOKEN_SYNC_S": "0.5", "VEILFACE_RAY_RECOVERY_S": "60"},
     )
 
@@ -77,6 +77,16 @@ def _placement(cluster: LocalRayCluster, url: str) -> list[tuple[str, int]]:
         return [tuple(ray.get(h.where.remote(), timeout=120)) for h in handles]
     finally:
         ray.shutdown()
+
+
+def _metric(url: str, name: str) -> float:
+    from urllib.request import urlopen
+
+    with urlopen(url, timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith((name + " ", name + "{")):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in {url}")
 
 
 @dataclass
@@ -136,6 +146,7 @@ def test_ray_node_killed_during_queries(
                 query(int(i))
             assert all(q.outcome == "ok" for q in queries), [q.outcome for q in queries]
 
+            loads_before = _metric(b.metrics_url, "veilface_shard_loads_total")
             killed_at = time.monotonic()
             assert ray_cluster.kill_node(1) > 0
             next_subject = 81
@@ -172,6 +183,9 @@ def test_ray_node_killed_during_queries(
                 client = cb if i % 2 else ca
                 r = client.identify(gallery[i])
                 assert r.subject_id == sid and r.score == pytest.approx(1.0, abs=1e-3), sid
+
+        # The lost shard's reloads show in b's metrics.
+        assert _metric(b.metrics_url, "veilface_shard_loads_total") > loads_before
 
         # The lost node's shard now lives on the head.
         placed = _placement(ray_cluster, url)

@@ -186,6 +186,7 @@ def _fake_pool(script: list[object], recovery_s: float = 5.0) -> Any:
     pool._handles = [_FakeHandle(), _FakeHandle()]
     pool._lock = threading.Lock()
     pool.shard_reloads = 0
+    pool._restarted = [False, False]
     return pool
 
 
@@ -195,6 +196,7 @@ def test_a_lost_shard_is_retried_until_it_is_back() -> None:
     pool = _fake_pool([*lost, "answer"])
     assert pool._call_blocking(0, worker.ping, ()) == "answer"
     assert pool._ray.gets == 3 and pool.shard_reloads == 1
+    assert pool._restarted == [True, False]  # its bins count as loads again (metrics)
 
 
 def test_a_shard_that_stays_lost_is_unavailable() -> None:
