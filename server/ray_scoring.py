@@ -179,7 +179,9 @@ class RayPool(ScoringBackend):
                 )
         except Exception as err:  # version mismatch, a port that is not a GCS...
             raise Unavailable(
-                f"cannot join the Ray cluster at {options.address}: {type(err).__name__}"
+                f"cannot join the Ray cluster at {options.address} ({type(err).__name__}); a "
+                "front-end joins through a Ray node of its own machine: if there is none, run "
+                f"`ray start --address {options.address} --num-cpus 0` here"
             ) from err
         try:
             nodes = self._start_shards()
