@@ -84,7 +84,7 @@ _BY_STATUS = status_map()
 
 
 class RemoteError(errors.VeilfaceError):
-    """A status without a closer class (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL...)."""
+    """A status without a closer class (DEADLINE_EXCEEDED, INTERNAL, DATA_LOSS...)."""
 
     def __init__(self, message: str, status: str) -> None:
         super().__init__(message)

@@ -195,12 +195,17 @@ def test_every_status_of_the_tree_round_trips(cls: type[errors.VeilfaceError]) -
 
 
 def test_a_class_added_to_the_tree_is_mapped(monkeypatch: pytest.MonkeyPatch) -> None:
-    new = type("Unavailable", (errors.VeilfaceError,), {"status": "UNAVAILABLE"})
+    new = type("DataLoss", (errors.VeilfaceError,), {"status": "DATA_LOSS"})
     new.__module__ = errors.__name__
-    monkeypatch.setattr(errors, "Unavailable", new, raising=False)
-    assert status_map()[grpc.StatusCode.UNAVAILABLE] is new
+    monkeypatch.setattr(errors, "DataLoss", new, raising=False)
+    assert status_map()[grpc.StatusCode.DATA_LOSS] is new
+
+
+def test_unavailable_is_the_domain_error() -> None:
+    err = error_from_rpc(_FakeRpcError(grpc.StatusCode.UNAVAILABLE, "down"))
+    assert isinstance(err, errors.Unavailable) and str(err) == "down"
 
 
 def test_unmapped_status_is_a_remote_error() -> None:
-    err = error_from_rpc(_FakeRpcError(grpc.StatusCode.UNAVAILABLE, "down"))
-    assert isinstance(err, RemoteError) and err.status == "UNAVAILABLE"
+    err = error_from_rpc(_FakeRpcError(grpc.StatusCode.DATA_LOSS, "gone"))
+    assert isinstance(err, RemoteError) and err.status == "DATA_LOSS"
