@@ -7,28 +7,18 @@ under an ensemble of surrogate recognizers the project trained itself
 recognizers it has never seen. The benchmark's judge, dlib's recognizer, is
 never used here.
 
-The optimisation (projected MI-FGSM, Dong et al. CVPR 2018):
-
-- **objective**: for every surrogate, the cosine similarity between the
-  protected face's embedding and the original's, plus a feature-level term
-  that pushes the intermediate feature maps of the protected face away from
-  the original's (normalised squared distance, as in feature-space attacks
-  that transfer better than logit-level ones); minimised.
-- **input diversity / EOT** (Xie et al. CVPR 2019; Athalye et al. ICML 2018):
-  each step averages the gradient over ``eot`` random variants of the image:
-  a differentiable JPEG round trip (quality 50-90, straight-through
-  rounding), Gaussian blur, down-and-up rescaling, and a jittered, possibly
-  mirrored face crop.
-- **smoothness**: the perturbation is a coarse grid (``grid`` pixels per
-  cell) upsampled bilinearly: it costs less SSIM, survives JPEG, and
-  transfers better than a per-pixel one.
-- **face region**: the perturbation is multiplied by a soft mask (the
-  surrogate crop square of each detected face, feathered at the edges);
-  pixels outside every mask are unchanged.
-- **budget**: ``|delta| <= epsilon * mask`` (L-infinity, 0..255 levels), an
-  SSIM penalty in the objective, and a hard SSIM floor enforced at the end
-  on the 8-bit image: the perturbation is scaled back (bisection) until
-  SSIM to the original is at least ``ssim_floor``.
+The optimisation (:mod:`veilface.client.protect.cloak_search`) changes the
+face region in two ways at once, a smooth additive perturbation (coarse
+grid, ``|delta| <= epsilon``) and a smooth warp of at most ``warp_px``
+pixels, under a soft face mask (pixels outside every face region are
+unchanged). Its objective, for every surrogate: move the embedding away
+from the original's, push the intermediate feature maps away from the
+original's, and pull them toward a composite target face far from the
+owner (:mod:`veilface.client.protect.cloak_targets`), averaged over random
+JPEG, blur, rescale and crop variants (expectation over transformation),
+with an SSIM penalty; Adam steps. A hard SSIM floor is enforced at the end
+on the 8-bit image: the change is scaled back (bisection) until SSIM to the
+original is at least ``ssim_floor``. Presets: :mod:`~veilface.client.protect.cloak_config`.
 
 The result is a :class:`~veilface.client.protect.ProtectedImage` with method
 ``"adversarial"`` whose params record the budget and what was achieved.
@@ -42,85 +32,31 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Final, Literal
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from veilface.client.face.backend import FaceBox
 from veilface.client.face.image_io import ImageSource, load_image
 from veilface.client.face.pipeline import FacePipeline
 from veilface.client.protect.change_floor import MIN_CLOAK_EPSILON as MIN_EPSILON
-from veilface.client.protect.eot_transforms import gaussian_blur, jpeg, rescale
+from veilface.client.protect.cloak_config import PRESETS, CloakPreset, CloakPresetName
+from veilface.client.protect.cloak_search import search
+from veilface.client.protect.cloak_targets import target_pools
 from veilface.client.protect.face_cover import faces_to_protect
-from veilface.client.protect.face_crops import Square, crop_square, cut
-from veilface.client.protect.image_quality import psnr, ssim, ssim_tensor
+from veilface.client.protect.face_crops import Square, crop_square
+from veilface.client.protect.image_quality import psnr, ssim
 from veilface.client.protect.protected_image import ParamValue, ProtectedImage, mint_protected
 from veilface.client.protect.surrogate_shift import surrogate_similarity
 from veilface.client.protect.surrogates import SurrogateEnsemble, default_ensemble
 from veilface.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
-
-CloakPresetName = Literal["low", "medium", "high"]
-
-
-@dataclass(frozen=True)
-class CloakPreset:
-    """A protection budget and optimisation schedule.
-
-    Attributes
-    ----------
-    epsilon
-        L-infinity bound of the perturbation inside the face region, in
-        0..255 grey levels.
-    ssim_floor
-        The protected image's SSIM to the original is at least this (hard).
-    steps
-        Optimisation steps.
-    eot
-        Random transformations averaged per step.
-    feature_weight
-        Weight of the intermediate-feature term relative to the embedding term.
-    mask_scale
-        The protected region is the surrogate crop square scaled by this.
-    grid
-        The perturbation is optimised on a grid this many times coarser than
-        the pixels and upsampled bilinearly. Smooth perturbations cost less
-        SSIM per unit of change, survive JPEG and resampling, and transfer
-        better to unseen recognizers (measured in ``docs/protection.md``).
-    ssim_margin
-        The SSIM penalty starts this far above the floor, so that the final
-        hard floor rarely has to scale the perturbation back.
-    """
-
-    epsilon: float
-    ssim_floor: float
-    steps: int
-    eot: int = 4
-    feature_weight: float = 2.0
-    mask_scale: float = 1.1
-    grid: int = 3
-    ssim_margin: float = 0.01
-
-
-#: The presets; ``"medium"`` is the default.
-PRESETS: Final[Mapping[CloakPresetName, CloakPreset]] = {
-    "low": CloakPreset(epsilon=16.0, ssim_floor=0.95, steps=30),
-    "medium": CloakPreset(epsilon=32.0, ssim_floor=0.90, steps=40),
-    "high": CloakPreset(epsilon=48.0, ssim_floor=0.85, steps=50),
-}
-
-_MOMENTUM: Final = 1.0
-#: Stages whose feature maps the feature term pushes away (mid-level: they transfer best).
-_FEATURE_STAGES: Final = slice(1, 4)
-_SSIM_PENALTY: Final = 20.0
-
 
 def face_mask(height: int, width: int, squares: Sequence[Square], *, scale: float) -> Tensor:
     """Soft mask of the face regions: 1 inside each scaled square, fading over its outer 15%.
@@ -156,86 +92,6 @@ def _region_box(square: Square, scale: float, width: int, height: int) -> FaceBo
     return box.clipped(width, height)
 
 
-def _work_region(squares: Sequence[Square], width: int, height: int) -> tuple[int, int, int, int]:
-    """``(left, top, right, bottom)`` around every square (with jitter room), on a 16-px grid."""
-    lefts, tops, rights, bottoms = [], [], [], []
-    for sq in squares:
-        half = sq.side * 0.62
-        lefts.append(sq.cx - half)
-        tops.append(sq.cy - half)
-        rights.append(sq.cx + half)
-        bottoms.append(sq.cy + half)
-    left = max(0, int(min(lefts)) // 16 * 16)
-    top = max(0, int(min(tops)) // 16 * 16)
-    right = min(width, math.ceil(max(rights) / 16) * 16)
-    bottom = min(height, math.ceil(max(bottoms) / 16) * 16)
-    return left, top, right, bottom
-
-
-def _random_transform(x: Tensor, gen: torch.Generator) -> Tensor:
-    """One random EOT variant of ``float32 (1, 3, H, W)``."""
-    r = torch.rand(4, generator=gen).tolist()
-    kind = int(r[0] * 4)
-    if kind == 1:
-        x = jpeg(x, quality=int(50 + 40 * r[1]))
-    elif kind == 2:
-        x = gaussian_blur(x, sigma=0.4 + 0.8 * r[1])
-    elif kind == 3:
-        x = rescale(x, factor=0.5 + 0.4 * r[1])
-    if r[2] < 0.5:  # a second, milder re-encoding half the time
-        x = jpeg(x, quality=int(70 + 25 * r[3]))
-    return x
-
-
-def _crops(
-    images: Tensor, squares: Sequence[Square], gen: torch.Generator, jitter: bool, size: int
-) -> Tensor:
-    """Face crops of every image (``(K, 3, H, W)``) and square: ``(K * F, 3, size, size)``."""
-    out = []
-    for k in range(images.shape[0]):
-        for sq in squares:
-            if jitter:
-                r = torch.rand(4, generator=gen).tolist()
-                sq = sq.jittered(scale=0.94 + 0.12 * r[0], dx=(r[1] - 0.5) * 0.06,
-                                 dy=(r[2] - 0.5) * 0.06)
-                crop = cut(images[k : k + 1], sq, size)
-                if r[3] < 0.5:
-                    crop = crop.flip(-1)
-            else:
-                crop = cut(images[k : k + 1], sq, size)
-            out.append(crop)
-    return torch.cat(out)
-
-
-def _objective(
-    ensemble: SurrogateEnsemble,
-    adv_crops: Mapping[int, Tensor],
-    clean_crops: Mapping[int, Tensor],
-    anchors: list[Tensor],
-    feature_weight: float,
-) -> tuple[Tensor, float]:
-    """Loss to minimise and the mean cosine similarity to the original embeddings.
-
-    ``adv_crops`` and ``clean_crops`` map a crop side to the crops at that side.
-    """
-    first = next(iter(adv_crops.values()))
-    total = first.new_zeros(())
-    sims = 0.0
-    reps = first.shape[0] // anchors[0].shape[0]
-    for model, anchor in zip(ensemble.models, anchors, strict=True):
-        emb, maps = model.features(adv_crops[model.crop_size])
-        with torch.no_grad():
-            _, clean_maps = model.features(clean_crops[model.crop_size])
-        cos = F.cosine_similarity(emb, anchor.repeat(reps, 1), dim=1).mean()
-        feat = first.new_zeros(())
-        stages = list(zip(maps, clean_maps, strict=True))[_FEATURE_STAGES]
-        for a, c in stages:
-            feat = feat + ((a - c) ** 2).mean() / (c**2).mean().clamp(min=1e-6)
-        total = total + cos - feature_weight * feat / len(stages)
-        sims += float(cos.detach())
-    return total / len(ensemble.models), sims / len(ensemble.models)
-
-
 def cloak(
     image: ImageSource,
     *,
@@ -243,6 +99,7 @@ def cloak(
     epsilon: float | None = None,
     ssim_floor: float | None = None,
     steps: int | None = None,
+    warp_px: float | None = None,
     faces: Literal["detect"] | Sequence[FaceBox] = "detect",
     ensemble: SurrogateEnsemble | None = None,
     pipeline: FacePipeline | None = None,
@@ -263,6 +120,9 @@ def cloak(
         Overrides the preset's SSIM floor (0..1).
     steps
         Overrides the preset's number of optimisation steps.
+    warp_px
+        Overrides the preset's largest warp displacement (pixels, 0..4; 0
+        turns the warp off, and then ``epsilon`` bounds every pixel's change).
     faces
         ``"detect"`` (dlib's HOG *detector*; the recognizer is never used) or
         the face boxes, in pixels of the loaded image.
@@ -295,7 +155,7 @@ def cloak(
         The surrogate weights are missing.
     """
     start = time.perf_counter()
-    cfg = _resolve(preset, epsilon=epsilon, ssim_floor=ssim_floor, steps=steps)
+    cfg = _resolve(preset, epsilon=epsilon, ssim_floor=ssim_floor, steps=steps, warp_px=warp_px)
     rgb = load_image(image)
     height, width = rgb.shape[:2]
     boxes = _find_faces(rgb, faces, pipeline)
@@ -306,63 +166,10 @@ def cloak(
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
     mask = face_mask(height, width, squares, scale=cfg.mask_scale)
-    eps = cfg.epsilon / 255.0
-    alpha = 2.0 * eps / max(1, cfg.steps) * 1.25
-    sizes = sorted({m.crop_size for m in ens.models})
-    with torch.no_grad():
-        anchors = [
-            F.normalize(m(_crops(x0, squares, gen, False, m.crop_size))) for m in ens.models
-        ]
-    # the perturbation lives on a grid `cfg.grid` times coarser than the pixels and is
-    # upsampled: smooth perturbations cost less SSIM and survive JPEG and resampling.
-    # It starts from a small random point inside the box (helps leave the flat region).
-    grid_shape = (1, 3, math.ceil(height / cfg.grid), math.ceil(width / cfg.grid))
-    param = (torch.rand(grid_shape, generator=gen) * 2 - 1) * eps * 0.25
-
-    def expand(p: Tensor) -> Tensor:
-        if cfg.grid > 1:
-            p = F.interpolate(p, size=(height, width), mode="bilinear", align_corners=False)
-        return p * mask
-
-    momentum = torch.zeros_like(param)
-    # work on the part of the image around the faces, on the 16-px grid JPEG uses
-    left, top, right, bottom = _work_region(squares, width, height)
-    x0r = x0[:, :, top:bottom, left:right]
-    local = [Square(sq.cx - left, sq.cy - top, sq.side) for sq in squares]
-    sim_first = sim_last = float("nan")
-    for step in range(cfg.steps):
-        param.requires_grad_(True)
-        x = (x0 + expand(param)).clamp(0, 1)
-        gen_clean = torch.Generator()
-        gen_clean.set_state(gen.get_state())
-        xr = x[:, :, top:bottom, left:right]
-        adv_batch = torch.cat([_random_transform(xr, gen) for _ in range(cfg.eot)])
-        with torch.no_grad():
-            clean_variants = [_random_transform(x0r, gen_clean) for _ in range(cfg.eot)]
-        crop_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-        clean_batch = torch.cat(clean_variants)
-        adv_crops, clean_crops = {}, {}
-        for size in sizes:  # the same jitter for every crop side, adversarial and clean
-            adv_crops[size] = _crops(
-                adv_batch, local, torch.Generator().manual_seed(crop_seed), True, size
-            )
-            with torch.no_grad():
-                clean_crops[size] = _crops(
-                    clean_batch, local, torch.Generator().manual_seed(crop_seed), True, size
-                )
-        loss, sim = _objective(ens, adv_crops, clean_crops, anchors, cfg.feature_weight)
-        penalty = F.relu(cfg.ssim_floor + cfg.ssim_margin - ssim_tensor(x, x0)).sum()
-        loss = loss + _SSIM_PENALTY * penalty
-        (grad,) = torch.autograd.grad(loss, param)
-        if step == 0:
-            sim_first = sim
-        sim_last = sim
-        with torch.no_grad():
-            momentum = _MOMENTUM * momentum + grad / grad.abs().mean().clamp(min=1e-12)
-            param = (param.detach() - alpha * momentum.sign()).clamp(-eps, eps)
-
-    with torch.no_grad():
-        delta = (x0 + expand(param)).clamp(0, 1) - x0
+    pools = target_pools(ens) if cfg.target_weight else None
+    found = search(x0, squares, mask, cfg, ens, gen, pools)
+    sim_first, sim_last = found.similarity_first, found.similarity_last
+    delta = found.adversarial - x0
     adv, scale, achieved = _enforce_floor(rgb, x0, delta, cfg.ssim_floor)
     seconds = time.perf_counter() - start
     linf = int(np.abs(adv.astype(np.int16) - rgb.astype(np.int16)).max())
@@ -373,6 +180,9 @@ def cloak(
         "steps": int(cfg.steps),
         "eot": int(cfg.eot),
         "grid": int(cfg.grid),
+        "warp_px": float(cfg.warp_px),
+        "target_weight": float(cfg.target_weight if pools is not None else 0.0),
+        "optimizer": cfg.optimizer,
         "surrogates": ",".join(ens.archs),
         "ssim": round(achieved, 4),
         "psnr": round(psnr(adv, rgb), 2),
@@ -391,11 +201,16 @@ def cloak(
 
 
 def _resolve(
-    preset: str, *, epsilon: float | None, ssim_floor: float | None, steps: int | None
+    preset: str,
+    *,
+    epsilon: float | None,
+    ssim_floor: float | None,
+    steps: int | None,
+    warp_px: float | None = None,
 ) -> CloakPreset:
     if preset not in PRESETS:
         raise InvalidArgument(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
-    cfg = PRESETS[preset]  # type: ignore[index]
+    cfg = PRESETS[preset]
     if epsilon is not None:
         if not (isinstance(epsilon, (int, float)) and 0 < epsilon <= 64):
             raise InvalidArgument(f"epsilon must be in (0, 64] grey levels, got {epsilon!r}")
@@ -414,6 +229,12 @@ def _resolve(
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
             raise InvalidArgument(f"steps must be an int in 1..1000, got {steps!r}")
         cfg = replace(cfg, steps=steps)
+    if warp_px is not None:
+        if isinstance(warp_px, bool) or not isinstance(warp_px, (int, float)) or not (
+            0 <= warp_px <= 4
+        ):
+            raise InvalidArgument(f"warp_px must be in [0, 4] pixels, got {warp_px!r}")
+        cfg = replace(cfg, warp_px=float(warp_px))
     return cfg
 
 

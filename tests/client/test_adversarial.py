@@ -61,7 +61,9 @@ def test_shipped_surrogates_load(ensemble) -> None:  # type: ignore[no-untyped-d
 
 def test_cloak_respects_linf_and_face_region(ensemble) -> None:  # type: ignore[no-untyped-def]
     img = _textured()
-    out = cloak(img, faces=[BOX], epsilon=6, ssim_floor=0.5, steps=3, ensemble=ensemble)
+    # without the warp, epsilon bounds every pixel's change
+    out = cloak(img, faces=[BOX], epsilon=6, ssim_floor=0.5, steps=3, warp_px=0,
+                ensemble=ensemble)
     assert isinstance(out, ProtectedImage) and out.method == "adversarial"
     diff = np.abs(out.pixels.astype(int) - img.astype(int))
     assert diff.max() <= 6
@@ -72,6 +74,20 @@ def test_cloak_respects_linf_and_face_region(ensemble) -> None:  # type: ignore[
     assert diff[outside].max() == 0
     assert out.params["linf"] == diff.max()
     assert out.params["ssim"] == pytest.approx(ssim(np.array(out.pixels), img), abs=1e-3)
+
+
+def test_the_warp_stays_in_the_face_region(ensemble) -> None:  # type: ignore[no-untyped-def]
+    img = _textured(3)
+    out = cloak(img, faces=[BOX], epsilon=6, ssim_floor=0.5, steps=3, warp_px=2,
+                ensemble=ensemble)
+    diff = np.abs(out.pixels.astype(int) - img.astype(int))
+    (region,) = out.faces
+    outside = np.ones(img.shape[:2], dtype=bool)
+    outside[region.top : region.bottom, region.left : region.right] = False
+    assert diff[outside].max() == 0
+    assert out.params["warp_px"] == 2.0 and out.params["linf"] == diff.max()
+    with pytest.raises(InvalidArgument, match="warp_px"):
+        cloak(img, faces=[BOX], warp_px=9, ensemble=ensemble)
 
 
 def test_ssim_floor_is_enforced(ensemble) -> None:  # type: ignore[no-untyped-def]
@@ -172,7 +188,8 @@ def test_cloak_moves_surrogate_features_on_lfw(lfw_dir: Path, ensemble) -> None:
     start, end = out.params["surrogate_similarity_start"], out.params["surrogate_similarity_end"]
     assert float(end) < float(start) - 0.05
     assert float(out.params["ssim"]) >= 0.90
-    assert int(out.params["linf"]) <= 32  # the medium preset's epsilon
+    # epsilon (32) bounds the additive part; the 2-px warp can move an edge's pixels further
+    assert float(out.params["warp_px"]) == 2.0 and int(out.params["linf"]) > 0
 
 
 def test_imagenet_mobilenet_surrogate_loads_the_deep_sort_weights(tmp_path: Path) -> None:

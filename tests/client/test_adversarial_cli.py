@@ -92,7 +92,7 @@ def test_cloak_command_writes_a_protected_png(
     ])  # fmt: skip
     assert code == 0
     info = json.loads(capsys.readouterr().out)
-    assert float(info["ssim"]) >= 0.90 and int(info["linf"]) <= 32  # medium: epsilon 32
+    assert float(info["ssim"]) >= 0.90 and int(info["linf"]) > 0  # medium (SSIM floor 0.90)
     original = np.asarray(Image.open(src).convert("RGB"))
     protected = np.asarray(Image.open(dst).convert("RGB"))
     assert protected.shape == original.shape and not np.array_equal(protected, original)

@@ -58,6 +58,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cloak_cmd)
 
+    p = protect.add_parser(
+        "build-targets",
+        help="build the composite target faces cloak pulls toward (from training people only)",
+    )
+    p.add_argument("--data", type=Path, required=True, help="folder of <person>/<image> files")
+    p.add_argument("--weights", type=Path, help="surrogate weights (default: the shipped ones)")
+    p.add_argument("--out", type=Path, help="output directory (default: --weights)")
+    p.add_argument("--clusters", type=int, default=16, help="number of targets (16)")
+    p.add_argument("--per-target", type=int, default=8, help="faces averaged per target (8)")
+    p.add_argument("--max-people", type=int, default=600, help="training people used (600)")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=build_targets_cmd)
+
 
 def register_bench(bench: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``veilface bench protect`` to the ``bench`` sub-commands."""
@@ -186,6 +199,44 @@ def train_surrogates(args: argparse.Namespace) -> int:
                 f"{r.eval.get('auc', float('nan')):6.3f} "
                 f"{r.eval.get('tar_at_far1', float('nan')):9.3f}"
             )
+    return 0
+
+
+def build_targets_cmd(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from veilface.client.protect.cloak_targets import (
+        TARGETS_FILE,
+        build_targets,
+        training_face_crops,
+    )
+    from veilface.client.protect.surrogates import DEFAULT_WEIGHTS_DIR, load_ensemble
+
+    torch.set_num_threads(max(1, args.threads))
+    weights = args.weights or DEFAULT_WEIGHTS_DIR
+    out = args.out or weights
+    ensemble = load_ensemble(weights)
+    arrays: dict[str, object] = {}
+    for model in ensemble.models:
+        crops = training_face_crops(args.data, model.crop_size, max_people=args.max_people)
+        arrays.update(
+            build_targets(model, crops, clusters=args.clusters, per_target=args.per_target)
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / TARGETS_FILE, **arrays)  # type: ignore[arg-type]
+    manifest = out / "manifest.json"
+    info = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    info["targets"] = {
+        "file": TARGETS_FILE,
+        "surrogates": ensemble.archs,
+        "clusters": args.clusters,
+        "faces_per_target": args.per_target,
+        "people": f"first photo of at most {args.max_people} training people (never held out)",
+        "built_by": "veilface protect build-targets",
+    }
+    manifest.write_text(json.dumps(info, indent=2) + "\n")
+    print(f"wrote {args.clusters} composite targets per surrogate to {out / TARGETS_FILE}")
     return 0
 
 
