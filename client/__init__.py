@@ -23,8 +23,8 @@ from veilface.client.sdk import (
     VeilClient,
     Verification,
 )
-from veilface.client.unlock import resolve_secret
 from veilface.client.tenant_state import TenantState
+from veilface.client.unlock import resolve_secret
 
 __all__ = [
     "BulkReceipt",

@@ -220,7 +220,7 @@ class PublicContext:
             )
         except InvalidContext:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any malformed header field is the caller's
             raise InvalidContext(f"public context header is invalid: {exc}") from None
         if [n for n, _ in sections] != list(SECTIONS):
             raise InvalidContext(
@@ -258,7 +258,7 @@ class PublicContext:
 
         try:
             parms = seal_io.load_parameters(parts["params"])
-        except Exception:
+        except Exception:  # noqa: BLE001 - SEAL's loaders raise arbitrary types on bad input
             raise InvalidContext("public context parameters are malformed") from None
         expected = param_set.seal_parameters()
         if (
@@ -271,7 +271,7 @@ class PublicContext:
         try:
             relin = seal_io.load_relin_keys(context, parts["relin_keys"])
             galois = seal_io.load_galois_keys(context, parts["galois_keys"])
-        except Exception:
+        except Exception:  # noqa: BLE001 - SEAL's loaders raise arbitrary types on bad input
             raise InvalidContext("public context keys are malformed or not for these parameters") from None
         if relin.size() != 1:
             raise InvalidContext(

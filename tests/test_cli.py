@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 def vf(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "veilface.cli.main", *args],
+        check=False,
         capture_output=True,
         text=True,
         timeout=timeout,

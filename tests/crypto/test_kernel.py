@@ -26,7 +26,7 @@ def _unit(rng: np.random.Generator, n: int, d: int = 128) -> np.ndarray:
 
 
 def test_bulk_and_single_enrollment_scores_match_plaintext(tenant) -> None:  # type: ignore[no-untyped-def]
-    keys, tc, kern = tenant
+    _keys, tc, kern = tenant
     rng = np.random.default_rng(1)
     x = _unit(rng, 600)
     b = kern.load_bin(tc.encrypt_contribution(x[:560], np.arange(560)))
@@ -45,7 +45,7 @@ def test_bulk_and_single_enrollment_scores_match_plaintext(tenant) -> None:  # t
 
 
 def test_decrypt_bin_recovers_templates(tenant) -> None:  # type: ignore[no-untyped-def]
-    keys, tc, kern = tenant
+    _keys, tc, _kern = tenant
     x = _unit(np.random.default_rng(2), 10)
     blobs = tc.encrypt_contribution(x, np.arange(100, 110))
     back = tc.decrypt_bin(blobs, np.arange(100, 110))

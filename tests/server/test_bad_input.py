@@ -119,7 +119,7 @@ def test_malformed_and_foreign_ciphertexts(small_server, faces) -> None:  # type
 
 
 def test_unknown_tenant_key_subject_and_mode(small_server, faces) -> None:  # type: ignore[no-untyped-def]
-    gallery, names, _ = faces
+    gallery, _names, _ = faces
     with make_client(small_server, "unk") as c:
         tr = c.transport
         with pytest.raises(NotFound):

@@ -75,7 +75,7 @@ def test_gallery_survives_restart(tmp_path, faces) -> None:  # type: ignore[no-u
             c.register_key()
             c.enroll_many(names[:50], gallery[:50])
             c.enroll(names[50], gallery[50])
-    with LocalServer(db) as srv:
+    with LocalServer(db) as srv:  # noqa: SIM117 - the restart is the point
         with VeilClient(srv.target, state, token=token, encrypt_workers=0) as c:
             assert c.identify(gallery[3]).subject_id == names[3]
             assert c.identify(gallery[50]).subject_id == names[50]

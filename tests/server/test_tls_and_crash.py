@@ -167,7 +167,7 @@ def test_sigkill_during_bulk_loses_no_acknowledged_template(  # type: ignore[no-
         def bulk() -> None:
             try:
                 c.transport.call(c.transport.enrollment.BulkEnroll, chunks(), timeout=30)
-            except BaseException as exc:  # the server dies under it
+            except BaseException as exc:  # noqa: BLE001 - the server dies under it
                 errors.append(exc)
 
         t = threading.Thread(target=bulk)

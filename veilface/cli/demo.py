@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Taken out of the environment before the server starts, so it never inherits it.
     passphrase = common.take_env_passphrase() or "demo passphrase"
-    with tempfile.TemporaryDirectory(prefix="veilface-demo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="veilface-demo-") as tmp:  # noqa: SIM117
         with LocalServer(Path(tmp) / "demo.db") as srv:
             print(f"1. server up on {srv.target}, store {srv.db_path}")
             with AdminClient(srv.target, token=srv.admin_token) as admin:
