@@ -135,8 +135,18 @@ CREATE TABLE stream_owners (
 );
 """
 
+# v2: ciphertexts and sealed blobs are incompressible: store them out of line without
+# trying pglz on every write (TOAST's default EXTENDED storage compresses first).
+_V2 = """
+ALTER TABLE keys ALTER COLUMN public_context SET STORAGE EXTERNAL;
+ALTER TABLE bins ALTER COLUMN base SET STORAGE EXTERNAL;
+ALTER TABLE bin_deltas ALTER COLUMN blob SET STORAGE EXTERNAL;
+ALTER TABLE photos ALTER COLUMN sealed SET STORAGE EXTERNAL;
+ALTER TABLE staged ALTER COLUMN blob SET STORAGE EXTERNAL;
+"""
+
 #: (version, DDL) steps, applied in order; append, never edit.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1),)
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2))
 
 
 def latest_version() -> int:

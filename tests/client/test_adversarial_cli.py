@@ -134,3 +134,22 @@ def test_bench_protect_reports_the_issue_keys(
     assert doc["baseline"]["psr"] == 0.0  # the unprotected photos still match
     assert sorted(p["name"] for p in doc["people"]) == sorted(doc["selection"]["names"])
     assert all(len(p["protected"]["cnn"]["distances"]) == 2 for p in doc["people"])
+
+
+def test_bench_protect_sweeps_the_ssim_floor(
+    small_lfw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sweep.json"
+    code = main([
+        "bench", "protect", "--images", str(small_lfw), "--json", str(out), "--steps", "2",
+        "--max-others", "1", "--max-people", "1", "--threads", "1", "--no-progress",
+        "--people", "unseen", "--sweep-ssim", "0.95,0.9",
+    ])  # fmt: skip
+    assert code == 0
+    assert "SSIM>=0.95" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    floors = [r["budget"]["ssim_floor"] for r in doc["sweep"]]
+    assert floors == [0.95, 0.9]
+    assert [r["ssim"] >= f - 1e-6 for r, f in zip(doc["sweep"], floors, strict=True)] == [True] * 2
+    code = main(["bench", "protect", "--images", str(small_lfw), "--sweep-ssim", "1.5"])
+    assert code == 2

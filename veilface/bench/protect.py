@@ -272,9 +272,14 @@ def run_protect_bench(
     cfg: ProtectBenchConfig,
     *,
     epsilons: Sequence[float | None] = (None,),
+    ssim_floors: Sequence[float] | None = None,
     selection: PeopleSelection | None = None,
 ) -> ProtectBenchRun:
     """Run the benchmark for each budget in ``epsilons`` (``None``: the preset's).
+
+    With ``ssim_floors``, each floor is one budget instead (at ``cfg.epsilon``):
+    the psr-against-SSIM curve of the preset as the user would tighten or
+    loosen its floor.
 
     The people are chosen by :func:`select_people` unless ``selection`` is
     given; the run's selection also counts the people dropped for want of a face.
@@ -309,12 +314,19 @@ def run_protect_bench(
     for p in people:
         p.unprotected_sur = _sur_matched(ensemble, p, p.probe_rgb)
     results = []
-    for eps in epsilons:
-        label = "preset" if eps is None else f"eps {eps:g}"
+    budgets: list[tuple[float | None, float | None]] = (
+        [(cfg.epsilon, f) for f in ssim_floors]
+        if ssim_floors
+        else [(e if e is not None else cfg.epsilon, cfg.ssim_floor) for e in epsilons]
+    )
+    for eps, floor in budgets:
+        label = f"SSIM >= {floor:g}" if ssim_floors else (
+            "preset" if eps is None else f"eps {eps:g}"
+        )
         budget = {
             "preset": cfg.preset,
-            "epsilon": eps if eps is not None else cfg.epsilon,
-            "ssim_floor": cfg.ssim_floor,
+            "epsilon": eps,
+            "ssim_floor": floor,
             "steps": cfg.steps,
         }
         done: list[tuple[_Person, Verdict, list[bool], dict[str, float]]] = []
@@ -327,7 +339,7 @@ def run_protect_bench(
                     person.probe_rgb,
                     preset=cfg.preset,
                     epsilon=budget["epsilon"],
-                    ssim_floor=cfg.ssim_floor,
+                    ssim_floor=budget["ssim_floor"],
                     steps=cfg.steps,
                     ensemble=ensemble,
                     seed=cfg.seed,
@@ -401,8 +413,7 @@ def format_table(results: Sequence[ProtectBenchResult]) -> str:
     )
     lines = [head]
     for r in results:
-        eps = r.budget.get("epsilon")
-        label = f"eps {eps:g}" if eps is not None else str(r.budget.get("preset"))
+        label = _budget_label(r.budget)
         und = f"{r.n_undetected_cnn}/{r.n_undetected_hog}/{r.n_undetected_mtcnn}"
         lines.append(
             f"{label:>11s} "
@@ -445,6 +456,16 @@ def write_json(
     path.write_text(json.dumps(to_json(results, selection), indent=2, default=float) + "\n")
 
 
+def _budget_label(budget: dict[str, Any]) -> str:
+    """``eps 32``, ``SSIM >= 0.9`` (a floor sweep) or the preset's name."""
+    eps, floor = budget.get("epsilon"), budget.get("ssim_floor")
+    if floor is not None and eps is None:
+        return f"SSIM>={floor:g}"
+    if eps is not None:
+        return f"eps {eps:g}"
+    return str(budget.get("preset"))
+
+
 def plot_sweep(results: Sequence[ProtectBenchResult], path: Path) -> None:
     """PNG of psr (CNN judge), psr_hog and psr_jpeg75 against mean SSIM (needs matplotlib).
 
@@ -468,9 +489,8 @@ def plot_sweep(results: Sequence[ProtectBenchResult], path: Path) -> None:
         lw = 2.5 if key == "psr" else 1.2
         ax.plot(x, [getattr(r, key) for r in pts] + [base[key]], style, lw=lw, ms=6, label=label)
     for r in pts:
-        eps = r.budget.get("epsilon")
         ax.annotate(
-            f"ε {eps:g}" if eps is not None else str(r.budget.get("preset")),
+            _budget_label(r.budget),
             (r.ssim, r.psr),
             textcoords="offset points",
             xytext=(4, 6),
@@ -483,7 +503,8 @@ def plot_sweep(results: Sequence[ProtectBenchResult], path: Path) -> None:
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    floor = results[0].budget.get("ssim_floor")
+    floors = {r.budget.get("ssim_floor") for r in results}
+    floor = floors.pop() if len(floors) == 1 else None
     ax.set_title(
         f"veilface cloak vs dlib's recognizer, n={results[0].n_people} people"
         + (f", SSIM floor {floor}" if floor is not None else ""),

@@ -100,6 +100,8 @@ def register_bench(bench: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("--ssim-floor", type=float, help="override the preset's SSIM floor")
     p.add_argument("--steps", type=int, help="override the preset's steps")
     p.add_argument("--sweep", help="comma-separated epsilons: run each, psr-vs-SSIM curve")
+    p.add_argument("--sweep-ssim",
+                   help="comma-separated SSIM floors: run the preset at each (psr-vs-SSIM curve)")
     p.add_argument("--plot", type=Path, help="PNG of psr against mean SSIM (needs matplotlib)")
     p.add_argument("--weights", type=Path, help="surrogate weights directory")
     p.add_argument("--cnn-upsample", type=int, choices=[0, 1, 2], default=0,
@@ -130,6 +132,16 @@ def bench_protect(args: argparse.Namespace) -> int:
             epsilons = [float(v) for v in args.sweep.split(",") if v.strip()]
         except ValueError as exc:
             raise InvalidArgument(f"--sweep takes comma-separated numbers, got {args.sweep!r}") from exc
+    floors: list[float] | None = None
+    if args.sweep_ssim:
+        try:
+            floors = [float(v) for v in args.sweep_ssim.split(",") if v.strip()]
+        except ValueError as exc:
+            raise InvalidArgument(
+                f"--sweep-ssim takes comma-separated numbers, got {args.sweep_ssim!r}"
+            ) from exc
+        if args.sweep or not floors or not all(0 <= f < 1 for f in floors):
+            raise InvalidArgument("--sweep-ssim takes floors in [0, 1), and not with --sweep")
     cfg = ProtectBenchConfig(
         images=args.images,
         people=args.people,
@@ -147,7 +159,7 @@ def bench_protect(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    run = run_protect_bench(cfg, epsilons=epsilons)
+    run = run_protect_bench(cfg, epsilons=epsilons, ssim_floors=floors)
     print(run.selection.summary_line())
     print(format_table(run.results))
     if args.json:
