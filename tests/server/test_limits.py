@@ -188,11 +188,14 @@ def test_score_bins_accounts_work_in_flight() -> None:
     from veilface.server.service import GalleryService
     from veilface.server.store.records import BinInfo
 
+    from veilface.server.metrics import ScoringStats
+
     class HeldPool:
         n = 2
 
         def __init__(self) -> None:
             self.release = asyncio.Event()
+            self.stats = ScoringStats()
 
         async def score(self, tenant_id, key_id, bins, *args, **kw):  # type: ignore[no-untyped-def]
             await self.release.wait()
