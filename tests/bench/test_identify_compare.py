@@ -31,6 +31,7 @@ def _check_pair(result: dict[str, object], labels: list[str]) -> None:
     assert isinstance(runs, dict) and list(runs) == labels
     for run in runs.values():
         assert run["gallery"] == 200 and run["queries"] == 8
+        assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
         assert run["rank1_encrypted"] >= 0.75  # the encrypted search works on both
     ratios = result["ratios"][labels[1]]  # type: ignore[index]
     assert ratios["p50_ms"] == pytest.approx(runs[labels[1]]["p50_ms"] / runs[labels[0]]["p50_ms"])

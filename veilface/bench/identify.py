@@ -269,6 +269,7 @@ def measure(cfg: BenchConfig, data: BenchData, srv: LocalServer, tenant: str = "
         result.update(
             p50_ms=_pct(lat, 50),
             p95_ms=_pct(lat, 95),
+            p99_ms=_pct(lat, 99),
             preselect_p50_ms=_pct(pre_ms, 50),
             rerank_p50_ms=_pct(rr_ms, 50),
             probe_encrypt_p50_ms=_pct(enc_ms, 50),
@@ -290,7 +291,8 @@ def format_table(result: dict[str, Any]) -> str:
     rows = [
         ("mode", result["mode"]),
         ("gallery / queries", f"{result['gallery']} / {result['queries']}"),
-        ("identify p50 / p95 (ms)", f"{result['p50_ms']:.1f} / {result['p95_ms']:.1f}"),
+        ("identify p50 / p95 / p99 (ms)",
+         f"{result['p50_ms']:.1f} / {result['p95_ms']:.1f} / {result.get('p99_ms', float('nan')):.1f}"),
         ("  preselect / rerank p50 (ms)", f"{result['preselect_p50_ms']:.1f} / {result['rerank_p50_ms']:.1f}"),
         ("plaintext FAISS p50 (ms)", f"{result['plaintext_p50_ms']:.3f}"),
         ("hit rate (vs plaintext top-1)", f"{result['hit_rate']:.4f}"),
