@@ -4,7 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from veilface.client.face.backend import FaceBox
+
+
+class FakeDetector:
+    """A face backend whose detector returns fixed boxes (no dlib)."""
+
+    name = "fake"
+    embedding_dim = 4
+
+    def __init__(self, boxes: list[FaceBox]) -> None:
+        self.boxes = boxes
+
+    def load(self) -> None:
+        pass
+
+    def detect(self, rgb: np.ndarray) -> list[FaceBox]:
+        return list(self.boxes)
+
+    def align_and_embed(self, rgb: np.ndarray, box: FaceBox) -> np.ndarray:
+        return np.zeros(4, dtype=np.float32)
+
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.client.conftest import FakeDetector
 from veilface.client.face import (
     FaceBox,
     FacePipeline,
@@ -51,25 +52,6 @@ def outside(mask_shape: tuple[int, int], regions: tuple[FaceBox, ...]) -> np.nda
     for r in regions:
         keep[r.top : r.bottom, r.left : r.right] = False
     return keep
-
-
-class FakeDetector:
-    """A face backend whose detector returns fixed boxes (no dlib)."""
-
-    name = "fake"
-    embedding_dim = 4
-
-    def __init__(self, boxes: list[FaceBox]) -> None:
-        self.boxes = boxes
-
-    def load(self) -> None:
-        pass
-
-    def detect(self, rgb: np.ndarray) -> list[FaceBox]:
-        return list(self.boxes)
-
-    def align_and_embed(self, rgb: np.ndarray, box: FaceBox) -> np.ndarray:
-        return np.zeros(4, dtype=np.float32)
 
 
 @pytest.fixture

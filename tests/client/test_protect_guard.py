@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import veilface.client.protect as protect_pkg
+from tests.client.conftest import FakeDetector
 from veilface.client.face import FaceBox, FacePipeline, NoFaceFound, load_image
 from veilface.client.protect import (
     ProtectedImage,
@@ -67,25 +68,6 @@ def smooth_scene(seed: int = 0) -> np.ndarray:
     """A smooth random colour ``(160, 140, 3)`` image (like a photo, not white noise)."""
     small = scene(seed, (12, 12))
     return np.asarray(Image.fromarray(small).resize((140, 160), Image.Resampling.BICUBIC)).copy()
-
-
-class FakeDetector:
-    """A face backend whose detector returns fixed boxes (no dlib)."""
-
-    name = "fake"
-    embedding_dim = 4
-
-    def __init__(self, boxes: list[FaceBox]) -> None:
-        self.boxes = boxes
-
-    def load(self) -> None:
-        pass
-
-    def detect(self, rgb: np.ndarray) -> list[FaceBox]:
-        return list(self.boxes)
-
-    def align_and_embed(self, rgb: np.ndarray, box: FaceBox) -> np.ndarray:
-        return np.zeros(4, dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
