@@ -41,6 +41,7 @@ from veilface.client.protect.surrogates import (
     SurrogateEnsemble,
     SurrogateWeightsNotFound,
 )
+from veilface.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def build_targets(
         :data:`TARGETS_FILE`.
     """
     if crops.shape[0] < clusters * 2:
-        raise ValueError(f"need at least {clusters * 2} faces for {clusters} targets")
+        raise InvalidArgument(f"need at least {clusters * 2} faces for {clusters} targets")
     model.eval()
     with torch.no_grad():
         emb = torch.cat([F.normalize(model(b), dim=1) for b in torch.split(crops, 64)]).numpy()
@@ -216,7 +217,10 @@ def training_face_crops(data: Path, size: int, *, max_people: int = 600) -> Tens
         x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
         crops.append(cut(x, crop_square(boxes[0]), size)[0])
     if not crops:
-        raise ValueError(f"no training person's face found in {data}")
+        raise InvalidArgument(
+            f"no face of a training person found in {data}: give the folder of "
+            "<person>/<image> photos the surrogates were trained on"
+        )
     return torch.stack(crops)
 
 

@@ -95,3 +95,11 @@ def test_a_zero_warp_is_the_identity_and_a_warp_is_bounded() -> None:
     shifted = warp(ramp, torch.ones(1, 2, 4, 5), mask, 1.0)
     inner = (shifted - ramp)[..., 2:-2, 2:-2]
     assert torch.allclose(inner, torch.ones_like(inner), atol=1e-3)
+
+
+def test_build_targets_on_a_folder_without_training_faces(tmp_path: Path) -> None:
+    from veilface.cli.main import main
+
+    (tmp_path / "Nobody").mkdir()
+    assert main(["protect", "build-targets", "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert not (tmp_path / TARGETS_FILE).exists()
