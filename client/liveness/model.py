@@ -95,7 +95,7 @@ class LivenessModel:
         s = self.crop.size
         if arr.ndim != 4 or arr.shape[1:] != (s, s, 3) or arr.dtype != np.uint8:
             raise ValueError(f"crops must be (B, {s}, {s}, 3) uint8, got {arr.shape} {arr.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(np.array(arr, copy=True)).permute(0, 3, 1, 2).float() / 255.0
         mean = torch.tensor(self.crop.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.crop.std).view(1, 3, 1, 1)
         x = (x - mean) / std
