@@ -44,7 +44,7 @@ from veilface.federated.pad.proxy import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PADBenchConfig", "run_pad_bench", "score_real_samples"]
+__all__ = ["PADBenchConfig", "run_method", "run_pad_bench", "score_real_samples"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class PADBenchConfig:
     num_clients: int = 2
     seed: int = 0
     threads: int = 2
+    augment: bool = False
 
 
 def _proxy_path(cfg: PADBenchConfig) -> Path:
@@ -106,7 +107,7 @@ def _pretrained_path(cfg: PADBenchConfig, skip_people: int, progress: bool) -> P
     return path
 
 
-def _run_method(
+def run_method(
     cfg: PADBenchConfig, data: Path, weights: Path | None, method: str, progress: bool
 ) -> dict[str, Any]:
     from flwr.simulation import run_simulation
@@ -128,6 +129,7 @@ def _run_method(
         "pad-ewc-lambda": cfg.ewc_lambda,
         "pad-ewc-top-p": cfg.ewc_top_p,
         "pad-shared-lr-scale": cfg.shared_lr_scale,
+        "pad-augment": cfg.augment,
         "pad-min-nodes": cfg.num_clients,
         "pad-seed": cfg.seed,
         "pad-progress": progress,
@@ -214,7 +216,7 @@ def run_pad_bench(cfg: PADBenchConfig, *, progress: bool = True) -> dict[str, An
     runs: dict[str, dict[str, Any]] = {}
     for method in tqdm(("svlp", "naive"), desc="pad bench", unit="method", disable=not progress):
         t = time.perf_counter()
-        runs[method] = _run_method(cfg, data, weights, method, progress)
+        runs[method] = run_method(cfg, data, weights, method, progress)
         seconds[method] = time.perf_counter() - t
     ours, naive = runs["svlp"], runs["naive"]
     ckpt = Path(ours["out_dir"]) / "checkpoints" / "latest.npz"

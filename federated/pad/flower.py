@@ -126,6 +126,7 @@ class PADRunConfig:
     ewc_top_p: float
     prompts: int
     shared_lr_scale: float
+    augment: bool
     min_nodes: int
     seed: int
     progress: bool
@@ -166,6 +167,7 @@ class PADRunConfig:
             ewc_top_p=get("pad-ewc-top-p", 0.5, float),
             prompts=get("pad-prompts", 4, int),
             shared_lr_scale=get("pad-shared-lr-scale", 0.3, float),
+            augment=bool(rc.get("pad-augment", False)),
             min_nodes=get("pad-min-nodes", 2, int),
             seed=get("pad-seed", 0, int),
             progress=bool(rc.get("pad-progress", False)),
@@ -196,6 +198,7 @@ class PADRunConfig:
             batch_size=self.batch_size,
             ewc_lambda=self.ewc_lambda if self.method == "svlp" else 0.0,
             shared_lr_scale=self.shared_lr_scale,
+            augment=self.augment,
         )
 
     def new_model(self) -> PromptedPAD:

@@ -184,7 +184,9 @@ def _grid(size: int) -> tuple[FloatImage, FloatImage]:
     return yy, xx
 
 
-def render_print(face: FloatImage, rng: np.random.Generator) -> FloatImage:
+def render_print(
+    face: FloatImage, rng: np.random.Generator, *, with_medium: bool = True
+) -> FloatImage:
     """Render a printed-photo attack of ``face``.
 
     Parameters
@@ -192,6 +194,9 @@ def render_print(face: FloatImage, rng: np.random.Generator) -> FloatImage:
     face : numpy.ndarray
         ``(S, S, 3)`` float32 RGB in ``[0, 1]``.
     rng : numpy.random.Generator
+    with_medium : bool, keyword-only
+        Whether the sheet's edge may show (shrinking the face onto a
+        surround); the kiosk proxy draws its own media and turns it off.
 
     Returns
     -------
@@ -229,7 +234,7 @@ def render_print(face: FloatImage, rng: np.random.Generator) -> FloatImage:
         / 255.0
     )
     out = out * (1.0 + (fibre[..., None] - 0.5) * 0.35)
-    if rng.random() < 0.4:  # the sheet's edge in the frame (as in pad-samples image_F1)
+    if with_medium and rng.random() < 0.4:  # the sheet's edge (as in pad-samples image_F1)
         out = _on_medium(out, np.array([0.55, 0.5, 0.45], dtype=np.float32), rng)
     result: FloatImage = np.clip(out, 0.0, 1.0).astype(np.float32)
     return result
@@ -251,8 +256,10 @@ def _on_medium(img: FloatImage, surround: FloatImage, rng: np.random.Generator) 
     return out
 
 
-def render_replay(face: FloatImage, rng: np.random.Generator) -> FloatImage:
-    """Render a screen-replay attack of ``face`` (same shapes as :func:`render_print`)."""
+def render_replay(
+    face: FloatImage, rng: np.random.Generator, *, with_medium: bool = True
+) -> FloatImage:
+    """Render a screen-replay attack of ``face`` (same arguments as :func:`render_print`)."""
     s = face.shape[0]
     yy, xx = _grid(s)
     # screen gamma / contrast and a cool white point
@@ -274,7 +281,7 @@ def render_replay(face: FloatImage, rng: np.random.Generator) -> FloatImage:
     r = rng.uniform(0.12, 0.3) * s
     glare = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)) * rng.uniform(0.35, 0.7)
     img = img + glare[..., None]
-    if rng.random() < 0.4:  # the screen's bezel in the frame (as in pad-samples image_F2)
+    if with_medium and rng.random() < 0.4:  # the bezel (as in pad-samples image_F2)
         img = _on_medium(img, np.array([0.06, 0.06, 0.07], dtype=np.float32), rng)
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 

@@ -58,6 +58,7 @@ METHODS: tuple[str, ...] = ("svlp", "naive")
 MODEL_CONFIGS: dict[str, CLIPVisionConfig] = {
     "tiny": CLIPVisionConfig.tiny(),
     "small": CLIPVisionConfig.small(),
+    "kiosk": CLIPVisionConfig.kiosk(),
     "vit-b16": CLIPVisionConfig.vit_b16(),
 }
 THRESHOLD = 0.5
@@ -80,6 +81,9 @@ class TrainSettings:
     ewc_lambda : float
         Weight of the Selective EWC penalty (``svlp`` only).
     weight_decay : float
+    augment : bool
+        Mirror each batch's images left-right at random (the kiosk model's
+        sites; the proxy benchmark trains without it).
     shared_lr_scale : float
         Prompted models only: the shared weights' learning rate is ``lr *
         shared_lr_scale`` from the second domain on (prompts and domain heads
@@ -93,6 +97,7 @@ class TrainSettings:
     ewc_lambda: float = 1000.0
     weight_decay: float = 0.0
     shared_lr_scale: float = 1.0
+    augment: bool = False
 
 
 def build_model(size: str, method: str, *, n_prompts: int = 4) -> PromptedPAD:
@@ -109,7 +114,7 @@ def images_to_tensor(images: npt.NDArray[np.uint8]) -> Tensor:
     """``(N, H, W, 3)`` uint8 RGB -> ``(N, 3, H, W)`` float32 CLIP-normalised."""
     if images.ndim != 4 or images.shape[3] != 3:
         raise InvalidArgument(f"images must be (N, H, W, 3) uint8, got {images.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).float() / 255.0
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -175,7 +180,11 @@ def train_domain(
     dom = domain if prompted else None
     for _ in range(settings.epochs):
         for idx in iter_batches(x.shape[0], settings.batch_size, gen):
-            loss = F.binary_cross_entropy_with_logits(model(x[idx], dom), y[idx])
+            xb = x[idx]
+            if settings.augment:
+                flip = torch.rand(xb.shape[0], generator=gen) < 0.5
+                xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+            loss = F.binary_cross_entropy_with_logits(model(xb, dom), y[idx])
             total = loss
             if ewc is not None and settings.ewc_lambda > 0:
                 pen = ewc.penalty(model)

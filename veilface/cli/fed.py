@@ -158,6 +158,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run_bench)
 
+    from veilface.cli.fed_train import register_train
+
+    register_train(fed_sub)
+
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.task not in BENCH_TASKS:
