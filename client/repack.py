@@ -47,11 +47,28 @@ from veilface.errors import FailedPrecondition, InvalidArgument, NotFound, Veilf
 from veilface.proto.v1 import veilface_pb2 as pb
 
 if TYPE_CHECKING:
-    from veilface.client.sdk import RepackReport, VeilClient
+    from veilface.client.sdk import VeilClient
 
 log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class RepackReport:
+    """What a re-pack did: subjects moved, bins before and after, the key they are under.
+
+    For a key rotation also the photos re-sealed under the new key, and
+    those left under the old one when that step failed after the gallery
+    moved (finish with :func:`veilface.client.repack.reseal_photos`).
+    """
+
+    subjects: int
+    old_bins: int
+    new_bins: int
+    key_id: str
+    photos: int = 0
+    photo_subjects_left: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,8 +177,6 @@ def repack(
     progress: bool = False,
 ) -> RepackReport:
     """See :meth:`VeilClient.repack`."""
-    from veilface.client.sdk import RepackReport
-
     dest = target or client
     if target is not None:
         _check_rotation(client, target)
@@ -312,4 +327,4 @@ def _reseal_subject(old: VeilClient, new: VeilClient, subject_id: str) -> int:
     return done
 
 
-__all__ = ["Gallery", "PhotoReseal", "gallery_templates", "repack", "reseal_photos"]
+__all__ = ["Gallery", "PhotoReseal", "RepackReport", "gallery_templates", "repack", "reseal_photos"]

@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -26,8 +25,19 @@ from veilface.client.enrollment import (  # the receipts are re-exported from he
     Enroller,
     EnrollReceipt,
 )
+from veilface.client.face.image_io import ImageSource
+from veilface.client.face.pipeline import FacePipeline
+from veilface.client.image_ops import (  # the photo results are re-exported from here
+    FolderEnrollment,
+    ImageEnrollment,
+    ImageIdentification,
+    ImageOps,
+    ImageVerification,
+)
 from veilface.client.kiosk import not_for_kiosk
+from veilface.client.liveness.gate import DEFAULT_LIVENESS, LivenessOption, LivenessPolicy
 from veilface.client.protect import ProtectedImage
+from veilface.client.repack import RepackReport, repack
 from veilface.client.routing import Router
 from veilface.client.search import (  # the result types are re-exported from here
     Candidate,
@@ -52,23 +62,6 @@ log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
 
-@dataclass(frozen=True)
-class RepackReport:
-    """What a re-pack did: subjects moved, bins before and after, the key they are under.
-
-    For a key rotation also the photos re-sealed under the new key, and
-    those left under the old one when that step failed after the gallery
-    moved (finish with :func:`veilface.client.repack.reseal_photos`).
-    """
-
-    subjects: int
-    old_bins: int
-    new_bins: int
-    key_id: str
-    photos: int = 0
-    photo_subjects_left: int = 0
-
-
 class VeilClient:
     """Talk to a veilface server as one tenant.
 
@@ -84,6 +77,9 @@ class VeilClient:
     insecure : allow plaintext to a non-loopback target that has no root_cert
         (logged as a warning: the token travels in clear)
     encrypt_workers : processes that encrypt in parallel (0 or 1: in this process)
+    face_pipeline, liveness, liveness_policy : how the ``*_image`` methods embed a
+        photo: this pipeline, or the dlib one with this liveness gate (default: the
+        shipped model; ``None`` skips it, recorded); see :mod:`veilface.client.image_ops`
     """
 
     def __init__(
@@ -96,7 +92,13 @@ class VeilClient:
         insecure: bool = False,
         timeout_s: float = 300.0,
         encrypt_workers: int = 2,
+        face_pipeline: FacePipeline | None = None,
+        liveness: LivenessOption = DEFAULT_LIVENESS,
+        liveness_policy: LivenessPolicy = "refuse",
     ) -> None:
+        self.images = ImageOps(
+            self, face_pipeline=face_pipeline, liveness=liveness, liveness_policy=liveness_policy
+        )
         self.state = state
         self.crypto = TenantCrypto(state.keys(), workers=encrypt_workers)
         self.layout = self.crypto.layout
@@ -358,8 +360,6 @@ class VeilClient:
         re-pack, a random one for a rotation, so that the new lists are not
         the old ones under new names).
         """
-        from veilface.client.repack import repack
-
         return repack(self, nlist=nlist, target=target, seed=seed, progress=progress)
 
     # -- identification -------------------------------------------------
@@ -439,6 +439,30 @@ class VeilClient:
         thr = self.state.threshold if threshold is None else threshold
         return Verification(subject_id, score, score >= thr)
 
+    # -- from photos (face pipeline and liveness gate first; client/image_ops.py) --
+
+    @not_for_kiosk("enrolling")
+    def enroll_image(self, subject_id: str, image: ImageSource, **enroll: Any) -> ImageEnrollment:
+        """Enroll the one face of a photo once it passed the pipeline and the liveness gate."""
+        return self.images.enroll_image(subject_id, image, **enroll)
+
+    @not_for_kiosk("enrolling")
+    def enroll_images(
+        self, folder: str | Path, *, single: bool = False, progress: bool = False
+    ) -> FolderEnrollment:
+        """Enroll ``folder/<subject>/<photo>``: each subject's first photo that passes; refusals counted."""
+        return self.images.enroll_images(folder, single=single, progress=progress)
+
+    def identify_image(self, image: ImageSource, **search: Any) -> ImageIdentification:
+        """:meth:`identify` (same keywords) on the one face of a photo, after the liveness gate."""
+        return self.images.identify_image(image, **search)
+
+    def verify_image(
+        self, subject_id: str, image: ImageSource, *, threshold: float | None = None
+    ) -> ImageVerification:
+        """:meth:`verify` on the one face of a photo, after the liveness gate."""
+        return self.images.verify_image(subject_id, image, threshold=threshold)
+
     # -- photos -----------------------------------------------------------
 
     @not_for_kiosk("keeping photos")
@@ -470,7 +494,11 @@ __all__ = [
     "BulkReceipt",
     "Candidate",
     "EnrollReceipt",
+    "FolderEnrollment",
     "Identification",
+    "ImageEnrollment",
+    "ImageIdentification",
+    "ImageVerification",
     "QueryStats",
     "RepackReport",
     "SearchMode",

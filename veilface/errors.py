@@ -11,6 +11,8 @@ Messages must never contain key material, templates, scores or images.
 
 from __future__ import annotations
 
+import math
+
 
 class VeilfaceError(Exception):
     """Base class. ``status`` names a ``grpc.StatusCode`` member."""
@@ -90,6 +92,31 @@ class FaceError(VeilfaceError, ValueError):
     status = "INVALID_ARGUMENT"
 
 
+class PresentationAttackDetected(FaceError):
+    """The liveness gate judged a face to be a presentation attack (a print, a screen replay).
+
+    Raised on the device, before the face is embedded or anything is sent.
+    ``score`` is the model's P(live) for the face, ``threshold`` the
+    artifact's decision threshold (a face scoring below it is an attack) and
+    ``model_fingerprint`` names the liveness artifact that decided. The
+    message itself carries no score (see the module docstring); callers that
+    show the figures read the attributes (the CLI does).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        score: float = math.nan,
+        threshold: float = math.nan,
+        model_fingerprint: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.score = float(score)
+        self.threshold = float(threshold)
+        self.model_fingerprint = model_fingerprint
+
+
 class CheckpointError(InvalidArgument):
     """A checkpoint or weights file is missing, unreadable, or from another model."""
 
@@ -115,6 +142,7 @@ __all__ = [
     "LabelMismatchError",
     "NotFound",
     "PermissionDenied",
+    "PresentationAttackDetected",
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",

@@ -42,6 +42,16 @@ class FaceTooBlurry(FaceError):
     """The face crop is too blurry (low variance of its Laplacian)."""
 
 
+class ColourImageRequired(FaceError):
+    """The liveness gate needs colour: the face's surroundings are grey (all channels equal).
+
+    Print and screen-replay cues are largely colour cues, and the liveness
+    model was trained on colour captures only; a grey image (or a grey
+    print in front of a colour camera) cannot be judged, so it is refused,
+    whatever the liveness policy. ``liveness=None`` skips the gate explicitly.
+    """
+
+
 class FaceModelsNotFound(FailedPrecondition):
     """The model files a face backend needs are not installed or not in the given directory."""
 
@@ -51,6 +61,7 @@ class FaceModelInvalid(FailedPrecondition):
 
 
 __all__ = [
+    "ColourImageRequired",
     "FaceModelInvalid",
     "FaceModelsNotFound",
     "FaceTooBlurry",

@@ -1,9 +1,13 @@
-"""The on-device face pipeline: load, detect, quality gate, align, embed.
+"""The on-device face pipeline: load, detect, quality gate, liveness, align, embed.
 
 The quality gate refuses, with a typed :class:`~veilface.errors.FaceError`,
 images that would make a bad template: no face, several faces (unless the
 caller chose ``on_multiple="largest"``), a face too small, or too blurry.
-Nothing is silently dropped or guessed.
+The liveness gate (:mod:`veilface.client.liveness.gate`) then judges the
+one face left: a print or a screen replay raises
+:class:`~veilface.errors.PresentationAttackDetected` (policy ``"refuse"``)
+or is recorded in the result (``"record"``); ``liveness=None`` skips it,
+and the result says so. Nothing is silently dropped or guessed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ from veilface.client.face.errors import (
     NoFaceFound,
 )
 from veilface.client.face.image_io import ImageSource, load_image
+from veilface.client.liveness.gate import (
+    DEFAULT_LIVENESS,
+    LivenessGate,
+    LivenessOption,
+    LivenessPolicy,
+    LivenessResult,
+)
 from veilface.errors import FaceError
 
 #: Largest side of the grey crop on which sharpness is measured: bigger face
@@ -64,12 +75,18 @@ class FaceEmbedding:
     backend
         Name of the backend that computed ``vector``; vectors of different
         backends are not comparable.
+    liveness
+        The liveness gate's :class:`~veilface.client.liveness.LivenessScore`
+        (``live=False`` only under policy ``"record"``), or
+        :data:`~veilface.client.liveness.LIVENESS_SKIPPED` when the pipeline
+        was made with ``liveness=None``.
     """
 
     vector: npt.NDArray[np.float32]
     box: FaceBox
     sharpness: float
     backend: str
+    liveness: LivenessResult
 
 
 def _resample_matrix(n_in: int, n_out: int) -> npt.NDArray[np.float64]:
@@ -157,6 +174,23 @@ class FacePipeline:
     upsample
         Detector upsampling for the ``"dlib"`` backend (1 finds faces down to
         about 40 px; 2 down to about 20 px, four times slower).
+    liveness
+        The presentation-attack check run on the face before it is embedded:
+        by default the model shipped with the package (loaded on first use;
+        if it is not installed, :meth:`embed` raises rather than skip the
+        check); a path to the user's ``.vfpad`` artifact (verified now), a
+        :class:`~veilface.client.liveness.LivenessModel`, or ``None`` to skip
+        the check explicitly (recorded in every result).
+    liveness_policy
+        ``"refuse"``: a face judged an attack raises
+        :class:`~veilface.errors.PresentationAttackDetected`; ``"record"``:
+        it is embedded and its result carries the score with ``live=False``.
+
+    Raises
+    ------
+    LivenessModelInvalid
+        ``liveness`` is a file that is not a valid liveness artifact (wrong,
+        corrupt, edited, another architecture or version), or torch is missing.
     """
 
     def __init__(
@@ -168,6 +202,8 @@ class FacePipeline:
         min_sharpness: float = DEFAULT_MIN_SHARPNESS,
         model_dir: str | os.PathLike[str] | None = None,
         upsample: int = 1,
+        liveness: LivenessOption = DEFAULT_LIVENESS,
+        liveness_policy: LivenessPolicy = "refuse",
     ) -> None:
         if on_multiple not in ("error", "largest"):
             raise ValueError(f"on_multiple must be 'error' or 'largest', got {on_multiple!r}")
@@ -179,6 +215,7 @@ class FacePipeline:
         self.on_multiple: OnMultiple = on_multiple
         self.min_face_px = min_face_px
         self.min_sharpness = float(min_sharpness)
+        self.liveness = LivenessGate(liveness, policy=liveness_policy)
 
     def detect(self, image: ImageSource) -> list[FaceBox]:
         """All faces in ``image``, largest first (no quality gate).
@@ -202,6 +239,13 @@ class FacePipeline:
             The image cannot be used at all.
         NoFaceFound, MultipleFaces, FaceTooSmall, FaceTooBlurry
             The quality gate refused the face.
+        PresentationAttackDetected
+            The liveness gate judged the face an attack (policy ``"refuse"``).
+        ColourImageRequired, FaceTooSmall
+            The liveness model cannot judge the face (grey, too few pixels).
+        LivenessModelInvalid
+            The liveness gate cannot run (the default model is not installed,
+            torch is missing): nothing is embedded unchecked.
         """
         rgb = load_image(image)
         faces = self._detect(rgb)
@@ -229,12 +273,14 @@ class FacePipeline:
                 f"{self.min_sharpness:.1f}); hold the camera still, focus on the face, "
                 "and avoid heavy compression"
             )
+        liveness = self.liveness.check(rgb, box)
         vector = self.backend.align_and_embed(rgb, box)
         return FaceEmbedding(
             vector=np.ascontiguousarray(vector, dtype=np.float32),
             box=box,
             sharpness=sharpness,
             backend=self.backend.name,
+            liveness=liveness,
         )
 
     def embed_many(

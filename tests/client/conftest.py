@@ -37,3 +37,24 @@ def lfw_dir(data_dir: Path) -> Path:
     if not lfw.is_dir():
         pytest.skip(f"LFW not found at {lfw}: set VEILFACE_DATA to the folder holding lfw/")
     return lfw
+
+
+@pytest.fixture(scope="session")
+def liveness_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("liveness")
+
+
+@pytest.fixture(scope="session")
+def live_artifact(liveness_dir: Path) -> Path:
+    """A ``.vfpad`` under which every face is live (P(live) = sigmoid(8), threshold 0.5)."""
+    from tests.client.liveness_artifacts import LIVE_LOGIT, make_artifact
+
+    return make_artifact(liveness_dir / "live.vfpad", logit=LIVE_LOGIT)
+
+
+@pytest.fixture(scope="session")
+def attack_artifact(liveness_dir: Path) -> Path:
+    """A ``.vfpad`` under which every face is an attack (P(live) = sigmoid(-8), threshold 0.5)."""
+    from tests.client.liveness_artifacts import ATTACK_LOGIT, make_artifact
+
+    return make_artifact(liveness_dir / "attack.vfpad", logit=ATTACK_LOGIT)

@@ -58,7 +58,7 @@ def dist(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def pipeline() -> FacePipeline:
-    pipe = FacePipeline()
+    pipe = FacePipeline(liveness=None)
     pipe.backend.load()
     return pipe
 
@@ -133,7 +133,7 @@ def test_two_face_collage(
     with pytest.raises(MultipleFaces, match="largest"):
         pipeline.embed(collage)
 
-    largest = FacePipeline(pipeline.backend, on_multiple="largest").embed(collage)
+    largest = FacePipeline(pipeline.backend, on_multiple="largest", liveness=None).embed(collage)
     assert largest.box.right <= 250  # the full-size face on the left
     assert dist(largest.vector, reference["Tony_Blair", 1]) < 0.1
 
@@ -144,7 +144,7 @@ def test_tiny_face(lfw_dir: Path) -> None:
     canvas = Image.new("RGB", (320, 320), (128, 128, 128))
     canvas.paste(small, (120, 120))
     # upsample=2 finds faces down to ~20 px, so the gate (not the detector) decides.
-    pipe = FacePipeline(upsample=2)
+    pipe = FacePipeline(upsample=2, liveness=None)
     faces = pipe.detect(np.asarray(canvas))
     assert len(faces) == 1 and faces[0].width < 40
     with pytest.raises(FaceTooSmall, match="minimum of 40 px"):
@@ -158,7 +158,7 @@ def test_heavy_blur(lfw_dir: Path, pipeline: FacePipeline) -> None:
         pipeline.embed(np.asarray(blurred))
     assert len(str(info.value)) < 200
     # the gate can be switched off explicitly
-    lenient = FacePipeline(pipeline.backend, min_sharpness=0)
+    lenient = FacePipeline(pipeline.backend, min_sharpness=0, liveness=None)
     assert lenient.embed(np.asarray(blurred)).sharpness < DEFAULT_MIN_SHARPNESS
 
 
@@ -303,17 +303,17 @@ def test_fake_backend_satisfies_the_protocol() -> None:
 def test_gate_policies() -> None:
     big, small = FaceBox(10, 10, 110, 120), FaceBox(150, 150, 200, 200)
     with pytest.raises(MultipleFaces, match="2 faces"):
-        FacePipeline(FakeBackend([small, big])).embed(NOISE)
-    emb = FacePipeline(FakeBackend([small, big]), on_multiple="largest").embed(NOISE)
+        FacePipeline(FakeBackend([small, big]), liveness=None).embed(NOISE)
+    emb = FacePipeline(FakeBackend([small, big]), on_multiple="largest", liveness=None).embed(NOISE)
     assert emb.box == big and emb.backend == "fake"
     np.testing.assert_array_equal(emb.vector, [10, 10, 100, 110])
     with pytest.raises(NoFaceFound):
-        FacePipeline(FakeBackend([])).embed(NOISE)
+        FacePipeline(FakeBackend([]), liveness=None).embed(NOISE)
     with pytest.raises(FaceTooSmall):
-        FacePipeline(FakeBackend([FaceBox(0, 0, 39, 80)])).embed(NOISE)
-    FacePipeline(FakeBackend([FaceBox(0, 0, 40, 80)])).embed(NOISE)
+        FacePipeline(FakeBackend([FaceBox(0, 0, 39, 80)]), liveness=None).embed(NOISE)
+    FacePipeline(FakeBackend([FaceBox(0, 0, 40, 80)]), liveness=None).embed(NOISE)
     with pytest.raises(FaceTooBlurry):
-        FacePipeline(FakeBackend([big])).embed(np.full((300, 300, 3), 77, np.uint8))
+        FacePipeline(FakeBackend([big]), liveness=None).embed(np.full((300, 300, 3), 77, np.uint8))
 
 
 def test_pipeline_arguments() -> None:
@@ -373,7 +373,7 @@ def test_large_photo_is_scanned_shrunk(lfw_dir: Path, pipeline: FacePipeline) ->
     for x, y in ((a.left, b.left), (a.top, b.top), (a.right, b.right), (a.bottom, b.bottom)):
         assert abs(x - y) <= 0.1 * a.width  # HOG cells are 8 px of the shrunk copy
     assert 200 <= b.left < b.right <= 600 and 250 <= b.top < b.bottom <= 650
-    assert dist(FacePipeline(shrunk).embed(img).vector, full.vector) < 0.1
+    assert dist(FacePipeline(shrunk, liveness=None).embed(img).vector, full.vector) < 0.1
     with pytest.raises(ValueError, match="max_detect_pixels"):
         DlibBackend(max_detect_pixels=10)
 

@@ -411,12 +411,12 @@ def test_mxnet_style_model_is_fed_raw_pixels(tmp_path: Path) -> None:
 
 def test_pipeline_with_the_insightface_backend(root: Path, backend: InsightFaceBackend) -> None:
     assert isinstance(backend, FaceBackend)
-    pipe = FacePipeline(backend)
+    pipe = FacePipeline(backend, liveness=None)
     emb = pipe.embed(scene())
     assert emb.backend == "insightface:buffalo_l"
     assert emb.vector.shape == (EMB_DIM,)
     assert (emb.box.left, emb.box.top, emb.box.right, emb.box.bottom) == (80, 16, 160, 96)
-    by_name = FacePipeline("insightface", model_dir=root)
+    by_name = FacePipeline("insightface", model_dir=root, liveness=None)
     np.testing.assert_allclose(by_name.embed(scene()).vector, emb.vector, atol=1e-6)
     # grey and RGBA inputs go through load_image first
     rgba = np.dstack([scene(), np.full((160, 320), 255, np.uint8)])
@@ -424,16 +424,16 @@ def test_pipeline_with_the_insightface_backend(root: Path, backend: InsightFaceB
 
 
 def test_quality_gate_with_the_insightface_backend(backend: InsightFaceBackend) -> None:
-    pipe = FacePipeline(backend)
+    pipe = FacePipeline(backend, liveness=None)
     with pytest.raises(NoFaceFound):
         pipe.embed(np.full((160, 320, 3), 90, np.uint8))
     two = scene((320, 320), ((16, 16), (176, 208)))
     with pytest.raises(MultipleFaces, match="2 faces"):
         pipe.embed(two)
-    chosen = FacePipeline(backend, on_multiple="largest").embed(two)
+    chosen = FacePipeline(backend, on_multiple="largest", liveness=None).embed(two)
     assert (chosen.box.left, chosen.box.top) == (-16, -16)  # equal sizes: topmost first
     with pytest.raises(FaceTooSmall, match="minimum of 100 px"):
-        FacePipeline(backend, min_face_px=100).embed(scene())
+        FacePipeline(backend, min_face_px=100, liveness=None).embed(scene())
 
 
 # --- model directories and broken models ------------------------------------------
@@ -473,7 +473,7 @@ def test_pack_without_recogniser(tmp_path: Path) -> None:
     build_landmark(pack / "2d106det.onnx")
     b = InsightFaceBackend(tmp_path)
     with pytest.raises(FaceModelsNotFound, match="no ArcFace recogniser") as info:
-        FacePipeline(b).embed(scene())
+        FacePipeline(b, liveness=None).embed(scene())
     assert "det_10g.onnx: detection" in str(info.value)
     assert "2d106det.onnx: landmark" in str(info.value)
 
@@ -490,7 +490,7 @@ def test_corrupt_model_file(tmp_path: Path, damage: str) -> None:
     }[damage]
     target.write_bytes(bad)
     with pytest.raises(FaceModelInvalid, match=r"w600k_r50\.onnx.*corrupt") as info:
-        FacePipeline(InsightFaceBackend(tmp_path)).embed(scene())
+        FacePipeline(InsightFaceBackend(tmp_path), liveness=None).embed(scene())
     assert isinstance(info.value, FailedPrecondition)
 
 
@@ -533,7 +533,7 @@ def _png(arr: np.ndarray) -> bytes:
 def test_bad_inputs_through_the_pipeline(backend: InsightFaceBackend, tmp_path: Path) -> None:
     from veilface.client.face import ImageDecodeError, ImageNotFound, ImageSizeError
 
-    pipe = FacePipeline(backend)
+    pipe = FacePipeline(backend, liveness=None)
     good = _png(scene())
     with pytest.raises(ImageDecodeError, match="truncated"):
         pipe.embed(good[: len(good) // 2])

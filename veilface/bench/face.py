@@ -179,7 +179,8 @@ def run_face_bench(cfg: FaceBenchConfig) -> dict[str, Any]:
     timed = _TimedBackend(_make_backend(cfg))
     t0 = time.perf_counter()
     timed.load()
-    pipeline = FacePipeline(timed, on_multiple="largest")
+    # The face backend's time alone: the liveness gate is timed by `veilface bench liveness`.
+    pipeline = FacePipeline(timed, on_multiple="largest", liveness=None)
     try:  # warm-up: first-call allocations are not part of the per-photo figure
         pipeline.embed(files[0])
     except FaceError:

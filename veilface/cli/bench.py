@@ -72,6 +72,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=chaos)
 
+    p = bench.add_parser(
+        "liveness",
+        help="liveness gate: APCER, BPCER, ACER, HTER at the artifact's threshold, ms per face",
+    )
+    p.add_argument("--model", type=Path, help="liveness artifact (.vfpad; default: the shipped one)")
+    p.add_argument(
+        "--attacks", type=Path, metavar="DIR",
+        help="your own set: DIR/live/ and DIR/attack/ images (attack/<species>/ names species)",
+    )
+    p.add_argument("--pad-samples", type=Path, help="default $VEILFACE_DATA/pad-samples")
+    p.add_argument("--lfw", type=Path, help="LFW for the rendered attacks (default $VEILFACE_DATA/lfw)")
+    p.add_argument("--people", type=int, default=100, help="LFW people rendered (unseen by training)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timing-runs", type=int, default=50)
+    p.add_argument("--json", type=Path, help="write the result here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=liveness)
+
     from veilface.cli.protect import register_bench
 
     register_bench(bench)
@@ -167,6 +185,32 @@ def chaos(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result = run_chaos_bench(cfg)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def liveness(args: argparse.Namespace) -> int:
+    from veilface.bench.liveness import (
+        LivenessBenchConfig,
+        format_table,
+        run_liveness_bench,
+        write_json,
+    )
+
+    cfg = LivenessBenchConfig(
+        model=args.model,
+        pad_samples=args.pad_samples,
+        lfw=args.lfw,
+        attacks=args.attacks,
+        n_people=args.people,
+        seed=args.seed,
+        timing_runs=args.timing_runs,
+        progress=not args.no_progress,
+    )
+    result = run_liveness_bench(cfg)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)

@@ -10,7 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from veilface.errors import InvalidArgument
+from veilface.errors import InvalidArgument, PresentationAttackDetected, VeilfaceError
+
+#: Exit status of a command whose photo the liveness gate refused as a presentation
+#: attack; every other veilface error exits with :data:`EXIT_ERROR`.
+EXIT_ATTACK = 3
+EXIT_ERROR = 2
 
 #: Where the state passphrase is looked for when ``--passphrase-env`` is not given.
 DEFAULT_PASSPHRASE_ENV = "VEILFACE_PASSPHRASE"
@@ -154,7 +159,8 @@ def load_state(args: argparse.Namespace) -> Any:
     return TenantState.load(args.state, **secret_args(args))
 
 
-def client(args: argparse.Namespace) -> Any:
+def client(args: argparse.Namespace, **options: Any) -> Any:
+    """The ``VeilClient`` the options name; ``options`` go to it (``liveness=``...)."""
     from veilface.client.sdk import VeilClient
 
     return VeilClient(
@@ -163,7 +169,18 @@ def client(args: argparse.Namespace) -> Any:
         token=token(args),
         root_cert=args.root_cert,
         insecure=getattr(args, "insecure", False),
+        **options,
     )
+
+
+def error_exit(exc: VeilfaceError) -> tuple[int, str]:
+    """The exit status and the line printed for an error that ended a command."""
+    if isinstance(exc, PresentationAttackDetected):
+        return EXIT_ATTACK, (
+            f"veilface: refused: {exc.message} (liveness score {exc.score:.3f}, below the "
+            f"threshold {exc.threshold:.3f} of model {exc.model_fingerprint[:12]})"
+        )
+    return EXIT_ERROR, f"veilface: error: {exc.message}"
 
 
 def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:

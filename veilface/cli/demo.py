@@ -34,7 +34,9 @@ def _photos(root: Path, people: int) -> tuple[np.ndarray, list[str], np.ndarray,
     from veilface.client.face import FacePipeline
     from veilface.errors import FaceError
 
-    pipe = FacePipeline(on_multiple="largest")
+    # LFW photos as a synthetic gallery for the demo, not captures at a camera: no liveness
+    # gate (`veilface identify --image` runs it).
+    pipe = FacePipeline(on_multiple="largest", liveness=None)
     gal, gl, pro, pl = [], [], [], []
     for person in sorted(p for p in root.iterdir() if p.is_dir()):
         photos = sorted(person.iterdir())

@@ -1,8 +1,16 @@
-"""``veilface enroll | identify | verify | delete | repack | rotate``: the tenant's gallery."""
+"""``veilface enroll | identify | verify | delete | repack | rotate``: the tenant's gallery.
+
+Photos (``--image``, ``--images``) go through the face pipeline and its
+liveness gate before anything is sent: the shipped model by default, the
+user's with ``--liveness PATH``, none with ``--no-liveness`` (printed). A
+photo refused as a presentation attack ends the command with
+:data:`~veilface.cli.common.EXIT_ATTACK` (3) and its score and threshold.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +28,22 @@ def _add_input(p: argparse.ArgumentParser, *, many: bool) -> None:
     else:
         src.add_argument("--image", type=Path, help="a face photo (dlib pipeline)")
         p.add_argument("--row", type=int, default=0, help="row of --embeddings to use")
+    g = p.add_argument_group("liveness (anti-spoofing) gate of --image/--images")
+    which = g.add_mutually_exclusive_group()
+    which.add_argument(
+        "--liveness", type=Path, metavar="PATH",
+        help="your liveness artifact (.vfpad, from veilface fed train --task pad --export) "
+        "instead of the shipped default",
+    )
+    which.add_argument(
+        "--no-liveness", action="store_true",
+        help="skip the liveness check explicitly (printed, and recorded in --json output)",
+    )
+    g.add_argument(
+        "--liveness-policy", choices=["refuse", "record"], default="refuse",
+        help="refuse (default): a print or screen replay ends the command with exit status 3; "
+        "record: go on, and report the score",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -85,33 +109,63 @@ def _load_npz(path: Path) -> tuple[np.ndarray, list[str]]:
     return emb, labels
 
 
-def _embed_image(path: Path) -> np.ndarray:
-    from veilface.client.face import FacePipeline
+def liveness_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``VeilClient``'s ``liveness=``/``liveness_policy=`` from the options (photos only)."""
+    from veilface.client.liveness.gate import DEFAULT_LIVENESS
 
-    return np.asarray(FacePipeline().embed(path).vector, dtype=np.float32)
+    given = args.liveness is not None or args.no_liveness or args.liveness_policy != "refuse"
+    if args.embeddings is not None:
+        if given:
+            raise InvalidArgument(
+                "--liveness, --no-liveness and --liveness-policy apply to --image/--images, "
+                "not to --embeddings"
+            )
+        return {}
+    if args.no_liveness:
+        print(
+            "veilface: liveness check skipped (--no-liveness): prints and screen replays are "
+            "not refused",
+            file=sys.stderr,
+        )
+        return {"liveness": None}
+    chosen = DEFAULT_LIVENESS if args.liveness is None else args.liveness
+    return {"liveness": chosen, "liveness_policy": args.liveness_policy}
 
 
-def _embed_folder(root: Path) -> tuple[np.ndarray, list[str]]:
-    from veilface.client.face import FacePipeline
+def liveness_text(result: Any) -> str:
+    """One line on a photo's liveness decision (a LivenessScore or the skipped marker)."""
+    if getattr(result, "skipped", False):
+        return "liveness: not checked (--no-liveness)"
+    verdict = "live" if result.live else "ATTACK, recorded (--liveness-policy record)"
+    rel = ">=" if result.live else "<"
+    return f"liveness: {verdict} (score {result.score:.3f} {rel} threshold {result.threshold:.3f})"
 
-    pipe = FacePipeline(on_multiple="largest")
-    vecs, labels = [], []
-    for person in sorted(p for p in root.iterdir() if p.is_dir()):
-        for img in sorted(person.iterdir()):
-            vecs.append(pipe.embed(img).vector)
-            labels.append(person.name)
-            break  # the first usable photo of each subject
-    if not vecs:
-        raise InvalidArgument(f"{root}: no <subject>/<image> files found")
-    return np.asarray(vecs, dtype=np.float32), labels
+
+def _enroll_folder(args: argparse.Namespace) -> int:
+    with common.client(args, **liveness_options(args)) as c:
+        scan = c.images.scan_folder(args.images, progress=not args.json)
+        if scan.subject_ids and args.nlist:
+            c.train_routing(scan.embeddings, nlist=args.nlist)
+            c.state.save(args.state, **common.secret_args(args))
+        report = c.images.enroll_scan(scan, single=args.single)
+        c.state.save(args.state, **common.secret_args(args))
+    refused = ", ".join(f"{n} {reason}" for reason, n in report.refused.items())
+    text = (
+        f"enrolled {report.subjects} subjects from {scan.photos_examined} photos; "
+        f"{len(scan.refusals)} refused" + (f" ({refused})" if refused else "")
+    )
+    if scan.without_photo:
+        text += f"; {len(scan.without_photo)} subjects had no usable photo"
+    common.emit(args, report.to_json(), text)
+    return 0
 
 
 def enroll(args: argparse.Namespace) -> int:
-    if args.embeddings:
-        emb, labels = _load_npz(args.embeddings)
-    else:
-        emb, labels = _embed_folder(args.images)
-    if args.first_only or args.images:
+    if args.images:
+        return _enroll_folder(args)
+    liveness_options(args)  # refuses liveness options given with --embeddings
+    emb, labels = _load_npz(args.embeddings)
+    if args.first_only:
         seen: dict[str, int] = {}
         for i, lab in enumerate(labels):
             seen.setdefault(lab, i)
@@ -135,18 +189,33 @@ def enroll(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> np.ndarray:
-    if args.image:
-        return _embed_image(args.image)
     emb, _ = _load_npz(args.embeddings)
     if not 0 <= args.row < len(emb):
         raise InvalidArgument(f"--row must be in [0, {len(emb)})")
     return np.asarray(emb[args.row])
 
 
+def _with_liveness(payload: dict[str, Any], text: str, capture: Any) -> tuple[dict[str, Any], str]:
+    if capture is None:
+        return payload, text
+    from veilface.client.liveness.gate import liveness_record
+
+    payload["liveness"] = liveness_record(capture.liveness)
+    return payload, f"{text}\n{liveness_text(capture.liveness)}"
+
+
 def identify(args: argparse.Namespace) -> int:
-    probe = _probe(args)
-    with common.client(args) as c:
-        r = c.identify(probe, mode=args.mode, k=args.k, nprobe=args.nprobe, decoys=args.decoys)
+    search = {"mode": args.mode, "k": args.k, "nprobe": args.nprobe, "decoys": args.decoys}
+    capture = None
+    if args.image:
+        with common.client(args, **liveness_options(args)) as c:
+            got = c.identify_image(args.image, **search)
+        r, capture = got.identification, got.capture
+    else:
+        liveness_options(args)
+        probe = _probe(args)
+        with common.client(args) as c:
+            r = c.identify(probe, **search)
     payload: dict[str, Any] = {
         "subject": r.subject_id,
         "score": r.score,
@@ -155,19 +224,25 @@ def identify(args: argparse.Namespace) -> int:
         "stats": vars(r.stats),
     }
     verdict = "match" if r.match else "no match"
-    common.emit(args, payload, f"{verdict}: {r.subject_id} (cosine {r.score:.4f}) in {r.stats.total_ms:.0f} ms")
+    text = f"{verdict}: {r.subject_id} (cosine {r.score:.4f}) in {r.stats.total_ms:.0f} ms"
+    common.emit(args, *_with_liveness(payload, text, capture))
     return 0
 
 
 def verify(args: argparse.Namespace) -> int:
-    probe = _probe(args)
-    with common.client(args) as c:
-        r = c.verify(args.subject, probe)
-    common.emit(
-        args,
-        {"subject": r.subject_id, "score": r.score, "match": r.match},
-        f"{'accepted' if r.match else 'rejected'}: {r.subject_id} (cosine {r.score:.4f})",
-    )
+    capture = None
+    if args.image:
+        with common.client(args, **liveness_options(args)) as c:
+            got = c.verify_image(args.subject, args.image)
+        r, capture = got.verification, got.capture
+    else:
+        liveness_options(args)
+        probe = _probe(args)
+        with common.client(args) as c:
+            r = c.verify(args.subject, probe)
+    payload = {"subject": r.subject_id, "score": r.score, "match": r.match}
+    text = f"{'accepted' if r.match else 'rejected'}: {r.subject_id} (cosine {r.score:.4f})"
+    common.emit(args, *_with_liveness(payload, text, capture))
     return 0
 
 

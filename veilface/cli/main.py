@@ -49,8 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.func(args)
     except VeilfaceError as exc:
-        print(f"veilface: error: {exc.message}", file=sys.stderr)
-        return 2
+        from veilface.cli.common import error_exit
+
+        code, line = error_exit(exc)
+        print(line, file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         return 130
     return int(result or 0)
