@@ -378,9 +378,10 @@ class ImageOps:
     def enroll_scan(self, scan: FolderScan, *, single: bool = False) -> FolderEnrollment:
         """Enroll the accepted faces of a :meth:`scan_folder` (bulk, or one by one with ``single``)."""
         if not scan.subject_ids:
+            why = ", ".join(f"{n} {reason}" for reason, n in scan.refused.items())
             raise InvalidArgument(
-                f"no photo passed the face pipeline ({len(scan.refusals)} refused: "
-                f"{scan.refused}); nothing was enrolled"
+                f"no photo passed the face pipeline ({len(scan.refusals)} refused: {why}); "
+                "nothing was enrolled"
             )
         if single:
             receipts = tuple(

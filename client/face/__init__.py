@@ -15,6 +15,7 @@ downloaded at run time.
 from veilface.client.face.backend import FaceBackend, FaceBox
 from veilface.client.face.dlib_backend import DlibBackend
 from veilface.client.face.errors import (
+    ColourImageRequired,
     FaceModelInvalid,
     FaceModelsNotFound,
     FaceTooBlurry,
@@ -37,6 +38,7 @@ from veilface.client.face.pipeline import (
 
 __all__ = [
     "DEFAULT_MIN_SHARPNESS",
+    "ColourImageRequired",
     "DlibBackend",
     "DlibModelPaths",
     "FaceBackend",

@@ -294,8 +294,10 @@ class FacePipeline:
             One entry per input, in order: a :class:`FaceEmbedding`, or the
             :class:`~veilface.errors.FaceError` that refused the image (use
             ``type(err).__name__`` to count reasons; a missing or unreadable
-            file is an :class:`ImageNotFound`). Other exceptions (a broken
-            model, a wrong argument type) propagate.
+            file is an :class:`ImageNotFound`, a spoof a
+            :class:`~veilface.errors.PresentationAttackDetected`). Other
+            exceptions (a broken model, a liveness gate that cannot run, a
+            wrong argument type) propagate.
         """
         items: Sequence[ImageSource] = list(images)
         results: list[FaceEmbedding | FaceError] = []

@@ -72,3 +72,29 @@ def rewrite(path: Path, manifest: dict[str, Any], weights: bytes, *, refingerpri
         zf.writestr(WEIGHTS, weights)
     path.write_bytes(buf.getvalue())
     return path
+
+
+def brightness_model(path: Path) -> Any:
+    """A real loaded LivenessModel whose P(live) is the crop's mean brightness (0..1).
+
+    Lets a test decide per image which faces are attacks (dark = attack at
+    threshold 0.5) while everything else (loading, crop, checks) is real.
+    """
+    import numpy as np
+
+    from veilface.client.liveness.model import LivenessModel
+
+    class BrightnessModel(LivenessModel):
+        def score_crops(self, crops: Any) -> Any:
+            arr = np.asarray(crops, dtype=np.float64)
+            return arr.reshape(len(arr), -1).mean(axis=1) / 255.0
+
+    return BrightnessModel(path)
+
+
+def tinted(value: int, shape: tuple[int, int] = (320, 320)) -> Any:
+    """A uniform colour image of brightness about ``value`` (R > G > B, so not grey)."""
+    import numpy as np
+
+    rgb = np.array([value * 1.2, value, value * 0.8]).clip(0, 255).astype(np.uint8)
+    return np.broadcast_to(rgb, (*shape, 3)).copy()

@@ -303,7 +303,7 @@ PEOPLE = ("Tony_Blair", "Serena_Williams", "Gerhard_Schroeder")
 
 @pytest.fixture(scope="module")
 def dlib_pipeline() -> FacePipeline:
-    pipe = FacePipeline()
+    pipe = FacePipeline(liveness=None)  # LFW originals to compare with, not captures
     pipe.backend.load()
     return pipe
 

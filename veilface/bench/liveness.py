@@ -336,7 +336,10 @@ def _default_renderer() -> Renderer:
 
 
 def run_liveness_bench(
-    cfg: LivenessBenchConfig, *, renderer: Renderer | None = None
+    cfg: LivenessBenchConfig,
+    *,
+    renderer: Renderer | None = None,
+    model: LivenessModel | None = None,
 ) -> dict[str, Any]:
     """Error rates on (a), (b), (c) of the module docstring, and the time per face.
 
@@ -346,6 +349,8 @@ def run_liveness_bench(
         Options.
     renderer
         Stands in for ``render_bench_set`` (same signature and result).
+    model
+        An already loaded model (instead of ``cfg.model``).
 
     Returns
     -------
@@ -366,7 +371,8 @@ def run_liveness_bench(
     """
     from veilface.client.liveness.gate import load_default_model
 
-    model = load_default_model() if cfg.model is None else LivenessModel(cfg.model)
+    if model is None:
+        model = load_default_model() if cfg.model is None else LivenessModel(cfg.model)
     judge = _Judge(model)
     root = _data_root()
     result: dict[str, Any] = {
