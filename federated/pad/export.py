@@ -48,8 +48,8 @@ class KioskTrainConfig:
 
     lfw_dir: str
     work_dir: str
-    per_domain: int = 1600
-    rounds_per_domain: int = 6
+    per_domain: int = 1100
+    rounds_per_domain: int = 8
     local_epochs: int = 2
     num_sites: int = 2
     lr: float = 1e-3

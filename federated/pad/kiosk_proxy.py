@@ -24,6 +24,10 @@ replay
 Each *domain* is a camera (:data:`KIOSK_DOMAINS`): how many pixels the crop
 has before it is resized to the model's input, blur, white balance,
 exposure, noise and JPEG quality; it applies to live and attack scenes alike.
+Every shot also gets its own exposure, contrast, saturation and (half the
+time) in-camera sharpening, the same for both classes, so that neither
+overall brightness nor sharpness tells them apart: LFW's live photos are
+soft press pictures, a kiosk's or a phone's are sharp.
 
 People are split by a hash of their name (:func:`person_part`): ``train``
 people are the training sites' (their ``split`` 0 train and 1 validation,
@@ -246,6 +250,12 @@ def camera(
     if cam.blur > 0:
         im = im.filter(ImageFilter.GaussianBlur(cam.blur * rng.uniform(0.7, 1.4) / max(k, 1e-3)))
     im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+    if rng.random() < 0.5:  # in-camera sharpening (phones sharpen hard; LFW's photos are soft)
+        im = im.filter(
+            ImageFilter.UnsharpMask(
+                radius=float(rng.uniform(0.8, 2.5)), percent=int(rng.integers(60, 250)), threshold=2
+            )
+        )
     arr = np.asarray(im, dtype=np.float32) / 255.0
     # the domain's camera, then per-shot exposure and colour (the same for live and attacks,
     # so neither class can be told by its overall brightness, contrast or colour)

@@ -32,8 +32,8 @@ def register_train(fed_sub: argparse._SubParsersAction) -> None:  # type: ignore
                    "../shared/data/lfw)")
     t.add_argument("--work-dir", type=Path, default=Path("runs/fed-train"),
                    help="proxy cache, checkpoints and metrics (runs/fed-train)")
-    t.add_argument("--per-domain", type=int, default=1600, help="images per domain (1600)")
-    t.add_argument("--rounds", type=int, default=6, help="federated rounds per domain (6)")
+    t.add_argument("--per-domain", type=int, default=1100, help="images per domain (1100: about all the training people hold, two photos each)")
+    t.add_argument("--rounds", type=int, default=8, help="federated rounds per domain (8)")
     t.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (2)")
     t.add_argument("--sites", type=int, default=2, help="Flower sites (SuperNodes) (2)")
     t.add_argument("--target-bpcer", type=float, default=0.05,

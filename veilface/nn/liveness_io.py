@@ -150,11 +150,14 @@ def liveness_crop(
     cx, cy = (left + right) / 2.0, (top + bottom) / 2.0
     x0 = min(max(cx - side / 2.0, 0.0), w - side)
     y0 = min(max(cy - side / 2.0, 0.0), h - side)
-    im = Image.fromarray(rgb)
+    # only the region (plus a pixel) goes to Pillow: a 2160x1617 photo is not copied whole
+    xa, ya = max(0, int(np.floor(x0)) - 1), max(0, int(np.floor(y0)) - 1)
+    xb, yb = min(w, int(np.ceil(x0 + side)) + 1), min(h, int(np.ceil(y0 + side)) + 1)
+    im = Image.fromarray(np.ascontiguousarray(rgb[ya:yb, xa:xb]))
     crop = im.resize(
         (spec.size, spec.size),
         Image.Resampling.BILINEAR,
-        box=(x0, y0, x0 + side, y0 + side),
+        box=(x0 - xa, y0 - ya, x0 - xa + side, y0 - ya + side),
         reducing_gap=2.0,
     )
     return np.asarray(crop, dtype=np.uint8)
