@@ -17,6 +17,8 @@ Layout, one subpackage per task plus what the tasks share:
 - :mod:`veilface.federated.arrays`, :mod:`veilface.federated.metrics`,
   :mod:`veilface.federated.run_artifacts`: model state <-> numpy <->
   ``ArrayRecord``; ReID and PAD metrics; checkpoints, metrics files, plots.
+- :mod:`veilface.federated.round_guard`: a round in which no client succeeded,
+  or a model training never changed, fails the run with the clients' reasons.
 
 Public names are imported from their submodule on first use, so ``import
 veilface.federated`` loads neither torch nor flwr:

@@ -5,7 +5,7 @@ Layout of ``out_dir``::
     metrics.json              {"task": ..., "rounds": [{"round": r, "<name>": value, ...}, ...]}
     metrics.png               one panel per metric name, value against round
     checkpoints/round_0003.npz  arrays + "__meta__" (model id, fingerprint, round)
-    checkpoints/latest.npz    copy of the newest checkpoint
+    checkpoints/latest.npz    copy of the newest checkpoint of a trained model
 
 Every write goes to a temporary file in the same folder and is then renamed
 (:func:`os.replace`), so a crash never leaves a half-written file.
@@ -160,7 +160,7 @@ class RunArtifacts:
         return self.checkpoint_dir / "latest.npz"
 
     def save_checkpoint(
-        self, rnd: int, arrays: Mapping[str, np.ndarray], model_id: str
+        self, rnd: int, arrays: Mapping[str, np.ndarray], model_id: str, *, latest: bool = True
     ) -> Path:
         """Write round ``rnd``'s arrays atomically, tagged with ``model_id`` and a fingerprint.
 
@@ -173,6 +173,10 @@ class RunArtifacts:
         model_id : str
             Names the architecture and configuration (e.g.
             ``"vireid-mnv2-w0.5-64x64"``); :func:`load_checkpoint` checks it.
+        latest : bool, keyword-only
+            Also copy it to :attr:`latest_checkpoint` (default). The tasks pass
+            False for the initial model (round 0), so ``latest.npz`` only ever
+            holds a trained model.
 
         Returns
         -------
@@ -192,7 +196,7 @@ class RunArtifacts:
         payload: dict[str, Any] = {name: np.asarray(value) for name, value in arrays.items()}
         payload[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path = self.checkpoint_path(rnd)
-        for target in (path, self.latest_checkpoint):
+        for target in (path, self.latest_checkpoint) if latest else (path,):
             _atomic_write_bytes(target, lambda f: np.savez(f, **payload))
         logger.info("checkpoint round %d -> %s", rnd, path)
         return path

@@ -50,6 +50,14 @@ The ``context`` handed to ``server_main`` / ``client_train`` /
 Task modules read their own extra keys with defaults, so unknown tasks' keys
 may sit side by side in one ``[tool.flwr.app.config]`` table.
 
+Failed rounds
+-------------
+The task's ``server_main`` receives the grid wrapped in
+:class:`~veilface.federated.round_guard.RoundGuardGrid`: a round in which no
+client succeeded raises :class:`~veilface.errors.TrainingFailed` with the
+clients' reasons, so the run ends ``finished:failed`` instead of repeating
+rounds on an unchanged model.
+
 For tests and the benchmark, :func:`make_server_app` and
 :func:`~veilface.federated.client_app.make_client_app` build apps whose run
 config is overridden in Python (``flwr.simulation.run_simulation`` passes no
@@ -68,6 +76,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from veilface.errors import InvalidArgument
+from veilface.federated.round_guard import RoundGuardGrid
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +144,8 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     """A ServerApp that dispatches on ``task``; ``overrides`` win over the run config.
 
     The task's ``server_main`` receives a Context whose ``run_config`` is the
-    effective config (see :func:`with_run_config`), so task code reads one place.
+    effective config (see :func:`with_run_config`), so task code reads one place,
+    and the grid wrapped in :class:`~veilface.federated.round_guard.RoundGuardGrid`.
     """
     frozen = dict(overrides or {})
     server = ServerApp()
@@ -145,7 +155,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
         config = run_config(context, frozen)
         module = load_task(config["task"])
         logger.info("server: task %s, %s rounds", config["task"], config["num-server-rounds"])
-        module.server_main(grid, with_run_config(context, config))
+        module.server_main(RoundGuardGrid(grid), with_run_config(context, config))
 
     return server
 

@@ -129,6 +129,10 @@ class LabelMismatchError(DatasetLayoutError):
     """Label files disagree with the images on disk (or with each other)."""
 
 
+class TrainingFailed(FailedPrecondition):
+    """A federated round or run trained nothing: every client failed, or the model never changed."""
+
+
 __all__ = [
     "AlreadyExists",
     "CheckpointError",
@@ -144,6 +148,7 @@ __all__ = [
     "PermissionDenied",
     "PresentationAttackDetected",
     "ResourceExhausted",
+    "TrainingFailed",
     "Unauthenticated",
     "Unavailable",
     "VeilfaceError",

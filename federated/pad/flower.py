@@ -96,6 +96,7 @@ from veilface.federated.pad.training import (
     train_domain,
 )
 from veilface.federated.privacy import prepare_strategy
+from veilface.federated.round_guard import require_model_changed
 from veilface.federated.run_artifacts import RunArtifacts
 
 logger = logging.getLogger(__name__)
@@ -508,19 +509,19 @@ def server_main(grid: Grid, context: Context) -> None:
         if model.prompted:
             model.add_domain()
         strategy.round_offset = domain * cfg.rounds_per_domain
+        before = state_arrays(model, dtype=np.float32)
         result: Result = prepare_strategy(
             strategy, context, num_sampled_clients=cfg.min_nodes
         ).start(
             grid=grid,
-            initial_arrays=arrays_to_record(state_arrays(model, dtype=np.float32)),
+            initial_arrays=arrays_to_record(before),
             num_rounds=cfg.rounds_per_domain,
             timeout=timeout,
             train_config=ConfigRecord({"domain": domain, "phase": "train"}),
         )
-        if len(result.arrays) > 0:
-            numpy_to_state(model, record_to_arrays(result.arrays, dtype=np.float32))
-        else:  # every training reply of every round failed
-            logger.warning("domain %d: no site returned a model; keeping the weights", domain)
+        trained = record_to_arrays(result.arrays, dtype=np.float32)
+        require_model_changed(before, trained, what=f"PAD domain {domain}")
+        numpy_to_state(model, trained)
         last: Mapping[str, Any] = {}
         for rnd, rec in sorted(result.evaluate_metrics_clientapp.items()):
             global_round = strategy.round_offset + rnd

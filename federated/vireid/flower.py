@@ -36,7 +36,10 @@ Run-config keys (``[tool.flwr.app.config]`` or ``--run-config``), defaults in
 Each round the server evaluates the global encoder on the proxy test split
 (infrared queries against a visible gallery: Rank-1/5/10, mAP, mINP) and,
 when ``out-dir`` is set, writes a checkpoint, ``metrics.json`` and
-``metrics.png`` through :class:`~veilface.federated.run_artifacts.RunArtifacts`.
+``metrics.png`` through :class:`~veilface.federated.run_artifacts.RunArtifacts`
+(``round_0000.npz`` is the initial model; ``latest.npz`` only ever holds a
+model that training changed). A run whose final model is empty or equal to
+the initial one raises :class:`~veilface.errors.TrainingFailed`.
 
 Local state: each client keeps its identity classifier in
 ``context.state["vireid-classifier"]`` (never sent under ``l2rw``).
@@ -67,6 +70,7 @@ from veilface.federated.arrays import (
     state_arrays,
 )
 from veilface.federated.privacy import prepare_strategy
+from veilface.federated.round_guard import model_changed, require_model_changed
 from veilface.federated.run_artifacts import RunArtifacts
 from veilface.federated.vireid.models import (
     IdentityClassifier,
@@ -74,6 +78,7 @@ from veilface.federated.vireid.models import (
     load_imagenet_backbone,
 )
 from veilface.federated.vireid.proxy import (
+    DEFAULT_PROXY_DIR,
     PROTOCOLS,
     ProxyConfig,
     ReIDArrays,
@@ -126,7 +131,7 @@ def _default_lfw() -> str:
 VIREID_DEFAULTS: dict[str, Any] = {
     "method": "l2rw",
     "protocol": "camera-isolation",
-    "data-dir": str(Path.home() / ".cache" / "veilface" / "vireid-proxy"),
+    "data-dir": str(DEFAULT_PROXY_DIR),
     "lfw-dir": "",
     "local-epochs": 1,
     "lr": 1e-3,
@@ -286,7 +291,12 @@ def server_main(grid: Grid, context: Context) -> None:
         )
         if artifacts is not None:
             artifacts.log_round(server_round, metrics)
-            artifacts.save_checkpoint(server_round, numpy_arrays, mid)
+            if server_round == 0:  # the initial model: round_0000.npz, never latest.npz
+                artifacts.save_checkpoint(0, numpy_arrays, mid, latest=False)
+            elif model_changed(initial, numpy_arrays):
+                artifacts.save_checkpoint(server_round, numpy_arrays, mid)
+            else:
+                logger.warning("round %d: global model unchanged; no checkpoint", server_round)
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
     sampling = {
@@ -308,9 +318,13 @@ def server_main(grid: Grid, context: Context) -> None:
         train_config=ConfigRecord({"method": str(cfg["method"])}),
         evaluate_fn=evaluate_fn,
     )
+    # every round's errors raised already (RoundGuardGrid); this catches rounds whose
+    # replies were all dropped by a wrapper (e.g. DP skips a round with any error)
+    require_model_changed(initial, record_to_arrays(result.arrays), what="the VI-ReID run")
     if artifacts is not None:
         final = {
             "model_id": mid,
+            "final_checkpoint": str(artifacts.latest_checkpoint),
             "method": cfg["method"],
             "protocol": cfg["protocol"],
             "rounds": int(cfg["num-server-rounds"]),

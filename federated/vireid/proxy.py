@@ -49,6 +49,7 @@ from veilface.federated.vireid.datasets import DatasetLayoutError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_PROXY_DIR",
     "PROTOCOLS",
     "PROXY_CAMERAS",
     "PROXY_VERSION",
@@ -63,6 +64,8 @@ __all__ = [
 ]
 
 PROXY_VERSION = 3  # rendering version, part of the cache key
+DEFAULT_PROXY_DIR = Path.home() / ".cache" / "veilface" / "vireid-proxy"
+"""Where the VI-ReID task builds and reads the proxy when run-config ``data-dir`` is empty."""
 PROTOCOLS: tuple[str, ...] = ("camera-isolation", "entity-isolation", "entity-sharing")
 
 
@@ -476,7 +479,9 @@ def partition(
         if num_partitions != cams.size:
             raise InvalidArgument(
                 f"camera isolation needs one client per camera: {cams.size} cameras "
-                f"{cams.tolist()} but {num_partitions} clients; set num-supernodes={cams.size}"
+                f"{cams.tolist()} but {num_partitions} clients; start {cams.size} SuperNodes "
+                f"(veilface fed deploy-local starts as many as the protocol needs; simulation: "
+                f"options.num-supernodes = {cams.size}) or use protocol='entity-isolation'"
             )
         return data.subset(data.camids == cams[partition_id])
     if protocol == "entity-isolation":

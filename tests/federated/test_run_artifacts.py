@@ -68,6 +68,14 @@ def test_checkpoint_roundtrip_and_latest(tmp_path: Path) -> None:
     np.testing.assert_array_equal(latest["backbone.w"], arrays2["backbone.w"])
 
 
+def test_the_initial_model_is_never_latest(tmp_path: Path) -> None:
+    art = RunArtifacts(tmp_path, "vireid", plot=False)
+    p0 = art.save_checkpoint(0, _arrays(), model_id="tiny", latest=False)
+    assert p0.is_file() and not art.latest_checkpoint.exists()
+    art.save_checkpoint(1, _arrays(), model_id="tiny")
+    assert art.latest_checkpoint.is_file()
+
+
 def test_checkpoint_from_another_model_is_a_clear_error(tmp_path: Path) -> None:
     art = RunArtifacts(tmp_path, "vireid", plot=False)
     path = art.save_checkpoint(1, _arrays(), model_id="vireid-mnv2-w0.25")
