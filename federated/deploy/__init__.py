@@ -14,6 +14,10 @@ The pieces a real deployment needs, usable one by one or through
   and reading their output.
 - :mod:`~veilface.federated.deploy.local`: :class:`LocalDeployment`, the
   processes on ``127.0.0.1`` and their lifecycle.
+- :mod:`~veilface.federated.deploy.outcome`: :class:`RunOutcome` and
+  :func:`server_error` (the ServerApp's error from the run status or log).
+- :mod:`~veilface.federated.deploy.sites`: :func:`default_supernodes` and
+  :func:`check_supernodes` (how many SuperNodes a run config needs).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from veilface.federated.deploy.config import (
     write_flwr_config,
     write_launcher_app,
 )
-from veilface.federated.deploy.local import LocalDeployment, RunOutcome
+from veilface.federated.deploy.local import LocalDeployment
+from veilface.federated.deploy.outcome import RunOutcome, server_error
+from veilface.federated.deploy.sites import check_supernodes, default_supernodes
 from veilface.federated.deploy.tls import NodeKeyPair, TlsFiles, generate_node_keys, generate_tls
 
 __all__ = [
@@ -36,10 +42,13 @@ __all__ = [
     "NodeKeyPair",
     "RunOutcome",
     "TlsFiles",
+    "check_supernodes",
+    "default_supernodes",
     "free_port",
     "generate_node_keys",
     "generate_tls",
     "project_run_config",
+    "server_error",
     "write_flwr_config",
     "write_launcher_app",
 ]

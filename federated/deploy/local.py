@@ -54,6 +54,7 @@ from veilface.federated.deploy.flwr_cli import (
     log_tail,
     started_run_id,
 )
+from veilface.federated.deploy.outcome import RunOutcome
 from veilface.federated.deploy.tls import NodeKeyPair, TlsFiles, generate_node_keys, generate_tls
 
 logger = logging.getLogger(__name__)
@@ -67,33 +68,6 @@ class _Proc:
     popen: subprocess.Popen[bytes]
     log_path: Path
     log_handle: IO[bytes]
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    """What :meth:`LocalDeployment.run` observed.
-
-    Attributes
-    ----------
-    run_id : int
-        The SuperLink's run id.
-    status : str
-        Final status as ``flwr ls`` reports it (``"finished:completed"`` on success).
-    seconds : float
-        Wall time from submission to the final status.
-    server_log : str
-        ``flwr log`` output of the run (the ServerApp's log lines).
-    """
-
-    run_id: int
-    status: str
-    seconds: float
-    server_log: str
-
-    @property
-    def ok(self) -> bool:
-        """True when the run completed."""
-        return self.status.endswith("completed")
 
 
 @dataclass
@@ -340,6 +314,8 @@ class LocalDeployment:
         Returns
         -------
         RunOutcome
+            A failed run is returned, not raised: ``outcome.ok`` is False and
+            ``outcome.error`` holds the ServerApp's error.
 
         Raises
         ------
@@ -385,19 +361,35 @@ class LocalDeployment:
             raise DeploymentError(
                 f"flwr run failed (exit {proc.returncode}): {text.strip()[-2000:]}"
             )
-        status = self.run_status(run_id)
+        record = self._run_record(run_id)
         seconds = time.monotonic() - started
-        logger.info("run %d: %s in %.1f s", run_id, status, seconds)
-        return RunOutcome(run_id, status, seconds, text)
+        outcome = RunOutcome(
+            run_id,
+            str(record.get("status", "")),
+            seconds,
+            text,
+            details=str(record.get("status-details", "") or ""),
+        )
+        logger.info(
+            "run %d: %s in %.1f s%s",
+            run_id,
+            outcome.status,
+            seconds,
+            "" if outcome.ok else f": {outcome.error}",
+        )
+        return outcome
 
     def run_status(self, run_id: int) -> str:
         """``status`` of one run as ``flwr ls --run-id`` reports it (e.g. ``running``)."""
+        return str(self._run_record(run_id).get("status", ""))
+
+    def _run_record(self, run_id: int) -> dict[str, Any]:
+        """The run's entry in ``flwr ls --run-id N --format json`` (empty if absent)."""
         out = self._flwr(["ls", CONNECTION_NAME, "--run-id", str(run_id), "--format", "json"], 60.0)
-        runs = last_json(out).get("runs", [])
-        for run in runs:
+        for run in last_json(out).get("runs", []):
             if str(run.get("run-id")) == str(run_id):
-                return str(run.get("status", ""))
-        return ""
+                return dict(run)
+        return {}
 
     # -- helpers
 

@@ -53,7 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=Path("runs/fed-deploy"),
         help="certificates, keys, FLWR_HOME and logs (runs/fed-deploy)",
     )
-    p.add_argument("--supernodes", type=int, default=2, help="SuperNodes to start (2)")
+    p.add_argument(
+        "--supernodes",
+        type=int,
+        default=None,
+        help="SuperNodes to start (default: what the task and protocol need: 4 for "
+        "vireid camera isolation, the default; 2 for entity-isolation/-sharing and pad)",
+    )
     p.add_argument("--run", action="store_true", help="run the apps once, then stop")
     p.add_argument(
         "--run-config",
@@ -95,22 +101,74 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _plan(args: argparse.Namespace, work_dir: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """The run-config overrides (with a default ``out-dir``), the effective config and
+    the SuperNode count (checked against the config when ``--run``)."""
+    from veilface.federated.deploy import check_supernodes, default_supernodes, project_run_config
+
+    run_config = parse_overrides(args.run_config)
+    effective = {**project_run_config(), **run_config}
+    if args.run and not str(effective.get("out-dir", "")):
+        # a run that trains leaves a model behind: a fresh folder per run
+        out = work_dir / "out" / time.strftime("run-%Y%m%d-%H%M%S")
+        run_config["out-dir"] = effective["out-dir"] = str(out)
+    if args.supernodes is None:
+        supernodes = default_supernodes(effective)
+    else:
+        supernodes = int(args.supernodes)
+        if supernodes < 1:
+            raise InvalidArgument("--supernodes must be >= 1")
+        if args.run:
+            check_supernodes(effective, supernodes)
+    return run_config, effective, supernodes
+
+
+def _report_run(outcome: Any, out_dir: str, work_dir: Path) -> dict[str, Any]:
+    """Print how the run ended (the ServerApp's error on stderr); the JSON fields."""
+    fields: dict[str, Any] = {
+        "run_id": outcome.run_id,
+        "status": outcome.status,
+        "seconds": outcome.seconds,
+        "error": outcome.error,
+    }
+    latest = Path(out_dir) / "checkpoints" / "latest.npz" if out_dir else None
+    if outcome.ok:
+        print(f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.1f} s")
+        if latest is not None and latest.is_file():
+            fields["final_checkpoint"] = str(latest)
+            print(f"final model: {latest}")
+        if out_dir:
+            print(f"metrics and checkpoints: {out_dir}")
+    else:
+        print(
+            f"veilface: error: run {outcome.run_id} {outcome.status} after "
+            f"{outcome.seconds:.1f} s: {outcome.error}\nfull log: {work_dir / 'flwr-run.log'}",
+            file=sys.stderr,
+        )
+    return fields
+
+
 def run_deploy_local(args: argparse.Namespace) -> int:
-    """Start the deployment; run once (``--run``) or wait for Ctrl-C; always stop it."""
+    """Start the deployment; run once (``--run``) or wait for Ctrl-C; always stop it.
+
+    Returns 0 when the run completed (or, without ``--run``, after Ctrl-C) and
+    1 when it failed; the ServerApp's error is printed on stderr.
+    """
     from tqdm import tqdm
 
     from veilface.federated.deploy import CONNECTION_NAME, LocalDeployment
 
-    if args.supernodes < 1:
-        raise InvalidArgument("--supernodes must be >= 1")
-    run_config = parse_overrides(args.run_config)
+    work_dir = Path(args.work_dir).resolve()
+    run_config, effective, supernodes = _plan(args, work_dir)
     node_config = parse_overrides(args.node_config)
     steps = ["start", "run", "stop"] if args.run else ["start"]
     bar = tqdm(total=len(steps), desc="deploy-local", unit="step", file=sys.stderr)
-    dep = LocalDeployment(
-        Path(args.work_dir).resolve(), num_supernodes=args.supernodes, node_config=node_config
-    )
-    result: dict[str, Any] = {"work_dir": str(dep.work_dir)}
+    dep = LocalDeployment(work_dir, num_supernodes=supernodes, node_config=node_config)
+    result: dict[str, Any] = {
+        "work_dir": str(dep.work_dir),
+        "supernodes": supernodes,
+        "out_dir": str(effective.get("out-dir", "")),
+    }
     try:
         bar.set_postfix_str("starting SuperLink and SuperNodes")
         dep.start()
@@ -124,17 +182,15 @@ def run_deploy_local(args: argparse.Namespace) -> int:
                 "pids": dep.pids,
             }
         )
-        print(f"SuperLink {dep.address} (TLS, SuperNode auth), {args.supernodes} SuperNodes")
+        print(f"SuperLink {dep.address} (TLS, SuperNode auth), {supernodes} SuperNodes")
         print(f"CA certificate: {result['ca_cert']}")
         print(f"Flower CLI: FLWR_HOME={dep.cli_home} flwr supernode ls {CONNECTION_NAME}")
         if args.run:
             bar.set_postfix_str("running the apps")
             outcome = dep.run(run_config, timeout=args.timeout)
             bar.update(1)
-            result.update(
-                {"run_id": outcome.run_id, "status": outcome.status, "seconds": outcome.seconds}
-            )
-            print(f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.1f} s")
+            bar.close()
+            result.update(_report_run(outcome, str(result["out_dir"]), dep.work_dir))
         else:
             bar.close()
             print("Up. Ctrl-C stops every process.")
