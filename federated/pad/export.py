@@ -9,8 +9,9 @@
    as the client cuts them), cached in the work folder;
 2. run the ``pad`` Flower task (Simulation Engine): domains one after
    another, universal plus per-domain prompts, Selective EWC, no past data
-   kept (:mod:`~veilface.federated.pad.flower`), with the ``kiosk`` model
-   size (:meth:`~veilface.nn.pad_vit.CLIPVisionConfig.kiosk`);
+   kept (:mod:`~veilface.federated.pad.flower`), with the ``kiosk-cnn``
+   model (:class:`~veilface.nn.pad_cnn.AdaptedCNNPAD`: a truncated ImageNet
+   MobileNetV2 with universal and per-domain adapters);
 3. choose the decision threshold on the training sites' **validation**
    identities (held out from training, all domains): the P(live) below
    which ``target_bpcer`` of their live faces fall; record the APCER there;
@@ -136,7 +137,7 @@ def train_and_export(
         work_dir=str(Path(cfg.work_dir) / "run"),
         per_domain=cfg.per_domain,
         image_size=KIOSK_CROP.size,
-        model="kiosk",
+        model="kiosk-cnn",
         rounds_per_domain=cfg.rounds_per_domain,
         local_epochs=cfg.local_epochs,
         pretrain_epochs=0,
@@ -150,7 +151,7 @@ def train_and_export(
         augment=True,
     )
     run = run_method(bench_cfg, data, None, "svlp", progress)
-    model = build_model("kiosk", "svlp")
+    model = build_model("kiosk-cnn", "svlp")
     arrays = load_checkpoint(
         Path(run["out_dir"]) / "checkpoints" / "latest.npz", model_id=model.model_id
     )

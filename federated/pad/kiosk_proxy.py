@@ -12,8 +12,9 @@ live
     an LFW photo as it is (its face box: dlib's detector's mean box on
     deep-funnelled LFW, jittered).
 print
-    another person's LFW photo rendered as a print (:func:`render_print`:
-    halftone, paper white, ink range, fibre), on a sheet with a white
+    another person's LFW photo rendered as a print (half :func:`render_print`:
+    halftone, paper white, ink range, fibre; half a good photographic print
+    with only a slight loss of colour and contrast), on a sheet with a white
     margin, tilted a little, held in front of a blurred background, with a
     specular sheen sometimes.
 replay
@@ -149,12 +150,26 @@ def _background(photo: FloatImage, rng: np.random.Generator) -> Image.Image:
     return _pil(arr)
 
 
+def _photo_print(photo: FloatImage, rng: np.random.Generator) -> FloatImage:
+    """A good photographic print: no visible halftone, a little less saturation and
+    contrast than the original, a paper-white cast and a faint grain."""
+    grey = photo.mean(axis=2, keepdims=True)
+    img = grey + (photo - grey) * rng.uniform(0.75, 1.0)
+    img = 0.5 + (img - 0.5) * rng.uniform(0.8, 0.95)
+    img = img * np.array([1.0, 0.98, 0.94], dtype=np.float32) * rng.uniform(0.92, 1.0)
+    img = img + rng.normal(0.0, rng.uniform(0.005, 0.02), img.shape).astype(np.float32)
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
 def _medium(
     face_photo: FloatImage, species: int, side: int, rng: np.random.Generator
 ) -> tuple[Image.Image, tuple[float, float]]:
     """The print or the screen, as an RGBA image, and the photo's offset inside it."""
-    render = render_print if species == 1 else render_replay
-    rendered = render(face_photo, rng, with_medium=False)
+    if species == 1 and rng.random() < 0.5:
+        rendered = _photo_print(face_photo, rng)
+    else:
+        render = render_print if species == 1 else render_replay
+        rendered = render(face_photo, rng, with_medium=False)
     img = _pil(rendered).resize((side, side), Image.Resampling.BILINEAR)
     if species == 1:  # a sheet: white margins of random width on each side
         m = (rng.uniform(0.0, 0.3, 4) * side).astype(int)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from veilface.errors import CheckpointError, InvalidArgument
 from veilface.nn.clip_weights import load_clip_visual
+from veilface.nn.pad_cnn import AdaptedCNNPAD, CNNConfig
 from veilface.nn.pad_vit import (
     CLIP_MEAN,
     CLIP_STD,
@@ -37,13 +38,19 @@ from veilface.nn.pad_vit import (
 
 logger = logging.getLogger(__name__)
 
+PADModel = PromptedPAD | AdaptedCNNPAD
+"""Either incremental-PAD architecture (the proxy benchmark's ViT, the kiosk's CNN)."""
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "KEY_RIDGE",
+    "AdaptedCNNPAD",
     "CLIPVisionConfig",
     "CLIPVisionTransformer",
+    "CNNConfig",
     "CheckpointError",
+    "PADModel",
     "PromptedPAD",
     "SelectiveEWC",
     "compute_fisher",
@@ -53,7 +60,7 @@ __all__ = [
 
 
 def compute_fisher(
-    model: PromptedPAD,
+    model: PADModel,
     x: Tensor,
     y: Tensor,
     domain: int | None,
@@ -185,7 +192,7 @@ def accumulate_fisher(
     return {k: previous[k] + new[k] for k in new}
 
 
-def numpy_to_state(model: PromptedPAD, arrays: Mapping[str, npt.NDArray[np.float32]]) -> None:
+def numpy_to_state(model: PADModel, arrays: Mapping[str, npt.NDArray[np.float32]]) -> None:
     """Load numpy arrays into ``model``, growing its domains first.
 
     Raises

@@ -31,7 +31,10 @@ from veilface.federated.metrics import auc, hter, pad_error_rates
 from veilface.federated.pad.models import (
     CLIP_MEAN,
     CLIP_STD,
+    AdaptedCNNPAD,
     CLIPVisionConfig,
+    CNNConfig,
+    PADModel,
     PromptedPAD,
     SelectiveEWC,
     compute_fisher,
@@ -100,12 +103,15 @@ class TrainSettings:
     augment: bool = False
 
 
-def build_model(size: str, method: str, *, n_prompts: int = 4) -> PromptedPAD:
+def build_model(size: str, method: str, *, n_prompts: int = 4) -> PADModel:
     """A fresh model: ``size`` in :data:`MODEL_CONFIGS`, ``method`` in :data:`METHODS`."""
-    if size not in MODEL_CONFIGS:
-        raise InvalidArgument(f"unknown model size {size!r}; use one of {sorted(MODEL_CONFIGS)}")
+    if size not in MODEL_CONFIGS and size != "kiosk-cnn":
+        sizes = [*sorted(MODEL_CONFIGS), "kiosk-cnn"]
+        raise InvalidArgument(f"unknown model size {size!r}; use one of {sizes}")
     if method not in METHODS:
         raise InvalidArgument(f"unknown PAD method {method!r}; use one of {list(METHODS)}")
+    if size == "kiosk-cnn":
+        return AdaptedCNNPAD(CNNConfig(), adapters=method == "svlp")
     n = n_prompts if method == "svlp" else 0
     return PromptedPAD(MODEL_CONFIGS[size], n_universal=n, n_domain=n)
 
@@ -121,7 +127,7 @@ def images_to_tensor(images: npt.NDArray[np.uint8]) -> Tensor:
 
 
 def train_domain(
-    model: PromptedPAD,
+    model: PADModel,
     x: Tensor,
     y: Tensor,
     domain: int,
@@ -202,7 +208,7 @@ def train_domain(
 
 
 def domain_fisher(
-    model: PromptedPAD, x: Tensor, y: Tensor, domain: int
+    model: PADModel, x: Tensor, y: Tensor, domain: int
 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Local Fisher of the shared weights and the domain-key sums on one domain.
 
@@ -235,7 +241,7 @@ class DomainMetrics:
 
 
 def evaluate_domain(
-    model: PromptedPAD,
+    model: PADModel,
     x: Tensor,
     species: npt.NDArray[np.int8],
     domain: int,
