@@ -83,6 +83,7 @@ def export_kiosk(state: TenantState, *, keep_router: bool = True) -> TenantState
         param_set=state.param_set,
         dim=state.dim,
         presel_dims=state.presel_dims,
+        layout_version=state.layout_version,
         secret_key=state.secret_key,
         label_key=state.label_key if router is not None else b"",
         handle_key=state.handle_key,

@@ -356,7 +356,7 @@ class Searcher:
             Candidate(
                 self.handles.decode(s.handle),
                 s.handle,
-                float(np.mean(self.crypto.decrypt_scores(s.scores)) + offset),
+                float(np.mean(self.crypto.decrypt_staged_scores(s.scores)) + offset),
             )
             for s in reply.staged
         )

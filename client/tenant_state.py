@@ -4,7 +4,11 @@ The file is JSON::
 
     {"format": "veilface-tenant/1", "tenant_id": ..., "key_id": ...,
      "param_set": ..., "dim": ..., "presel_dims": ..., "created_at": ...,
-     "sealed": <veilface.crypto.keystore sealed blob>}
+     ["layout_version": 2,] "sealed": <veilface.crypto.keystore sealed blob>}
+
+``layout_version`` (the key's bin layout, :mod:`veilface.crypto.layout`) is
+written only when it is not 1: files written before complex packing have
+none and keep the version-1 layout their gallery was enrolled with.
 
 The clear header says which tenant and key the file belongs to (so tools can
 list files without the passphrase) and is the AAD of the sealed part: it
@@ -42,6 +46,7 @@ from veilface.client.photos import PHOTO_KEY_BYTES, legacy_photo_key, new_photo_
 from veilface.client.routing import LABEL_KEY_BYTES, Router
 from veilface.client.unlock import resolve_secret  # re-exported: it used to live here
 from veilface.crypto.keys import TenantKeys
+from veilface.crypto.layout import CURRENT_LAYOUT_VERSION, LAYOUT_VERSIONS, LEGACY_LAYOUT_VERSION
 from veilface.crypto.keystore import (
     PassphraseKdf,
     open_blob,
@@ -103,6 +108,9 @@ class TenantState:
         stored used). Empty in a kiosk state.
     role
         ``"full"`` or ``"kiosk"`` (see :data:`ROLES`).
+    layout_version
+        The key's bin layout (1: one template per slot, states written
+        before complex packing; 2: two per slot, new keys).
     created_at
         ISO 8601 UTC time of creation.
 
@@ -124,6 +132,7 @@ class TenantState:
     center: FloatArray | None = field(default=None, repr=False)
     photo_key: bytes = field(default=b"", repr=False)
     role: str = "full"
+    layout_version: int = LEGACY_LAYOUT_VERSION
     _keys: TenantKeys | None = field(default=None, init=False, repr=False)
     _mixing: FloatArray | None = field(default=None, init=False, repr=False)
 
@@ -137,6 +146,10 @@ class TenantState:
             raise InvalidArgument(f"template dimension must be an integer >= 2, got {self.dim!r}")
         if not isinstance(self.presel_dims, int) or self.presel_dims < 0:
             raise InvalidArgument(f"presel_dims must be an integer >= 0, got {self.presel_dims!r}")
+        if self.layout_version not in LAYOUT_VERSIONS:
+            raise InvalidArgument(
+                f"unknown bin layout version {self.layout_version!r}; known: {list(LAYOUT_VERSIONS)}"
+            )
         if self.role not in ROLES:
             raise InvalidArgument(f"a tenant state's role is one of {list(ROLES)}, got {self.role!r}")
         kiosk = self.role == "kiosk"
@@ -193,8 +206,12 @@ class TenantState:
         param_set: str = DEFAULT_PARAM_SET,
         key_id: str = "k1",
         presel_dims: int = 0,
+        layout_version: int = CURRENT_LAYOUT_VERSION,
     ) -> TenantState:
         """Fresh keys for a tenant: CKKS secret key, label and handle keys, mixing seed.
+
+        ``layout_version``: the bin layout (the current one unless a test or
+        a tool needs the old one).
 
         Raises
         ------
@@ -202,13 +219,16 @@ class TenantState:
             Unknown parameter set, or a dimension / preselection window the
             layout cannot hold.
         """
-        keys = TenantKeys.generate(dim, param_set=param_set, presel_dims=presel_dims)
+        keys = TenantKeys.generate(
+            dim, param_set=param_set, presel_dims=presel_dims, layout_version=layout_version
+        )
         state = cls(
             tenant_id=tenant_id,
             key_id=key_id,
             param_set=param_set,
             dim=dim,
             presel_dims=presel_dims,
+            layout_version=layout_version,
             secret_key=keys.secret_key_bytes(),
             label_key=secrets.token_bytes(LABEL_KEY_BYTES),
             handle_key=HandleCodec.new_key(),
@@ -236,6 +256,7 @@ class TenantState:
         if key_id == self.key_id:
             raise InvalidArgument("a rotated key needs a new key id")
         ps = param_set or self.param_set
+        # A rotation moves the gallery, so the new key takes the current layout.
         keys = TenantKeys.generate(self.dim, param_set=ps, presel_dims=self.presel_dims)
         state = TenantState(
             tenant_id=self.tenant_id,
@@ -243,6 +264,7 @@ class TenantState:
             param_set=ps,
             dim=self.dim,
             presel_dims=self.presel_dims,
+            layout_version=keys.layout.version,
             secret_key=keys.secret_key_bytes(),
             label_key=secrets.token_bytes(LABEL_KEY_BYTES),
             handle_key=HandleCodec.new_key(),
@@ -276,6 +298,7 @@ class TenantState:
                 dim=self.dim,
                 param_set=self.param_set,
                 presel_dims=self.presel_dims,
+                layout_version=self.layout_version,
             )
         return self._keys
 
@@ -341,6 +364,8 @@ class TenantState:
         }
         if self.role != "full":  # full states keep the header older versions wrote
             header["role"] = self.role
+        if self.layout_version != LEGACY_LAYOUT_VERSION:  # likewise for old layouts
+            header["layout_version"] = self.layout_version
         return header
 
     def _secret_payload(self) -> bytes:
@@ -460,8 +485,9 @@ class TenantState:
         if missing:
             raise KeystoreError(f"tenant file {str(path)!r} lacks fields {missing}; it is corrupt")
         header = {k: doc[k] for k in _HEADER_FIELDS}
-        if "role" in doc:  # authenticated with the rest of the header
-            header["role"] = doc["role"]
+        for optional in ("role", "layout_version"):  # authenticated with the rest of the header
+            if optional in doc:
+                header[optional] = doc[optional]
         payload = open_blob(
             doc["sealed"], aad=_canonical_json(header), passphrase=passphrase, key_file=key_file
         )
@@ -485,6 +511,7 @@ class TenantState:
                 # absent from files older than the stored photo key: derived as then
                 photo_key=base64.b64decode(secret.get("photo_key", ""), validate=True),
                 role=header.get("role", "full"),
+                layout_version=header.get("layout_version", LEGACY_LAYOUT_VERSION),
             )
         except (VeilfaceError, KeyError, TypeError, ValueError, binascii.Error) as exc:
             # Authenticated, so written by a veilface that disagrees with this one.

@@ -34,8 +34,8 @@ def _ping() -> bool:
     return _worker is not None
 
 
-def encrypt_rows(rows: npt.NDArray[np.float64]) -> list[bytes]:
-    """Encode and encrypt each row (symmetric, seeded serialization)."""
+def encrypt_rows(rows: npt.NDArray[np.float64] | npt.NDArray[np.complex128]) -> list[bytes]:
+    """Encode and encrypt each row, real or complex (symmetric, seeded serialization)."""
     if _worker is None:
         raise RuntimeError("encryption worker not initialised")
     encoder, encryptor, scale = _worker
@@ -61,7 +61,9 @@ class EncryptPool:
         for f in [self._ex.submit(_ping) for _ in range(workers)]:
             f.result()
 
-    def encrypt_rows(self, rows: npt.NDArray[np.float64]) -> list[bytes]:
+    def encrypt_rows(
+        self, rows: npt.NDArray[np.float64] | npt.NDArray[np.complex128]
+    ) -> list[bytes]:
         parts = np.array_split(rows, self.workers)
         futures: list[Future[list[bytes]]] = [self._ex.submit(encrypt_rows, p) for p in parts if len(p)]
         out: list[bytes] = []

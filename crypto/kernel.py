@@ -1,9 +1,10 @@
 """Server-side homomorphic kernels over bins (no secret key here).
 
-Costs at N=4096 on one core (see docs/benchmarks.md): a bin of 128 diagonal
-ciphertexts holds 2048 templates of 128-d; scoring it is 128 ct x ct
-products (~0.09 ms each, no relinearization), 8 relinearizations and 7
-rotations: ~20 ms, about 10 us per template. SEAL's evaluator is
+Costs at N=4096 on one core (docs/architecture.md, "Kernel roofline"): a
+bin of 128 diagonal ciphertexts holds 4096 templates of 128-d (layout 2,
+two per slot; 2048 in layout 1); scoring it is 128 ct x ct products
+(multiply-and-add, no relinearization), then 4 relinearizations and 3
+rotations (layout 2; 8 and 7 in layout 1). SEAL's evaluator is
 single-threaded and holds the GIL, so the server parallelizes over bins in
 worker processes (``veilface.server.scoring``).
 
@@ -185,13 +186,16 @@ class BinKernel:
     # -- masking --------------------------------------------------------
 
     def mask(self, ct: seal.Ciphertext, keep: Sequence[int]) -> None:
-        """Drown every slot but ``keep`` under fresh uniform random values, in place.
+        """Drown every virtual slot but ``keep`` under fresh uniform random values, in place.
 
-        Real and imaginary parts of each other slot get independent values
+        Real and imaginary parts of every slot get independent values
         uniform in ``[-M, M]`` (``M`` = :attr:`mask_magnitude`), drawn from
         the OS CSPRNG for this call only (imaginary parts too: a crafted
-        complex probe would otherwise leak through them); the slots in
-        ``keep`` get 0, so they decrypt to their score as before. A value
+        complex probe would otherwise leak through them), except the one
+        component of each kept virtual slot (:meth:`DiagonalLayout.unmask`):
+        it gets 0 and decrypts to its score. The other component of a kept
+        slot stays masked (the other template of that slot in layout 2; the
+        unused imaginary part in layout 1). A value
         ``v`` under such a mask is within statistical distance ``|v| / (2M)``
         of the mask alone. Cost: one encode and one plaintext addition.
         """
@@ -199,8 +203,7 @@ class BinKernel:
 
         def draw() -> FloatArray:
             values = self._uniform_complex()
-            if idx.size:
-                values[idx] = 0
+            self.layout.unmask(values, idx)
             return values
 
         self._add_mask(ct, draw)

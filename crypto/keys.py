@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import tenseal.sealapi as seal
 
 from veilface.crypto import seal_io
-from veilface.crypto.layout import DiagonalLayout
+from veilface.crypto.layout import CURRENT_LAYOUT_VERSION, LEGACY_LAYOUT_VERSION, DiagonalLayout
 from veilface.crypto.params import DEFAULT_PARAM_SET, ParamSet, get_param_set
 from veilface.crypto.public_context import encode_public_context
 
@@ -27,20 +27,33 @@ class TenantKeys:
 
     @classmethod
     def generate(
-        cls, dim: int, *, param_set: str = DEFAULT_PARAM_SET, presel_dims: int = 0
+        cls,
+        dim: int,
+        *,
+        param_set: str = DEFAULT_PARAM_SET,
+        presel_dims: int = 0,
+        layout_version: int = CURRENT_LAYOUT_VERSION,
     ) -> TenantKeys:
+        """A new secret key; new keys get the current bin layout unless told otherwise."""
         ps = get_param_set(param_set)
-        layout = DiagonalLayout(dim, ps.slots, presel_dims)
+        layout = DiagonalLayout(dim, ps.slots, presel_dims, layout_version)
         context = ps.seal_context()
         keygen = seal.KeyGenerator(context)
         return cls(ps, layout, context, keygen.secret_key())
 
     @classmethod
     def from_secret_bytes(
-        cls, secret: bytes, *, dim: int, param_set: str, presel_dims: int = 0
+        cls,
+        secret: bytes,
+        *,
+        dim: int,
+        param_set: str,
+        presel_dims: int = 0,
+        layout_version: int = LEGACY_LAYOUT_VERSION,
     ) -> TenantKeys:
+        """A stored key; ``layout_version`` defaults to the layout of keys stored without one."""
         ps = get_param_set(param_set)
-        layout = DiagonalLayout(dim, ps.slots, presel_dims)
+        layout = DiagonalLayout(dim, ps.slots, presel_dims, layout_version)
         context = ps.seal_context()
         return cls(ps, layout, context, seal_io.load_secret_key(context, secret))
 

@@ -4,8 +4,10 @@ Wire format (all integers big-endian)::
 
     b"VFPC1\\n" | u32 header_len | header JSON | sections
 
-The header names the parameter set, template dimension, layout and the
-sections with their lengths. Exactly three section kinds exist:
+The header names the parameter set, template dimension, layout (its
+preselection window and, since complex packing, ``layout_version``: a
+header without it is a version-1 key, see :mod:`veilface.crypto.layout`)
+and the sections with their lengths. Exactly three section kinds exist:
 ``params``, ``relin_keys`` and ``galois_keys``. There is no field a secret
 key could travel in, and :meth:`PublicContext.from_bytes` rejects any other
 section, any mismatch with the named parameter set and any missing Galois
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 import tenseal.sealapi as seal
 
 from veilface.crypto import seal_io
-from veilface.crypto.layout import DiagonalLayout
+from veilface.crypto.layout import LEGACY_LAYOUT_VERSION, DiagonalLayout
 from veilface.crypto.params import ParamSet, get_param_set
 from veilface.errors import InvalidContext, ResourceExhausted
 
@@ -177,10 +179,41 @@ def encode_public_context(
         "param_set": param_set.name,
         "dim": layout.dim,
         "presel_dims": layout.m,
+        "layout_version": layout.version,
         "sections": [[name, len(blobs[name])] for name in SECTIONS],
     }
     head = json.dumps(header, sort_keys=True).encode()
     return MAGIC + struct.pack(">I", len(head)) + head + b"".join(blobs[n] for n in SECTIONS)
+
+
+def _header_layout(header: dict[str, object]) -> tuple[ParamSet, DiagonalLayout]:
+    param_set = get_param_set(str(header["param_set"]))
+    layout = DiagonalLayout(
+        int(str(header["dim"])),
+        param_set.slots,
+        int(str(header.get("presel_dims", 0))),
+        int(str(header.get("layout_version", LEGACY_LAYOUT_VERSION))),
+    )
+    return param_set, layout
+
+
+def read_layout(blob: bytes) -> DiagonalLayout:
+    """The bin layout a public context names, from its header only (no key is parsed).
+
+    For a context the store already holds (validated by
+    :meth:`PublicContext.from_bytes` when it was registered): what the
+    server needs to check slot numbers and counts without loading any key.
+    """
+    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 4:
+        raise InvalidContext("not a veilface public context (bad magic)")
+    (hlen,) = struct.unpack(">I", blob[len(MAGIC) : len(MAGIC) + 4])
+    start = len(MAGIC) + 4
+    try:
+        return _header_layout(json.loads(blob[start : start + hlen]))[1]
+    except InvalidContext:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any malformed header field
+        raise InvalidContext(f"public context header is invalid: {exc}") from None
 
 
 @dataclass
@@ -214,10 +247,7 @@ class PublicContext:
         try:
             header = json.loads(blob[start : start + hlen])
             sections = [(str(n), int(size)) for n, size in header["sections"]]
-            param_set = get_param_set(str(header["param_set"]))
-            layout = DiagonalLayout(
-                int(header["dim"]), param_set.slots, int(header.get("presel_dims", 0))
-            )
+            param_set, layout = _header_layout(header)
         except InvalidContext:
             raise
         except Exception as exc:  # noqa: BLE001 - any malformed header field is the caller's

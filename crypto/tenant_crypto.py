@@ -19,6 +19,7 @@ from veilface.crypto.encrypt_pool import EncryptPool
 from veilface.crypto.keys import TenantKeys
 
 FloatArray = npt.NDArray[np.float64]
+Rows = npt.NDArray[np.float64] | npt.NDArray[np.complex128]
 
 
 class TenantCrypto:
@@ -42,7 +43,8 @@ class TenantCrypto:
             self._pool.close()
             self._pool = None
 
-    def _encrypt_rows(self, rows: FloatArray) -> list[bytes]:
+    def _encrypt_rows(self, rows: Rows) -> list[bytes]:
+        """Encode and encrypt each row: real rows, or complex ones (two templates per slot)."""
         if self._pool is not None and len(rows) >= 8:
             return self._pool.encrypt_rows(rows)
         out = []
@@ -86,14 +88,28 @@ class TenantCrypto:
         """The ``g1`` baby-step rotations of the probe, each a fresh ciphertext."""
         return self._encrypt_rows(self.layout.probe_vectors(probe))
 
-    def decrypt_scores(self, blob: bytes) -> FloatArray:
-        """Decrypt one bin's score ciphertext: float64 [slots]."""
+    def _decrypt_score_plain(self, blob: bytes) -> seal.Plaintext:
         ct = load_checked(
             self._ctx, blob, scale=self._scale * self._scale, max_size=3, what="score ciphertext"
         )
         pt = seal.Plaintext()
         self._decryptor.decrypt(ct, pt)
-        return np.asarray(self._encoder.decode_double(pt), dtype=np.float64)
+        return pt
+
+    def decrypt_scores(self, blob: bytes) -> FloatArray:
+        """Decrypt one bin's score ciphertext: float64 [capacity], one score per virtual slot."""
+        pt = self._decrypt_score_plain(blob)
+        if self.layout.per_slot == 1:
+            return np.asarray(self._encoder.decode_double(pt), dtype=np.float64)
+        return self.layout.slot_values(np.asarray(self._encoder.decode_complex(pt)))
+
+    def decrypt_staged_scores(self, blob: bytes) -> FloatArray:
+        """Decrypt a staged template's score ciphertext: float64 [slots], the real parts.
+
+        Staged templates are real in every layout; the tenant reads their
+        mean (identification) or slot 0 (verification).
+        """
+        return np.asarray(self._encoder.decode_double(self._decrypt_score_plain(blob)), dtype=np.float64)
 
     def decrypt_bin(self, blobs: Sequence[bytes], slot_idx: npt.ArrayLike) -> FloatArray:
         """Recover the templates in the given slots of a bin (re-pack, key rotation)."""
@@ -103,10 +119,14 @@ class TenantCrypto:
             raise InvalidCiphertext(
                 f"a bin has {self.layout.n_ciphertexts} ciphertexts, got {len(blobs)}"
             )
-        rows = np.zeros((self.layout.n_ciphertexts, self.layout.slots))
+        complex_rows = self.layout.per_slot == 2
+        rows = np.zeros(
+            (self.layout.n_ciphertexts, self.layout.slots),
+            dtype=np.complex128 if complex_rows else np.float64,
+        )
         pt = seal.Plaintext()
         for k, blob in enumerate(blobs):
             ct = load_checked(self._ctx, blob, scale=self._scale, what=f"bin ciphertext {k}")
             self._decryptor.decrypt(ct, pt)
-            rows[k] = self._encoder.decode_double(pt)
+            rows[k] = self._encoder.decode_complex(pt) if complex_rows else self._encoder.decode_double(pt)
         return self.layout.unpack(rows, slot_idx)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from veilface.crypto.layout import DiagonalLayout
+from veilface.crypto.public_context import read_layout
 from veilface.crypto.params import get_param_set
 from veilface.crypto.public_context import PublicContext
 from veilface.errors import InvalidArgument, ResourceExhausted
@@ -135,8 +136,8 @@ class GalleryService:
         view = self._layouts.get((tenant_id, key_id))
         if view is None:
             rec = await asyncio.to_thread(self.store.get_key, tenant_id, key_id)
-            layout = DiagonalLayout(rec.dim, get_param_set(rec.param_set).slots, rec.presel_dims)
-            view = KeyView(rec, layout)
+            # The layout (its version too) as the key's public context names it.
+            view = KeyView(rec, read_layout(rec.public_context))
             self._layouts[(tenant_id, key_id)] = view
         return view
 

@@ -131,10 +131,10 @@ def test_staged_scores_are_full_in_every_slot() -> None:
     staged = kernel.load_staged(tc.encrypt_staged(t))
     probe = kernel.load_probe(tc.encrypt_probe(p))
     center = kernel.load_probe(tc.encrypt_probe(mu))
-    plain = tc.decrypt_scores(seal_io.to_bytes(kernel.score_staged(staged, probe)))
+    plain = tc.decrypt_staged_scores(seal_io.to_bytes(kernel.score_staged(staged, probe)))
     # every slot holds the full inner product: no partial sums anywhere
     np.testing.assert_allclose(plain, t @ p, atol=2e-4)
-    centered = tc.decrypt_scores(seal_io.to_bytes(kernel.score_staged(staged, probe, center)))
+    centered = tc.decrypt_staged_scores(seal_io.to_bytes(kernel.score_staged(staged, probe, center)))
     np.testing.assert_allclose(centered, t @ (p + mu), atol=2e-4)
     np.testing.assert_allclose(tc.decrypt_staged(tc.encrypt_staged(t)), t, atol=1e-5)
 
@@ -228,14 +228,14 @@ def test_staged_mask_keeps_only_the_mean(tenant) -> None:  # type: ignore[no-unt
     rows[0, :128] = rng.normal(size=128)  # one period only
     enc = tc._encrypt_rows(rows)
     probe = kern.load_probe(enc)
-    plain = tc.decrypt_scores(seal_io.to_bytes(kern.score_staged(staged, probe)))
+    plain = tc.decrypt_staged_scores(seal_io.to_bytes(kern.score_staged(staged, probe)))
     # slot s sums slots s..s+127 of the product: plain[s] - plain[s+1] = t[s] * rows[0, s]
     np.testing.assert_allclose(np.diff(-plain[:128]), (t * rows[0, :128])[:127], atol=1e-3)
     ct = kern.score_staged(staged, probe)
     kern.mask_keep_mean(ct)
-    masked = tc.decrypt_scores(seal_io.to_bytes(ct))
+    masked = tc.decrypt_staged_scores(seal_io.to_bytes(ct))
     assert abs(masked.mean() - plain.mean()) < 1e-3  # what identification reads
     assert np.median(np.abs(np.diff(masked[:128]))) > 50  # the differences are noise now
     honest = kern.score_staged(staged, kern.load_probe(tc.encrypt_probe(p)))
     kern.mask_keep_mean(honest)
-    assert abs(tc.decrypt_scores(seal_io.to_bytes(honest)).mean() - t @ p) < 1e-3
+    assert abs(tc.decrypt_staged_scores(seal_io.to_bytes(honest)).mean() - t @ p) < 1e-3

@@ -1,0 +1,156 @@
+"""Per-operation costs of the scoring kernel with tenseal.sealapi (one core).
+
+Run pinned to one core and read the medians::
+
+    taskset -c 1 python scripts/kernel_roofline.py [--repeat 7] [--json out.json]
+
+Prints one JSON object: per-op medians in microseconds at the n4096
+parameter set, and per-bin sums for the layouts of docs/architecture.md
+("Kernel roofline").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import tenseal.sealapi as seal
+
+from veilface.crypto import seal_io
+from veilface.crypto.params import get_param_set
+
+
+def _median_us(fn: Callable[[], object], inner: int, repeat: int) -> float:
+    """Median over ``repeat`` runs of the mean time of ``inner`` calls (microseconds)."""
+    runs = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        runs.append((time.perf_counter() - t) / inner * 1e6)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    rep = args.repeat
+    ps = get_param_set("n4096")
+    ctx = ps.seal_context()
+    kg = seal.KeyGenerator(ctx)
+    sk = kg.secret_key()
+    relin = seal_io.load_relin_keys(ctx, seal_io.to_bytes(kg.create_relin_keys()))
+    tool = ctx.key_context_data().galois_tool()
+    elts = [tool.get_elt_from_step(s) for s in (16, 32)]
+    gk = seal_io.load_galois_keys(ctx, seal_io.to_bytes(kg.create_galois_keys(elts)))
+    enc = seal.Encryptor(ctx, sk)
+    dec = seal.Decryptor(ctx, sk)
+    ev = seal.Evaluator(ctx)
+    cod = seal.CKKSEncoder(ctx)
+    rng = np.random.default_rng(0)
+    slots = ps.slots
+    scale = ps.scale
+    real = rng.uniform(-0.1, 0.1, slots).tolist()
+    cplx = (rng.uniform(-0.1, 0.1, slots) + 1j * rng.uniform(-0.1, 0.1, slots)).tolist()
+    pt = seal.Plaintext()
+    cod.encode(real, scale, pt)
+
+    def fresh() -> seal.Ciphertext:
+        return enc.encrypt_symmetric(pt)  # a Serializable: load it as a ciphertext
+
+    def make_ct() -> seal.Ciphertext:
+        return seal_io.load_ciphertext(ctx, seal_io.to_bytes(fresh()))
+
+    a, b = make_ct(), make_ct()
+    acc = seal.Ciphertext()
+    ev.multiply(a, b, acc)
+    tmp = seal.Ciphertext()
+    ops: dict[str, float] = {}
+
+    def mul_add() -> None:
+        ev.multiply(a, b, tmp)
+        ev.add_inplace(acc, tmp)
+
+    ops["multiply_add"] = _median_us(mul_add, 200, rep)
+    ops["multiply"] = _median_us(lambda: ev.multiply(a, b, tmp), 200, rep)
+    ops["add"] = _median_us(lambda: ev.add_inplace(acc, tmp), 200, rep)
+    three = seal.Ciphertext()
+    ev.multiply(a, b, three)
+
+    work = seal.Ciphertext()
+
+    def mul_relin() -> None:
+        ev.multiply(a, b, work)
+        ev.relinearize_inplace(work, relin)
+
+    # In place on a fresh product (what the kernel does), less the product itself.
+    ops["relinearize"] = _median_us(mul_relin, 50, rep) - ops["multiply"]
+    two = seal.Ciphertext()
+    ev.relinearize(three, relin, two)
+    out = seal.Ciphertext()
+    ops["rotate"] = _median_us(lambda: ev.rotate_vector(two, 16, gk, out), 50, rep)
+    ops["encode_real"] = _median_us(lambda: cod.encode(real, scale, pt), 50, rep)
+    ops["encode_complex"] = _median_us(lambda: cod.encode(cplx, scale, pt), 50, rep)
+    ops["encrypt_symmetric"] = _median_us(lambda: enc.encrypt_symmetric(pt), 50, rep)
+    ops["encode_encrypt_serialize"] = _median_us(
+        lambda: (cod.encode(real, scale, pt), seal_io.to_bytes(enc.encrypt_symmetric(pt))), 50, rep
+    )
+    seeded = seal_io.to_bytes(fresh())
+    full2 = seal_io.to_bytes(two)
+    full3 = seal_io.to_bytes(three)
+    ops["serialize_size2"] = _median_us(lambda: seal_io.to_bytes(two), 50, rep)
+    ops["serialize_size3"] = _median_us(lambda: seal_io.to_bytes(three), 50, rep)
+    ops["load_seeded"] = _median_us(lambda: seal_io.load_ciphertext(ctx, seeded), 50, rep)
+    ops["load_size2"] = _median_us(lambda: seal_io.load_ciphertext(ctx, full2), 50, rep)
+    ops["load_size3"] = _median_us(lambda: seal_io.load_ciphertext(ctx, full3), 50, rep)
+    dpt = seal.Plaintext()
+    ops["decrypt_size2"] = _median_us(lambda: dec.decrypt(two, dpt), 50, rep)
+    ops["decrypt_size3"] = _median_us(lambda: dec.decrypt(three, dpt), 50, rep)
+    dec.decrypt(two, dpt)
+    ops["decode_real"] = _median_us(lambda: cod.decode_double(dpt), 50, rep)
+    ops["decode_complex"] = _median_us(lambda: cod.decode_complex(dpt), 50, rep)
+    mpt = seal.Plaintext()
+    cod.encode(cplx, two.parms_id(), two.scale, mpt)
+    ops["add_plain"] = _median_us(lambda: ev.add_plain_inplace(two, mpt), 200, rep)
+    sizes = {
+        "seeded_bytes": len(seeded),
+        "size2_bytes": len(full2),
+        "size3_bytes": len(full3),
+    }
+
+    def per_bin(products: int, relins: int, rots: int) -> float:
+        return products * ops["multiply_add"] + relins * ops["relinearize"] + rots * ops["rotate"]
+
+    layouts = {
+        "real_g16x8": {"templates": 2048, "products": 128, "relin": 8, "rot": 7, "probe_cts": 16},
+        "complex_g16x8": {"templates": 4096, "products": 128, "relin": 8, "rot": 7, "probe_cts": 16},
+        "complex_g16x8_size3": {"templates": 4096, "products": 128, "relin": 7, "rot": 7, "probe_cts": 16},
+        "complex_g32x4": {"templates": 4096, "products": 128, "relin": 4, "rot": 3, "probe_cts": 32},
+        "complex_g32x4_size3": {"templates": 4096, "products": 128, "relin": 3, "rot": 3, "probe_cts": 32},
+    }
+    for lay in layouts.values():
+        arith = per_bin(lay["products"], lay["relin"], lay["rot"])
+        lay["arith_ms"] = round(arith / 1e3, 3)
+        lay["us_per_template"] = round(arith / lay["templates"], 3)
+        lay["probe_encrypt_ms"] = round(lay["probe_cts"] * ops["encode_encrypt_serialize"] / 1e3, 2)
+        lay["probe_bytes"] = lay["probe_cts"] * len(seeded)
+    result = {
+        "ops_us": {k: round(v, 1) for k, v in ops.items()},
+        "sizes": sizes,
+        "layouts": layouts,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
