@@ -35,6 +35,48 @@ def _median_us(fn: Callable[[], object], inner: int, repeat: int) -> float:
     return statistics.median(runs)
 
 
+def _kernel(version: int, rep: int) -> dict[str, float]:
+    """What a worker spends per bin and per query with :class:`BinKernel` (full bin, both stages)."""
+    from veilface.crypto.kernel import BinKernel
+    from veilface.crypto.keys import TenantKeys
+    from veilface.crypto.public_context import PublicContext
+    from veilface.crypto.tenant_crypto import TenantCrypto
+
+    keys = TenantKeys.generate(128, layout_version=version)
+    tc = TenantCrypto(keys)
+    kern = BinKernel(PublicContext.from_bytes(keys.public_context_bytes()))
+    lay = keys.layout
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(lay.capacity, 128))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    blobs = tc.encrypt_contribution(x, np.arange(lay.capacity))
+    b = kern.load_bin(blobs)
+    probe_blobs = tc.encrypt_probe(x[0])
+    probe = kern.load_probe(probe_blobs)
+    everything = list(range(lay.capacity))
+
+    def stage(name: str) -> None:
+        ct = kern.score(b, probe, name)
+        kern.mask(ct, everything if name == "presel" else everything[:64])
+        seal_io.to_bytes(ct)
+
+    out = {
+        "templates_per_bin": lay.capacity,
+        "probe_ciphertexts": lay.g1,
+        "presel_ms": _median_us(lambda: stage("presel"), 3, rep) / 1e3,
+        "rest_ms": _median_us(lambda: stage("rest"), 3, rep) / 1e3,
+        "probe_encrypt_ms": _median_us(lambda: tc.encrypt_probe(x[1]), 2, rep) / 1e3,
+        "probe_load_ms": _median_us(lambda: kern.load_probe(probe_blobs), 2, rep) / 1e3,
+        "probe_bytes": sum(len(p) for p in probe_blobs),
+        "bin_bytes_seeded": sum(len(p) for p in blobs),
+    }
+    score_blob = seal_io.to_bytes(kern.score(b, probe, "presel"))
+    out["client_decrypt_ms"] = _median_us(lambda: tc.decrypt_scores(score_blob), 10, rep) / 1e3
+    out["bin_us_per_template"] = (out["presel_ms"] + out["rest_ms"]) * 1e3 / lay.capacity
+    out["bytes_at_rest_per_template"] = out["bin_bytes_seeded"] / lay.capacity
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=7)
@@ -144,6 +186,7 @@ def main() -> None:
         "ops_us": {k: round(v, 1) for k, v in ops.items()},
         "sizes": sizes,
         "layouts": layouts,
+        "kernel": {f"layout{v}": _kernel(v, rep) for v in (1, 2)},
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -99,9 +99,11 @@ def test_file_holds_no_secret_in_clear(state: TenantState, tmp_path: Path, key_f
         "dim",
         "presel_dims",
         "created_at",
+        "layout_version",
         "sealed",
     }
     assert doc["format"] == "veilface-tenant/1"
+    assert doc["layout_version"] == 2
     for secret in (state.secret_key, state.label_key, state.handle_key):
         assert secret[:64] not in raw
         assert base64.b64encode(secret)[:40] not in raw
@@ -204,3 +206,19 @@ def test_resolve_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     monkeypatch.delenv("VF_TEST_PASS")
     with pytest.raises(KeystoreError, match="VF_TEST_PASS"):
         resolve_secret("VF_TEST_PASS", None)
+
+
+def test_layout_version_round_trips_and_old_files_keep_layout_1(tmp_path: Path, key_file: Path) -> None:
+    """A state of layout 1 is written exactly as before complex packing (no field) and reads back as 1."""
+    old = TenantState.new("old-co", dim=128, layout_version=1)
+    path = tmp_path / "old.tenant"
+    old.save(path, key_file=key_file)
+    assert "layout_version" not in json.loads(path.read_bytes())
+    back = TenantState.load(path, key_file=key_file)
+    assert back.layout_version == 1
+    assert (back.keys().layout.version, back.keys().layout.capacity) == (1, 2048)
+    new = TenantState.new("new-co", dim=128)
+    new.save(path, key_file=key_file)
+    again = TenantState.load(path, key_file=key_file)
+    assert (again.layout_version, again.keys().layout.capacity) == (2, 4096)
+    assert old.rotated("k2").layout_version == 2  # a rotation moves the gallery to the new layout
