@@ -46,13 +46,13 @@ from veilface.client.photos import PHOTO_KEY_BYTES, legacy_photo_key, new_photo_
 from veilface.client.routing import LABEL_KEY_BYTES, Router
 from veilface.client.unlock import resolve_secret  # re-exported: it used to live here
 from veilface.crypto.keys import TenantKeys
-from veilface.crypto.layout import CURRENT_LAYOUT_VERSION, LAYOUT_VERSIONS, LEGACY_LAYOUT_VERSION
 from veilface.crypto.keystore import (
     PassphraseKdf,
     open_blob,
     read_private_file,
     seal_blob,
 )
+from veilface.crypto.layout import CURRENT_LAYOUT_VERSION, LAYOUT_VERSIONS, LEGACY_LAYOUT_VERSION
 from veilface.crypto.params import DEFAULT_PARAM_SET, get_param_set
 from veilface.errors import InvalidArgument, KeystoreError, VeilfaceError
 

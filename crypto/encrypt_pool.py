@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -64,7 +65,7 @@ class EncryptPool:
     def encrypt_rows(
         self, rows: npt.NDArray[np.float64] | npt.NDArray[np.complex128]
     ) -> list[bytes]:
-        parts = np.array_split(rows, self.workers)
+        parts: list[npt.NDArray[Any]] = np.array_split(rows, self.workers)
         futures: list[Future[list[bytes]]] = [self._ex.submit(encrypt_rows, p) for p in parts if len(p)]
         out: list[bytes] = []
         for f in futures:

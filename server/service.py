@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from veilface.crypto.layout import DiagonalLayout
-from veilface.crypto.public_context import read_layout
 from veilface.crypto.params import get_param_set
-from veilface.crypto.public_context import PublicContext
+from veilface.crypto.public_context import PublicContext, read_layout
 from veilface.errors import InvalidArgument, ResourceExhausted
 from veilface.server import worker
 from veilface.server.config import ServerSettings
