@@ -188,10 +188,25 @@ class RerankPlan:
 
 
 @dataclass(frozen=True)
-class ScoredSlot:
-    bin_id: int
-    slot: int
-    score: float
+class ScoredSlots:
+    """Full scores of re-ranked slots, as parallel arrays (int64, int64, float64 [n]).
+
+    Arrays rather than one object per slot: an exhaustive re-ranking of
+    100,000 templates made 100,000 Python objects and sorted them, some
+    0.1 s of client time per query.
+    """
+
+    bin_ids: IntArray
+    slots: IntArray
+    scores: FloatArray
+
+    @classmethod
+    def empty(cls) -> ScoredSlots:
+        none = np.zeros(0, dtype=np.int64)
+        return cls(none, none, np.zeros(0))
+
+    def __len__(self) -> int:
+        return int(self.scores.size)
 
 
 # -- stage 3: the re-ranking plan (pure) ---------------------------------------------
@@ -388,10 +403,10 @@ class Searcher:
         probe: Sequence[bytes],
         offset: float,
         stats: QueryStats,
-    ) -> list[ScoredSlot]:
+    ) -> ScoredSlots:
         """Full scores of the planned slots (only those: the server masks the others)."""
         if not plan.slots:
-            return []
+            return ScoredSlots.empty()
         # Bins in a random order (bin ids follow enrollment history, and so
         # list sizes: a sorted order would show the oldest list first).
         order = list(plan.slots)
@@ -415,25 +430,28 @@ class Searcher:
         stats.bins_reranked = len(reply.bins)
         t = time.perf_counter()
         presel = {b.bin_id: b.scores for b in pre.bins}
-        out: list[ScoredSlot] = []
+        ids, slots, scores = [], [], []
         for b in reply.bins:
             wanted = plan.slots.get(b.bin_id)
             if wanted is None or b.bin_id not in presel:
                 continue  # not asked for: ignore it
             idx = np.asarray(wanted, dtype=np.int64)
-            full = presel[b.bin_id][idx] + self._decrypt(b.parts)[idx] + offset
-            out.extend(ScoredSlot(b.bin_id, int(s), float(v)) for s, v in zip(idx, full, strict=True))
+            scores.append(presel[b.bin_id][idx] + self._decrypt(b.parts)[idx] + offset)
+            slots.append(idx)
+            ids.append(np.full(idx.size, b.bin_id, dtype=np.int64))
         stats.decrypt_ms += (time.perf_counter() - t) * 1e3
-        return out
+        if not scores:
+            return ScoredSlots.empty()
+        return ScoredSlots(np.concatenate(ids), np.concatenate(slots), np.concatenate(scores))
 
-    def candidates(self, scored: Sequence[ScoredSlot], top_n: int) -> list[Candidate]:
+    def candidates(self, scored: ScoredSlots, top_n: int) -> list[Candidate]:
         """The best ``top_n`` re-ranked slots whose handle the local slot maps know."""
         out: list[Candidate] = []
-        for s in sorted(scored, key=lambda s: -s.score):
-            handle = self.slot_maps.handle(s.bin_id, s.slot)
+        for i in np.argsort(-scored.scores, kind="stable"):
+            handle = self.slot_maps.handle(int(scored.bin_ids[i]), int(scored.slots[i]))
             if not handle:
                 continue  # emptied since the query, or its bin is gone
-            out.append(Candidate(self.handles.decode(handle), handle, s.score))
+            out.append(Candidate(self.handles.decode(handle), handle, float(scored.scores[i])))
             if len(out) >= top_n:
                 break
         return out
@@ -476,7 +494,7 @@ __all__ = [
     "QueryStats",
     "RerankPlan",
     "Route",
-    "ScoredSlot",
+    "ScoredSlots",
     "SearchMode",
     "SearchOptions",
     "Searcher",

@@ -4,6 +4,8 @@ Run pinned to one core and read the medians::
 
     taskset -c 1 python scripts/kernel_roofline.py [--repeat 7] [--json out.json]
 
+(CPU time per call, median of the repeats.)
+
 Prints one JSON object: per-op medians in microseconds at the n4096
 parameter set, and per-bin sums for the layouts of docs/architecture.md
 ("Kernel roofline").
@@ -25,13 +27,18 @@ from veilface.crypto.params import get_param_set
 
 
 def _median_us(fn: Callable[[], object], inner: int, repeat: int) -> float:
-    """Median over ``repeat`` runs of the mean time of ``inner`` calls (microseconds)."""
+    """Median over ``repeat`` runs of the mean CPU time of ``inner`` calls (microseconds).
+
+    CPU time of this process (``time.process_time``), not wall time: on a
+    machine shared with another job, time spent waiting for the core is not
+    the kernel's cost (cache pollution by the other job still is).
+    """
     runs = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = time.process_time()
         for _ in range(inner):
             fn()
-        runs.append((time.perf_counter() - t) / inner * 1e6)
+        runs.append((time.process_time() - t) / inner * 1e6)
     return statistics.median(runs)
 
 
