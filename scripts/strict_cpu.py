@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 
 from veilface.bench.synthetic import SyntheticFaces
