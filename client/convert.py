@@ -186,7 +186,8 @@ def score_candidates_request(
         tenant_id=tenant_id,
         key_id=key_id,
         candidates=[
-            pb.CandidateSlots(bin_id=b, slots=sorted(int(s) for s in ss)) for b, ss in slots.items()
+            pb.CandidateSlots(bin_id=b, slots=np.sort(np.asarray(ss, dtype=np.int64)).tolist())
+            for b, ss in slots.items()
         ],
         query_id=query_id,
         probe_ciphertexts=list(probe),

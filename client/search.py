@@ -245,7 +245,7 @@ def plan_rerank(
 
 def _exhaustive(bins: Sequence[PreselectedBin]) -> RerankPlan:
     return RerankPlan(
-        {b.bin_id: tuple(int(s) for s in b.occupied) for b in sorted(bins, key=lambda b: b.bin_id)},
+        {b.bin_id: tuple(b.occupied.tolist()) for b in sorted(bins, key=lambda b: b.bin_id)},
         exhaustive=True,
     )
 
@@ -269,7 +269,7 @@ def _plan_strict(bins: Sequence[PreselectedBin], k: int, rerank_all_above: float
     # one inside it (naming only the top-k slots lost such matches).
     occupied = {b.bin_id: b.occupied for b in bins}
     return RerankPlan(
-        {b: tuple(int(s) for s in occupied[b]) for b in sorted(picked)}
+        {b: tuple(occupied[b].tolist()) for b in sorted(picked)}
     )
 
 
@@ -278,7 +278,7 @@ def _label_pick(group: Sequence[PreselectedBin], quota: int) -> dict[int, tuple[
     best = [float(np.max(b.scores[b.occupied])) for b in group]
     order = sorted(range(len(group)), key=lambda i: (-best[i], group[i].bin_id))
     chosen = [group[i] for i in order[: min(quota, len(group))]]
-    return {b.bin_id: tuple(int(s) for s in b.occupied) for b in chosen}
+    return {b.bin_id: tuple(b.occupied.tolist()) for b in chosen}
 
 
 # -- stage 6: the decision (pure) ----------------------------------------------------

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from veilface.errors import InvalidArgument
 from veilface.proto.v1 import veilface_pb2 as pb
 from veilface.server.enrollment import BulkResult, EnrollResult, FetchedBin, SubjectBin
@@ -40,12 +42,12 @@ def occupancy_bitmap(occupied: Sequence[int]) -> bytes:
     The bitmap ends with the byte of the last occupied slot: a reader pads
     it with zeros to the bin's capacity (an empty bin gives ``b""``).
     """
-    if not occupied:
+    if not len(occupied):
         return b""
-    bits = bytearray(max(occupied) // 8 + 1)
-    for s in occupied:
-        bits[s // 8] |= 1 << (s % 8)
-    return bytes(bits)
+    idx = np.asarray(occupied, dtype=np.int64)
+    bits = np.zeros(int(idx.max()) + 1, dtype=bool)  # numpy: a full bin is 4,096 slots
+    bits[idx] = True
+    return bytes(np.packbits(bits, bitorder="little").tobytes())
 
 
 def key_info_to_proto(view: KeyView) -> pb.KeyInfo:

@@ -264,7 +264,7 @@ class IdentificationService:
         wanted: dict[int, list[int]] = {}
         for bin_id, slots in candidates:
             view.layout.check_slots(slots)
-            wanted[check_id(bin_id, "candidate bin id")] = [int(s) for s in slots]
+            wanted[check_id(bin_id, "candidate bin id")] = list(map(int, slots))
         infos = await self.core.with_occupancy(
             await asyncio.to_thread(self._key_bins, tenant_id, key_id, list(wanted))
         )

@@ -234,7 +234,7 @@ class GalleryService:
         query_id: str = "",
     ) -> list[BinScore]:
         kept = {
-            b.bin_id: tuple(int(s) for s in (b.occupied if keep is None else keep[b.bin_id]))
+            b.bin_id: tuple(map(int, b.occupied if keep is None else keep[b.bin_id]))
             for b in bins
         }
         results = await self.pool.score(
