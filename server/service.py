@@ -234,7 +234,8 @@ class GalleryService:
         query_id: str = "",
     ) -> list[BinScore]:
         kept = {
-            b.bin_id: tuple(map(int, b.occupied if keep is None else keep[b.bin_id]))
+            # Python ints already (the store's occupancy, a request's slots)
+            b.bin_id: tuple(b.occupied if keep is None else keep[b.bin_id])
             for b in bins
         }
         results = await self.pool.score(
