@@ -222,3 +222,6 @@ def test_layout_version_round_trips_and_old_files_keep_layout_1(tmp_path: Path, 
     again = TenantState.load(path, key_file=key_file)
     assert (again.layout_version, again.keys().layout.capacity) == (2, 4096)
     assert old.rotated("k2").layout_version == 2  # a rotation moves the gallery to the new layout
+    for st in (old, new):  # a kiosk holds the key's layout too
+        st.center = np.zeros(128)
+        assert st.export_kiosk().layout_version == st.layout_version
