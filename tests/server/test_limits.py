@@ -185,10 +185,9 @@ def test_limiter_counts_calls_and_scoring_work() -> None:
 
 def test_score_bins_accounts_work_in_flight() -> None:
     """Two queries of one tenant at once: the second is refused while the first is being scored."""
+    from veilface.server.metrics import ScoringStats
     from veilface.server.service import GalleryService
     from veilface.server.store.records import BinInfo
-
-    from veilface.server.metrics import ScoringStats
 
     class HeldPool:
         n = 2
