@@ -98,7 +98,8 @@ class KioskCamera:
 
 KIOSK_DOMAINS: tuple[KioskCamera, ...] = (
     KioskCamera("kiosk webcam, warm", 96, 0.6, (1.12, 1.0, 0.85), 1.0, 1.05, 0.015, 80),
-    KioskCamera("low-res USB camera", 56, 0.5, (0.95, 1.05, 0.95), 0.9, 1.0, 0.03, 50),
+    # the gate refuses a face whose crop has under 64 px (FaceTooSmall), so no domain is below
+    KioskCamera("low-res USB camera", 72, 0.5, (0.95, 1.05, 0.95), 0.9, 1.0, 0.03, 50),
     KioskCamera("dim lobby, cool", 120, 0.8, (0.85, 0.95, 1.15), 1.4, 0.75, 0.03, 75),
     KioskCamera("phone, bright", 220, 0.3, (1.03, 0.97, 1.03), 0.8, 1.15, 0.008, 92),
 )
@@ -259,7 +260,7 @@ def camera(
     h, w = scene.image.shape[:2]
     bw = max(scene.box[2] - scene.box[0], scene.box[3] - scene.box[1])
     crop_side = min(crop.scale * bw, w, h)
-    k = cam.crop_pixels * rng.uniform(0.85, 1.2) / crop_side
+    k = max(cam.crop_pixels * rng.uniform(0.85, 1.2), crop.size + 2) / crop_side
     nw, nh = max(8, round(w * k)), max(8, round(h * k))
     im = Image.fromarray(scene.image)
     if cam.blur > 0:
