@@ -23,13 +23,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from veilface.errors import TrainingFailed
+from veilface.federated.grid_proxy import ForwardingGrid
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _round_of(messages: list[Message]) -> int | None:
     return None
 
 
-class RoundGuardGrid(Grid):
+class RoundGuardGrid(ForwardingGrid):
     """A :class:`~flwr.serverapp.Grid` that raises when no client of a round succeeded.
 
     Every call is delegated to ``grid``; :meth:`send_and_receive` also checks
@@ -93,39 +93,7 @@ class RoundGuardGrid(Grid):
     """
 
     def __init__(self, grid: Grid) -> None:
-        self._grid = grid
-
-    def set_run(self, run: Any) -> None:
-        """Delegate."""
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        """Delegate."""
-        return self._grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Delegate."""
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Delegate."""
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Delegate."""
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Delegate."""
-        return self._grid.pull_messages(message_ids)
+        super().__init__(grid)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

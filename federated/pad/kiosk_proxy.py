@@ -55,7 +55,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from veilface.errors import InvalidArgument
-from veilface.federated.pad.proxy import PADProxy, render_print, render_replay
+from veilface.federated.pad.proxy import CaptureSetting, PADProxy, render_print, render_replay
 from veilface.nn.liveness_io import CropSpec, liveness_crop
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ __all__ = [
     "KIOSK_CROP",
     "KIOSK_DOMAINS",
     "BenchSet",
-    "KioskCamera",
     "Scene",
     "build_kiosk_proxy",
     "person_part",
@@ -82,26 +81,13 @@ FloatImage = npt.NDArray[np.float32]
 Part = Literal["train", "bench"]
 
 
-@dataclass(frozen=True)
-class KioskCamera:
-    """One domain's camera: the crop's pixels before resizing, and its image chain."""
-
-    name: str
-    crop_pixels: int  # side of the face crop as the sensor resolves it
-    blur: float
-    gains: tuple[float, float, float]
-    gamma: float
-    brightness: float
-    noise: float
-    jpeg_quality: int
-
-
-KIOSK_DOMAINS: tuple[KioskCamera, ...] = (
-    KioskCamera("kiosk webcam, warm", 96, 0.6, (1.12, 1.0, 0.85), 1.0, 1.05, 0.015, 80),
+KIOSK_DOMAINS: tuple[CaptureSetting, ...] = (
+    # resolution here: the side of the face crop as the sensor resolves it
+    CaptureSetting("kiosk webcam, warm", 96, 0.6, (1.12, 1.0, 0.85), 1.0, 1.05, 0.015, 80),
     # the gate refuses a face whose crop has under 64 px (FaceTooSmall), so no domain is below
-    KioskCamera("low-res USB camera", 72, 0.5, (0.95, 1.05, 0.95), 0.9, 1.0, 0.03, 50),
-    KioskCamera("dim lobby, cool", 120, 0.8, (0.85, 0.95, 1.15), 1.4, 0.75, 0.03, 75),
-    KioskCamera("phone, bright", 220, 0.3, (1.03, 0.97, 1.03), 0.8, 1.15, 0.008, 92),
+    CaptureSetting("low-res USB camera", 72, 0.5, (0.95, 1.05, 0.95), 0.9, 1.0, 0.03, 50),
+    CaptureSetting("dim lobby, cool", 120, 0.8, (0.85, 0.95, 1.15), 1.4, 0.75, 0.03, 75),
+    CaptureSetting("phone, bright", 220, 0.3, (1.03, 0.97, 1.03), 0.8, 1.15, 0.008, 92),
 )
 
 
@@ -159,7 +145,8 @@ def _photo_print(photo: FloatImage, rng: np.random.Generator) -> FloatImage:
     img = 0.5 + (img - 0.5) * rng.uniform(0.8, 0.95)
     img = img * np.array([1.0, 0.98, 0.94], dtype=np.float32) * rng.uniform(0.92, 1.0)
     img = img + rng.normal(0.0, rng.uniform(0.005, 0.02), img.shape).astype(np.float32)
-    return np.clip(img, 0.0, 1.0).astype(np.float32)
+    out: FloatImage = np.clip(img, 0.0, 1.0).astype(np.float32)
+    return out
 
 
 def _medium(
@@ -175,7 +162,7 @@ def _medium(
     if species == 1:  # a sheet: white margins of random width on each side
         m = (rng.uniform(0.0, 0.3, 4) * side).astype(int)
         paper = tuple(int(255 * v) for v in np.array([1.0, 0.98, 0.93]) * rng.uniform(0.8, 1.0))
-        sheet = Image.new("RGB", (side + m[0] + m[2], side + m[1] + m[3]), paper)  # type: ignore[arg-type]
+        sheet = Image.new("RGB", (side + m[0] + m[2], side + m[1] + m[3]), paper)
         sheet.paste(img, (int(m[0]), int(m[1])))
         offset = (float(m[0]), float(m[1]))
     else:  # a screen in a black bezel, the device body around it
@@ -196,7 +183,7 @@ def _medium(
             cx = rng.uniform(0.1, 0.9) * rgba.width
             r = rng.uniform(0.04, 0.08) * rgba.width
             y = rgba.height if rng.random() < 0.7 else 0
-            draw.ellipse((cx - r, y - 2.2 * r, cx + r, y + 2.2 * r), fill=(*skin, 255))  # type: ignore[arg-type]
+            draw.ellipse((cx - r, y - 2.2 * r, cx + r, y + 2.2 * r), fill=(*skin, 255))
     if species == 1 and rng.random() < 0.3:  # a sheen across the paper
         arr = np.asarray(rgba, dtype=np.float32)
         yy, xx = np.mgrid[0 : rgba.height, 0 : rgba.width].astype(np.float32)
@@ -251,16 +238,16 @@ def _int_box(box: tuple[float, float, float, float]) -> tuple[int, int, int, int
 
 
 def camera(
-    scene: Scene, cam: KioskCamera, rng: np.random.Generator, crop: CropSpec = KIOSK_CROP
+    scene: Scene, cam: CaptureSetting, rng: np.random.Generator, crop: CropSpec = KIOSK_CROP
 ) -> Scene:
     """The scene as ``cam`` records it: resampled so the face crop has
-    ``cam.crop_pixels`` pixels across, blurred, white-balanced, exposed, noisy, JPEG."""
+    ``cam.resolution`` pixels across, blurred, white-balanced, exposed, noisy, JPEG."""
     import io
 
     h, w = scene.image.shape[:2]
     bw = max(scene.box[2] - scene.box[0], scene.box[3] - scene.box[1])
     crop_side = min(crop.scale * bw, w, h)
-    k = max(cam.crop_pixels * rng.uniform(0.85, 1.2), crop.size + 2) / crop_side
+    k = max(cam.resolution * rng.uniform(0.85, 1.2), crop.size + 2) / crop_side
     nw, nh = max(8, round(w * k)), max(8, round(h * k))
     im = Image.fromarray(scene.image)
     if cam.blur > 0:
@@ -287,8 +274,8 @@ def camera(
     buf.seek(0)
     with Image.open(buf) as out:
         rgb = np.asarray(out.convert("RGB"), dtype=np.uint8)
-    box = tuple(round(v * k) for v in scene.box)
-    return Scene(rgb, box, scene.species)  # type: ignore[arg-type]
+    left, top, right, bottom = (round(v * k) for v in scene.box)
+    return Scene(rgb, (left, top, right, bottom), scene.species)
 
 
 def _people(lfw_root: Path, part: Part) -> list[tuple[str, list[Path]]]:
@@ -308,7 +295,7 @@ def build_kiosk_proxy(
     lfw_root: str | Path,
     *,
     per_domain: int = 800,
-    domains: Sequence[KioskCamera] = KIOSK_DOMAINS,
+    domains: Sequence[CaptureSetting] = KIOSK_DOMAINS,
     validation_fraction: float = 0.25,
     crop: CropSpec = KIOSK_CROP,
     seed: int = 0,
@@ -389,7 +376,7 @@ def render_bench_set(
     *,
     n_people: int = 200,
     seed: int = 1,
-    domains: Sequence[KioskCamera] = KIOSK_DOMAINS,
+    domains: Sequence[CaptureSetting] = KIOSK_DOMAINS,
     progress: bool = False,
 ) -> BenchSet:
     """Live, print and replay scenes of ``n_people`` ``bench`` people (one of each per person),

@@ -39,6 +39,7 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from veilface.federated.grid_proxy import ForwardingGrid
 from veilface.federated.privacy.config import PrivacyConfig, PrivacyConfigError
 from veilface.federated.privacy.wrappers import Delegating, strategy_weight_key
 
@@ -219,38 +220,12 @@ def check_secagg_range(arrays: ArrayRecord, cfg: PrivacyConfig) -> None:
         )
 
 
-class _SecAggPlusGrid(Grid):
+class _SecAggPlusGrid(ForwardingGrid):
     """A grid whose training ``send_and_receive`` runs SecAgg+; the rest is delegated."""
 
     def __init__(self, grid: Grid, owner: SecAggPlusStrategy) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self._owner = owner
-
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -211,7 +211,7 @@ def write_artifact(
     if not 0.0 < threshold < 1.0:
         raise InvalidArgument(f"threshold must be in (0, 1), got {threshold}")
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
+    np.savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})  # type: ignore[arg-type]
     weights = buf.getvalue()
     manifest: dict[str, Any] = {
         "format": FORMAT,
