@@ -14,6 +14,11 @@ for a verification, the requested slots for a re-ranking). Every other slot
 gets a fresh uniform random value, real and imaginary parts in
 ``[-M, M]``, so a key holder decrypting the response learns nothing useful
 there. ``M`` is as large as the modulus allows; see :func:`mask_magnitude`.
+Every masked ciphertext is then re-randomized with a fresh encryption of
+zero under the tenant's public key (:mod:`veilface.crypto.rerandomize`):
+the mask hides the first component's slots, the re-randomization the
+second component, which the probe would otherwise let a key holder read.
+A key whose context has no public key gets no masked response at all.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import tenseal.sealapi as seal
 from veilface.crypto import seal_io
 from veilface.crypto.ciphertext_checks import load_checked, load_many
 from veilface.crypto.public_context import PublicContext
+from veilface.crypto.rerandomize import Rerandomizer
+from veilface.errors import FailedPrecondition
 
 Bin = list[seal.Ciphertext]
 ScoreCiphertext = seal.Ciphertext  # one relinearized score ciphertext (scale^2)
@@ -81,6 +88,13 @@ def mask_magnitude(poly_modulus_degree: int, data_modulus: int, score_scale: flo
 
 _MASK_ATTEMPTS = 8
 
+NO_PUBLIC_KEY = (
+    "this key was registered without a public key, so the server cannot re-randomize "
+    "its score responses and answers none; register the key again "
+    "(`veilface tenant register`, or VeilClient.register_key()): the server adds the public key "
+    "to the key as it is, bins and subjects unchanged"
+)
+
 
 def _uniform(n: int, magnitude: float) -> FloatArray:
     """``n`` floats uniform in ``[-magnitude, magnitude)`` from the OS CSPRNG."""
@@ -102,6 +116,9 @@ class BinKernel:
         data_modulus = self._ctx.first_context_data().parms().coeff_modulus()[0].value()
         self.mask_magnitude = mask_magnitude(
             public.param_set.poly_modulus_degree, data_modulus, self._scale * self._scale
+        )
+        self._rerandomizer = (
+            Rerandomizer(self._ctx, public.public_key) if public.public_key is not None else None
         )
 
     # -- loading --------------------------------------------------------
@@ -233,12 +250,18 @@ class BinKernel:
         return _uniform(n, m) + 1j * _uniform(n, m)
 
     def _add_mask(self, ct: seal.Ciphertext, draw: Callable[[], FloatArray]) -> None:
-        """Encode a mask at the ciphertext's level and scale and add it.
+        """Encode a mask at the ciphertext's level and scale, add it, re-randomize.
 
         SEAL refuses to encode a mask with a coefficient past its bound; that
         happens with probability 2^-40 (:func:`mask_magnitude`) and the mask
-        is then drawn again, never clipped.
+        is then drawn again, never clipped. Raises
+        :class:`~veilface.errors.FailedPrecondition` (before any work) for a
+        key registered without a public key: its response could not be
+        re-randomized.
         """
+        rerandomizer = self._rerandomizer
+        if rerandomizer is None:
+            raise FailedPrecondition(NO_PUBLIC_KEY)
         pt = seal.Plaintext()
         for _ in range(_MASK_ATTEMPTS):
             try:
@@ -246,6 +269,7 @@ class BinKernel:
             except ValueError:
                 continue
             self._evaluator.add_plain_inplace(ct, pt)
+            rerandomizer.apply(ct)
             return
         raise RuntimeError("could not draw an encodable mask; is the mask magnitude too large?")
 

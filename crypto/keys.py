@@ -60,21 +60,27 @@ class TenantKeys:
     def secret_key_bytes(self) -> bytes:
         return seal_io.to_bytes(self.secret_key)
 
-    def public_context_bytes(self) -> bytes:
-        """Parameters, relinearization keys and the Galois keys the layout needs.
+    def public_context_bytes(self, *, with_public_key: bool = True) -> bytes:
+        """Parameters, relinearization keys, the Galois keys the layout needs, a public key.
 
         Only the rotation steps of the giant steps and of staged scoring get
-        keys (one key switch per rotation), not TenSEAL's full set.
+        keys (one key switch per rotation), not TenSEAL's full set. The
+        public key lets the server re-randomize its responses
+        (:mod:`veilface.crypto.rerandomize`); ``with_public_key=False``
+        builds a context as keys registered before it had (tests only).
         """
         keygen = seal.KeyGenerator(self.context, self.secret_key)
         relin = keygen.create_relin_keys()
         tool = self.context.key_context_data().galois_tool()
         elts = [tool.get_elt_from_step(step) for step in self.layout.key_steps]
         galois = keygen.create_galois_keys(elts)
+        public_key = seal.PublicKey()
+        keygen.create_public_key(public_key)
         return encode_public_context(
             self.param_set,
             self.layout,
             seal_io.to_bytes(self.param_set.seal_parameters()),
             seal_io.to_bytes(relin),
             seal_io.to_bytes(galois),
+            seal_io.to_bytes(public_key) if with_public_key else None,
         )

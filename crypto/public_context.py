@@ -7,11 +7,16 @@ Wire format (all integers big-endian)::
 The header names the parameter set, template dimension, layout (its
 preselection window and, since complex packing, ``layout_version``: a
 header without it is a version-1 key, see :mod:`veilface.crypto.layout`)
-and the sections with their lengths. Exactly three section kinds exist:
-``params``, ``relin_keys`` and ``galois_keys``. There is no field a secret
-key could travel in, and :meth:`PublicContext.from_bytes` rejects any other
-section, any mismatch with the named parameter set and any missing Galois
-key: a server that loads a context can evaluate but never decrypt.
+and the sections with their lengths. Exactly four section kinds exist:
+``params``, ``relin_keys``, ``galois_keys`` and ``public_key`` (an
+encryption key, with which the server re-randomizes every score response:
+:mod:`veilface.crypto.rerandomize`). Contexts made before it lack the
+``public_key`` section; they still load (``PublicContext.public_key`` is
+None) but the server answers no score for them (docs/protocol.md, "The
+ciphertext beneath the masks"). There is no field a secret key could
+travel in, and :meth:`PublicContext.from_bytes` rejects any other section,
+any mismatch with the named parameter set and any missing Galois key: a
+server that loads a context can evaluate but never decrypt.
 
 The context must also carry nothing more than the layout needs, checked
 before SEAL parses anything: each key section is a SEAL serialization,
@@ -21,8 +26,9 @@ can expand to is bounded first (:func:`_content_bound`: from the zstd block
 headers, without decompressing; a zlib stream is inflated up to the bound
 and no further) against what the needed number of keys takes at these
 parameters; after loading, the Galois keys must be exactly the rotations of
-the layout (with or without those of staged scoring) and the
-relinearization keys exactly one key.
+the layout (with or without those of staged scoring), the
+relinearization keys exactly one key and the public key one key at the
+key level of these parameters.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ from veilface.crypto.params import ParamSet, get_param_set
 from veilface.errors import InvalidContext, ResourceExhausted
 
 MAGIC = b"VFPC1\n"
-SECTIONS = ("params", "relin_keys", "galois_keys")
+SECTIONS = ("params", "relin_keys", "galois_keys", "public_key")
+# A context registered before response re-randomization: no public key.
+LEGACY_SECTIONS = SECTIONS[:3]
 # Refused before the header is read: more than any parameter set's keys take
 # (n8192 with 512-d templates: 20 Galois keys, about 5.3 MB uncompressed).
 MAX_CONTEXT_BYTES = 16 * 1024 * 1024
@@ -62,6 +70,12 @@ def key_bytes(param_set: ParamSet) -> int:
     """
     primes = len(param_set.coeff_modulus_bits)
     return int((primes - 1) * (2 * param_set.poly_modulus_degree * primes * 8 + 256))
+
+
+def public_key_bound(param_set: ParamSet) -> int:
+    """Bytes a serialized public key can take, uncompressed: two polynomials over every prime."""
+    primes = len(param_set.coeff_modulus_bits)
+    return int(2 * param_set.poly_modulus_degree * primes * 8 + 1024)
 
 
 def keys_section_bound(param_set: ParamSet, n_keys: int) -> int:
@@ -172,18 +186,23 @@ def encode_public_context(
     params: bytes,
     relin_keys: bytes,
     galois_keys: bytes,
+    public_key: bytes | None,
 ) -> bytes:
+    """The wire form; ``public_key=None`` makes a legacy context (for tests of old keys only)."""
     blobs = {"params": params, "relin_keys": relin_keys, "galois_keys": galois_keys}
+    names = LEGACY_SECTIONS if public_key is None else SECTIONS
+    if public_key is not None:
+        blobs["public_key"] = public_key
     header = {
         "format": "veilface-public-context/1",
         "param_set": param_set.name,
         "dim": layout.dim,
         "presel_dims": layout.m,
         "layout_version": layout.version,
-        "sections": [[name, len(blobs[name])] for name in SECTIONS],
+        "sections": [[name, len(blobs[name])] for name in names],
     }
     head = json.dumps(header, sort_keys=True).encode()
-    return MAGIC + struct.pack(">I", len(head)) + head + b"".join(blobs[n] for n in SECTIONS)
+    return MAGIC + struct.pack(">I", len(head)) + head + b"".join(blobs[n] for n in names)
 
 
 def _header_layout(header: dict[str, object]) -> tuple[ParamSet, DiagonalLayout]:
@@ -197,6 +216,20 @@ def _header_layout(header: dict[str, object]) -> tuple[ParamSet, DiagonalLayout]
     return param_set, layout
 
 
+def _read_header(blob: bytes) -> dict[str, object]:
+    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 4:
+        raise InvalidContext("not a veilface public context (bad magic)")
+    (hlen,) = struct.unpack(">I", blob[len(MAGIC) : len(MAGIC) + 4])
+    start = len(MAGIC) + 4
+    try:
+        header = json.loads(blob[start : start + hlen])
+    except Exception as exc:  # noqa: BLE001 - any malformed header
+        raise InvalidContext(f"public context header is invalid: {exc}") from None
+    if not isinstance(header, dict):
+        raise InvalidContext("public context header is invalid: not an object")
+    return header
+
+
 def read_layout(blob: bytes) -> DiagonalLayout:
     """The bin layout a public context names, from its header only (no key is parsed).
 
@@ -204,16 +237,21 @@ def read_layout(blob: bytes) -> DiagonalLayout:
     :meth:`PublicContext.from_bytes` when it was registered): what the
     server needs to check slot numbers and counts without loading any key.
     """
-    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 4:
-        raise InvalidContext("not a veilface public context (bad magic)")
-    (hlen,) = struct.unpack(">I", blob[len(MAGIC) : len(MAGIC) + 4])
-    start = len(MAGIC) + 4
+    header = _read_header(blob)
     try:
-        return _header_layout(json.loads(blob[start : start + hlen]))[1]
+        return _header_layout(header)[1]
     except InvalidContext:
         raise
     except Exception as exc:  # noqa: BLE001 - any malformed header field
         raise InvalidContext(f"public context header is invalid: {exc}") from None
+
+
+def has_public_key(blob: bytes) -> bool:
+    """Whether a stored public context carries a public key, from its header only."""
+    sections = _read_header(blob).get("sections")
+    return isinstance(sections, list) and any(
+        isinstance(s, list) and s[:1] == ["public_key"] for s in sections
+    )
 
 
 @dataclass
@@ -227,6 +265,8 @@ class PublicContext:
     galois_keys: seal.GaloisKeys
     fingerprint: str
     supports_staging: bool = False
+    # None: a context registered before response re-randomization (no score is answered).
+    public_key: seal.PublicKey | None = None
 
     @classmethod
     def from_bytes(cls, blob: bytes, *, max_dim: int | None = None) -> PublicContext:
@@ -252,10 +292,11 @@ class PublicContext:
             raise
         except Exception as exc:  # noqa: BLE001 - any malformed header field is the caller's
             raise InvalidContext(f"public context header is invalid: {exc}") from None
-        if [n for n, _ in sections] != list(SECTIONS):
+        names = tuple(n for n, _ in sections)
+        if names not in (SECTIONS, LEGACY_SECTIONS):
             raise InvalidContext(
                 f"public context must carry exactly the sections {list(SECTIONS)}, "
-                f"got {[n for n, _ in sections]}"
+                f"got {list(names)}"
             )
         if max_dim is not None and layout.dim > max_dim:
             raise ResourceExhausted(
@@ -266,6 +307,7 @@ class PublicContext:
             "params": MAX_PARAMS_BYTES,
             "relin_keys": keys_section_bound(param_set, 1),
             "galois_keys": keys_section_bound(param_set, n_keys),
+            "public_key": public_key_bound(param_set),
         }
         for name, size in sections:
             # A compressed stream is at most a little larger than its content.
@@ -283,7 +325,7 @@ class PublicContext:
             offset += size
         if offset != len(blob):
             raise InvalidContext("trailing bytes after the public context sections")
-        for name in SECTIONS:  # before SEAL inflates anything
+        for name in names:  # before SEAL inflates anything
             _content_bound(parts[name], limits[name], name.replace("_", " "))
 
         try:
@@ -301,6 +343,9 @@ class PublicContext:
         try:
             relin = seal_io.load_relin_keys(context, parts["relin_keys"])
             galois = seal_io.load_galois_keys(context, parts["galois_keys"])
+            public_key = (
+                seal_io.load_public_key(context, parts["public_key"]) if "public_key" in parts else None
+            )
         except Exception:  # noqa: BLE001 - SEAL's loaders raise arbitrary types on bad input
             raise InvalidContext("public context keys are malformed or not for these parameters") from None
         if relin.size() != 1:
@@ -322,5 +367,26 @@ class PublicContext:
                 f"public context carries {galois.size()} Galois keys; this layout uses "
                 f"exactly {len(needed)} ({uses}), no others"
             )
+        if public_key is not None:
+            _check_public_key(context, public_key)
         fingerprint = hashlib.sha256(blob).hexdigest()[:32]
-        return cls(param_set, layout, context, relin, galois, fingerprint, staging)
+        return cls(param_set, layout, context, relin, galois, fingerprint, staging, public_key)
+
+
+def _check_public_key(context: seal.SEALContext, public_key: seal.PublicKey) -> None:
+    """A public key must be one two-polynomial key at the key level, in NTT form.
+
+    SEAL's load has checked that its coefficients are reduced and its
+    parameters id belongs to the context; what it lets through is a key at
+    another level or of another size, which the encryptor would misuse.
+    """
+    data = public_key.data()
+    if (
+        public_key.parms_id() != context.key_parms_id()
+        or data.size() != 2
+        or not data.is_ntt_form()
+        or data.coeff_modulus_size() != len(context.key_context_data().parms().coeff_modulus())
+    ):
+        raise InvalidContext(
+            "public context's public key is not one key at the key level of these parameters"
+        )

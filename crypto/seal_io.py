@@ -259,5 +259,9 @@ def load_galois_keys(context: seal.SEALContext, data: bytes) -> seal.GaloisKeys:
     return _load_into(seal.GaloisKeys(), data, context, "Galois keys")
 
 
+def load_public_key(context: seal.SEALContext, data: bytes) -> seal.PublicKey:
+    return _load_into(seal.PublicKey(), data, context, "public key")
+
+
 def load_secret_key(context: seal.SEALContext, data: bytes) -> seal.SecretKey:
     return _load_into(seal.SecretKey(), data, context, "secret key")

@@ -151,7 +151,7 @@ class IdentificationService:
         labels: Sequence[str],
         probe: Sequence[bytes],
     ) -> PreselectResult:
-        view = await self.core.key(tenant_id, key_id)
+        view = await self.core.scoring_key(tenant_id, key_id)
         self._check_probe(view, probe)
         if mode is SearchMode.STRICT:
             if labels:
@@ -246,7 +246,7 @@ class IdentificationService:
         this tenant *and key* (a bin of another key would be scored under the
         wrong key's context): NotFound otherwise.
         """
-        view = await self.core.key(tenant_id, key_id)
+        view = await self.core.scoring_key(tenant_id, key_id)
         if query_id and probe:
             raise InvalidArgument("send either a query id or the probe ciphertexts, not both")
         if query_id:
@@ -349,7 +349,7 @@ class IdentificationService:
         if staged is not None:
             if staged.key_id != key_id:
                 raise FailedPrecondition(f"the subject is enrolled under key {staged.key_id!r}")
-            view = await self.core.key(tenant_id, key_id)
+            view = await self.core.scoring_key(tenant_id, key_id)
             self._check_probe(view, probe)
             (one,) = await self._score_staged(
                 tenant_id, key_id, [staged], probe, add_center=False, keep=(0,)
@@ -358,7 +358,7 @@ class IdentificationService:
         ref = await asyncio.to_thread(self.store.subject, tenant_id, handle)
         if ref.key_id != key_id:
             raise FailedPrecondition(f"the subject is enrolled under key {ref.key_id!r}")
-        view = await self.core.key(tenant_id, key_id)
+        view = await self.core.scoring_key(tenant_id, key_id)
         self._check_probe(view, probe)
         info = await asyncio.to_thread(self.store.bin_info, tenant_id, ref.bin_id, with_occupancy=False)
         # Only the claimed subject's slot is left unmasked.

@@ -15,10 +15,11 @@ from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from veilface.crypto.kernel import NO_PUBLIC_KEY
 from veilface.crypto.layout import DiagonalLayout
 from veilface.crypto.params import get_param_set
-from veilface.crypto.public_context import PublicContext, read_layout
-from veilface.errors import InvalidArgument, ResourceExhausted
+from veilface.crypto.public_context import PublicContext, has_public_key, read_layout
+from veilface.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from veilface.server import worker
 from veilface.server.config import ServerSettings
 from veilface.server.enrollment import EnrollmentService
@@ -49,6 +50,11 @@ class KeyView:
     record: KeyRecord
     layout: DiagonalLayout
     stats: KeyStats | None = None
+
+    @property
+    def rerandomizes(self) -> bool:
+        """Whether the key's context carries a public key (without one no score is answered)."""
+        return has_public_key(self.record.public_context)
 
 
 class GalleryService:
@@ -111,13 +117,47 @@ class GalleryService:
             public_context,
             public.fingerprint,
         )
+        replaces = await self._upgrade_of(tenant_id, key_id, public) if key_id in known else ""
         # The store checks the cap again under the tenant's lock: another
         # front-end on the same database may be registering a key too.
         await asyncio.to_thread(
-            functools.partial(self.store.put_key, record, max_keys=self.settings.max_keys_per_tenant)
+            functools.partial(
+                self.store.put_key,
+                record,
+                max_keys=self.settings.max_keys_per_tenant,
+                replaces=replaces,
+            )
         )
-        log.info("tenant %s registered key %s (%s)", tenant_id, key_id, public.fingerprint)
+        if replaces:
+            self._layouts.pop((tenant_id, key_id), None)
+            await self.pool.broadcast(worker.forget_key, tenant_id, key_id)
+            log.info("tenant %s added a public key to key %s (%s)", tenant_id, key_id, public.fingerprint)
+        else:
+            log.info("tenant %s registered key %s (%s)", tenant_id, key_id, public.fingerprint)
         return await self.key(tenant_id, key_id)
+
+    async def _upgrade_of(self, tenant_id: str, key_id: str, public: PublicContext) -> str:
+        """The stored fingerprint a new context may replace, or "" (then it must be the same).
+
+        A key registered before response re-randomization has no public key
+        and gets no score answered; registering it again with a context that
+        has one, the same parameter set and the same layout, adds the public
+        key to the key as it is (bins, subjects and center unchanged). The
+        server cannot check that the public key belongs to the key's secret
+        key; only the tenant's manage scope registers keys, and a public key
+        of another secret key only makes that tenant's own scores garbage.
+        """
+        if public.public_key is None:
+            return ""
+        try:
+            old = await asyncio.to_thread(self.store.get_key, tenant_id, key_id)
+        except NotFound:
+            return ""
+        if has_public_key(old.public_context) or read_layout(old.public_context) != public.layout:
+            return ""
+        if old.param_set != public.param_set.name:
+            return ""
+        return old.fingerprint
 
     async def register_center(self, tenant_id: str, key_id: str, center: Sequence[bytes]) -> KeyView:
         view = await self.key(tenant_id, key_id)
@@ -133,11 +173,19 @@ class GalleryService:
     async def key(self, tenant_id: str, key_id: str) -> KeyView:
         check_key_id(key_id)
         view = self._layouts.get((tenant_id, key_id))
-        if view is None:
+        # A view without a public key is read again: another front-end may have added one.
+        if view is None or not view.rerandomizes:
             rec = await asyncio.to_thread(self.store.get_key, tenant_id, key_id)
             # The layout (its version too) as the key's public context names it.
             view = KeyView(rec, read_layout(rec.public_context))
             self._layouts[(tenant_id, key_id)] = view
+        return view
+
+    async def scoring_key(self, tenant_id: str, key_id: str) -> KeyView:
+        """:meth:`key`, for a score request: FailedPrecondition if the key has no public key."""
+        view = await self.key(tenant_id, key_id)
+        if not view.rerandomizes:
+            raise FailedPrecondition(NO_PUBLIC_KEY)
         return view
 
     async def describe(self, tenant_id: str) -> list[KeyView]:

@@ -51,7 +51,8 @@ class _WorkerState:
 
     def kernel(self, tenant_id: str, key_id: str) -> BinKernel:
         k = self.kernels.get((tenant_id, key_id))
-        if k is not None:
+        # A context without a public key is read again: its key may have been given one since.
+        if k is not None and k.public.public_key is not None:
             self.kernels.move_to_end((tenant_id, key_id))
             return k
         blob, _, center = self.reader.key_context(tenant_id, key_id)

@@ -109,9 +109,13 @@ class GalleryStore(Protocol):
 
     # -- keys --------------------------------------------------------------
 
-    def put_key(self, record: KeyRecord, *, max_keys: int = 0) -> KeyRecord:
+    def put_key(self, record: KeyRecord, *, max_keys: int = 0, replaces: str = "") -> KeyRecord:
         """Register a key; registering the same key (same fingerprint) again changes nothing.
 
+        ``replaces``: the fingerprint of the key's stored context, which this
+        record's context replaces (the service's upgrade of a context without
+        a public key; the same parameters and layout, checked by the caller);
+        replaced only if it is still the stored one, atomically.
         Raises AlreadyExists if the key id is taken by another context, or
         ResourceExhausted if the tenant already has ``max_keys`` keys (0: no
         cap; checked under the tenant's lock, across front-ends).

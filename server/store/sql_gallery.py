@@ -46,7 +46,7 @@ class SqlGallery(SqlBulk, SqlReads, SqlTokens):
         except self.integrity_errors:
             raise AlreadyExists(f"tenant {tenant_id!r} already exists") from None
 
-    def put_key(self, record: KeyRecord, *, max_keys: int = 0) -> KeyRecord:
+    def put_key(self, record: KeyRecord, *, max_keys: int = 0, replaces: str = "") -> KeyRecord:
         with self._tx() as c:
             self._lock_tenant(c, record.tenant_id)
             row = c.execute(
@@ -54,6 +54,12 @@ class SqlGallery(SqlBulk, SqlReads, SqlTokens):
                 (record.tenant_id, record.key_id),
             ).fetchone()
             if row is not None:
+                if replaces and row[0] == replaces and row[0] != record.fingerprint:
+                    c.execute(
+                        "UPDATE keys SET public_context=?, fingerprint=? WHERE tenant_id=? AND key_id=?",
+                        (record.public_context, record.fingerprint, record.tenant_id, record.key_id),
+                    )
+                    return record
                 if row[0] != record.fingerprint:
                     raise AlreadyExists(
                         f"key {record.key_id!r} is already registered with another context; "

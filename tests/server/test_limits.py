@@ -50,7 +50,12 @@ def _sections(blob: bytes) -> dict[str, bytes]:
 def _with(keys: TenantKeys, **sections: bytes) -> bytes:
     parts = {**_sections(keys.public_context_bytes()), **sections}
     return encode_public_context(
-        keys.param_set, keys.layout, parts["params"], parts["relin_keys"], parts["galois_keys"]
+        keys.param_set,
+        keys.layout,
+        parts["params"],
+        parts["relin_keys"],
+        parts["galois_keys"],
+        parts.get("public_key"),
     )
 
 
