@@ -30,9 +30,10 @@ units, :func:`veilface.crypto.kernel.mask_magnitude`) is 2^58. What a key
 holder still sees is the decryption noise of the kept slots
 (docs/protocol.md, "The ciphertext beneath the masks").
 
-Cost: one public-key encryption of zero (two NTT-form polynomial products
-and the noise sampling) and one addition per response, about 0.3 ms at
-N = 4096 (docs/architecture.md, "Kernel roofline").
+Cost: one public-key encryption of zero (SEAL samples it at the key level,
+over both primes, then divides by the special prime) and one addition per
+response: 0.79 ms of one core at N = 4096, the encryption 0.72 of it
+(docs/architecture.md, "Kernel roofline").
 """
 
 from __future__ import annotations
