@@ -23,31 +23,14 @@ from pathlib import Path
 
 import psutil
 
+from veilface.bench.cpu import client_cpu
+from veilface.bench.cpu import process_cpu as _cpu
+from veilface.bench.cpu import tree_cpu as _tree_cpu
 from veilface.bench.synthetic import SyntheticFaces
 from veilface.client.admin import AdminClient
 from veilface.client.sdk import VeilClient
 from veilface.client.tenant_state import TenantState
 from veilface.server.launcher import LocalServer
-
-
-def _tree_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process and its live children."""
-    root = psutil.Process(pid)
-    return _cpu(root) + sum(_cpu(p) for p in root.children(recursive=True))
-
-
-def _cpu(p: psutil.Process) -> float:
-    try:
-        t = p.cpu_times()
-    except psutil.NoSuchProcess:
-        return 0.0
-    return float(t.user + t.system)
-
-
-def _client_cpu(me: psutil.Process, server_pid: int) -> float:
-    """This process and its children but the server's tree (the SDK's encryption pool)."""
-    skip = {server_pid, *(p.pid for p in psutil.Process(server_pid).children(recursive=True))}
-    return _cpu(me) + sum(_cpu(p) for p in me.children(recursive=True) if p.pid not in skip)
 
 
 def main() -> None:
@@ -82,21 +65,20 @@ def main() -> None:
             time.sleep(2.0)
             lat, hits = [], 0
             front = psutil.Process(srv.proc.pid)
-            me = psutil.Process()  # the client and its encryption processes
-            s0, c0, f0 = _tree_cpu(srv.proc.pid), _client_cpu(me, srv.proc.pid), _cpu(front)
+            s0, c0, f0 = _tree_cpu(srv.proc.pid), client_cpu(srv.proc.pid), _cpu(front)
             for i in range(args.queries):
                 t = time.perf_counter()
                 r = c.identify(probes[i], mode="strict", k=0)
                 lat.append((time.perf_counter() - t) * 1e3)
                 hits += r.subject_id == names[i]
             server_cpu = _tree_cpu(srv.proc.pid) - s0
-            client_cpu = _client_cpu(me, srv.proc.pid) - c0
+            client_s = client_cpu(srv.proc.pid) - c0
             front_cpu = _cpu(front) - f0
     n = args.queries
     out["server_cpu_ms_per_query"] = server_cpu / n * 1e3
     out["server_front_cpu_ms_per_query"] = front_cpu / n * 1e3  # gRPC, store, dispatch
-    out["client_cpu_ms_per_query"] = client_cpu / n * 1e3
-    out["us_per_template_cpu"] = (server_cpu + client_cpu) / n / args.gallery * 1e6
+    out["client_cpu_ms_per_query"] = client_s / n * 1e3
+    out["us_per_template_cpu"] = (server_cpu + client_s) / n / args.gallery * 1e6
     out["server_us_per_template_cpu"] = server_cpu / n / args.gallery * 1e6
     out["p50_wall_ms"] = statistics.median(lat)
     out["rank1"] = hits / n

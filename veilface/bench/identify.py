@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from veilface.bench.cpu import client_cpu, tree_cpu, tree_rss_mb
+
 if TYPE_CHECKING:
     from veilface.server.launcher import LocalServer
 
@@ -238,6 +240,9 @@ def measure(cfg: BenchConfig, data: BenchData, srv: LocalServer, tenant: str = "
             if router is not None
             else None
         )
+        server_pid = srv.proc.pid if srv.proc is not None else None
+        if server_pid is not None:
+            s_cpu0, c_cpu0 = tree_cpu(server_pid), client_cpu(server_pid)
         for p, lab in tqdm(
             list(zip(probes, probe_labels, strict=True)),
             desc=f"identify ({cfg.mode})",
@@ -281,6 +286,15 @@ def measure(cfg: BenchConfig, data: BenchData, srv: LocalServer, tenant: str = "
             bins_preselected_mean=float(np.mean(bins_pre)) if bins_pre else 0.0,
             bins_reranked_mean=float(np.mean(bins_rr)) if bins_rr else 0.0,
         )
+        if server_pid is not None:
+            # CPU time (not wall time) per template searched, server tree + client,
+            # plaintext baseline included (it is microseconds against milliseconds)
+            server_s = tree_cpu(server_pid) - s_cpu0
+            client_s = client_cpu(server_pid) - c_cpu0
+            searched = n * len(gal)
+            result["us_per_template_core"] = (server_s + client_s) / searched * 1e6
+            result["server_us_per_template_core"] = server_s / searched * 1e6
+            result["server_rss_mb"] = tree_rss_mb(server_pid)
         if gal_lists is not None:
             result["routing_recall"] = route_hits / n
         result["slowdown_vs_plaintext"] = result["p50_ms"] / max(result["plaintext_p50_ms"], 1e-9)
@@ -305,6 +319,10 @@ def format_table(result: dict[str, Any]) -> str:
         ("  then fold into bin p50 (ms, background)", f"{result['enroll_fold_p50_ms']:.1f}"),
         ("  straight into bin p50 (ms, baseline)", f"{result['enroll_direct_p50_ms']:.1f}"),
         ("bulk enroll (templates/s)", f"{result['enroll_bulk_per_s']:.0f}"),
+        ("CPU us per template searched (all / server)",
+         (f"{result.get('us_per_template_core', float('nan')):.2f} / "
+         f"{result.get('server_us_per_template_core', float('nan')):.2f}")),
+        ("server RSS after the queries (MiB)", f"{result.get('server_rss_mb', float('nan')):.0f}"),
     ]
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
