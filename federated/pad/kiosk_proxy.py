@@ -55,7 +55,13 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from veilface.errors import InvalidArgument
-from veilface.federated.pad.proxy import CaptureSetting, PADProxy, render_print, render_replay
+from veilface.federated.pad.proxy import (
+    CaptureSetting,
+    PADProxy,
+    chunk_photos,
+    render_print,
+    render_replay,
+)
 from veilface.nn.liveness_io import CropSpec, liveness_crop
 
 logger = logging.getLogger(__name__)
@@ -315,21 +321,10 @@ def build_kiosk_proxy(
     people = _people(Path(lfw_root), "train")
     order = rng.permutation(len(people))
     need = per_domain * len(domains)
-    # up to two photos per person, in whole people per domain
-    chunks: list[list[tuple[int, Path]]] = []
-    current: list[tuple[int, Path]] = []
-    for pid in order:
-        files = people[int(pid)][1][:2]
-        if len(current) + len(files) > per_domain:
-            files = files[: per_domain - len(current)]
-        current += [(int(pid), f) for f in files]
-        if len(current) == per_domain:
-            chunks.append(current)
-            current = []
-            if len(chunks) == len(domains):
-                break
-    if len(chunks) < len(domains):
+    found = chunk_photos(((int(pid), people[int(pid)][1]) for pid in order), per_domain, len(domains))
+    if found is None:
         raise InvalidArgument(f"{lfw_root} holds too few photos for {len(domains)} x {per_domain}")
+    chunks = found
     # backgrounds: any training person's photo, blurred past recognition
     backgrounds = [f for _, files in people for f in files[:1]]
     images, species, domain, split, identity = [], [], [], [], []
@@ -351,14 +346,7 @@ def build_kiosk_proxy(
             identity.append(pid)
             bar.update(1)
     bar.close()
-    return PADProxy(
-        images=np.stack(images),
-        species=np.asarray(species, dtype=np.int8),
-        domain=np.asarray(domain, dtype=np.int8),
-        split=np.asarray(split, dtype=np.int8),
-        identity=np.asarray(identity, dtype=np.int32),
-        domain_names=[c.name for c in domains],
-    )
+    return PADProxy.from_lists(images, species, domain, split, identity, [c.name for c in domains])
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +126,26 @@ class PADProxy:
     split: npt.NDArray[np.int8]
     identity: npt.NDArray[np.int32]
     domain_names: list[str]
+
+    @classmethod
+    def from_lists(
+        cls,
+        images: Sequence[npt.NDArray[np.uint8]],
+        species: Sequence[int],
+        domain: Sequence[int],
+        split: Sequence[int],
+        identity: Sequence[int],
+        domain_names: Sequence[str],
+    ) -> PADProxy:
+        """Stack per-image lists into the aligned arrays (dtypes as documented above)."""
+        return cls(
+            images=np.stack(images),
+            species=np.asarray(species, dtype=np.int8),
+            domain=np.asarray(domain, dtype=np.int8),
+            split=np.asarray(split, dtype=np.int8),
+            identity=np.asarray(identity, dtype=np.int32),
+            domain_names=list(domain_names),
+        )
 
     @property
     def labels(self) -> npt.NDArray[np.int8]:
@@ -331,6 +351,27 @@ def _face_crop(path: Path) -> FloatImage:
         return _to_float(crop.resize((_RENDER, _RENDER), Image.Resampling.BILINEAR))
 
 
+def chunk_photos(
+    people: Iterable[tuple[int, Sequence[Path]]], per_domain: int, n_domains: int
+) -> list[list[tuple[int, Path]]] | None:
+    """``n_domains`` chunks of ``per_domain`` (person id, photo) pairs, people in the given order.
+
+    Up to two photos per person; a person's photos never straddle two
+    domains except where the last person of a chunk is cut to fill it.
+    ``None`` when the people hold too few photos.
+    """
+    chunks: list[list[tuple[int, Path]]] = []
+    current: list[tuple[int, Path]] = []
+    for pid, files in people:
+        current += [(int(pid), f) for f in files[:2]][: per_domain - len(current)]
+        if len(current) == per_domain:
+            chunks.append(current)
+            current = []
+            if len(chunks) == n_domains:
+                return chunks
+    return None
+
+
 def build_pad_proxy(
     lfw_root: str | Path,
     *,
@@ -381,17 +422,8 @@ def build_pad_proxy(
         files = sorted(person.glob("*.jpg"))
         if files:
             photos.append(files)
-    # up to two photos per person; a person's photos never straddle two domains
-    chunks: list[list[tuple[int, Path]]] = []
-    current: list[tuple[int, Path]] = []
-    for pid, files in enumerate(photos):
-        current += [(pid, f) for f in files[:2]][: per_domain - len(current)]
-        if len(current) == per_domain:
-            chunks.append(current)
-            current = []
-            if len(chunks) == len(domains):
-                break
-    if len(chunks) < len(domains):
+    chunks = chunk_photos(enumerate(photos), per_domain, len(domains))
+    if chunks is None:
         raise InvalidArgument(
             f"{root} holds too few photos for {len(domains)} domains of {per_domain} "
             "(lower per_domain)"
@@ -420,14 +452,7 @@ def build_pad_proxy(
             domain.append(d)
             split.append(1 if pid in test_ids else 0)
             identity.append(pid)
-    return PADProxy(
-        images=np.stack(images),
-        species=np.asarray(species, dtype=np.int8),
-        domain=np.asarray(domain, dtype=np.int8),
-        split=np.asarray(split, dtype=np.int8),
-        identity=np.asarray(identity, dtype=np.int32),
-        domain_names=[s.name for s in domains],
-    )
+    return PADProxy.from_lists(images, species, domain, split, identity, [s.name for s in domains])
 
 
 STAT_NAMES: tuple[str, ...] = (
