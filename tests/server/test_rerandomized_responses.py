@@ -111,3 +111,28 @@ def test_public_key_section_is_a_seal_public_key() -> None:
     keys = TenantKeys.generate(128)
     pk = seal_io.load_public_key(keys.context, _sections(keys.public_context_bytes())["public_key"])
     assert pk.parms_id() == keys.context.key_parms_id()
+
+
+def test_adding_the_public_key_needs_the_tenants_own_manage_token(server: LocalServer) -> None:
+    """The upgrade path is RegisterKey: a query or enroll token, or another tenant, cannot use it."""
+    from veilface.client.admin import AdminClient
+    from veilface.errors import PermissionDenied
+
+    token = create_tenant(server, "oldkey-scopes")
+    other = create_tenant(server, "oldkey-other")
+    state = TenantState.new("oldkey-scopes", dim=128)
+    owner = VeilClient(server.target, state, token=token)
+    with AdminClient(server.target, token=token) as mgr:
+        narrow = {s: mgr.create_token("oldkey-scopes", name=s, scopes=[s]).api_token for s in ("query", "enroll")}
+    clients = [VeilClient(server.target, state, token=t) for t in (*narrow.values(), other)]
+    try:
+        _register(owner, state.keys().public_context_bytes(with_public_key=False))
+        for c in clients:
+            with pytest.raises(VeilfaceError) as err:
+                _register(c, state.keys().public_context_bytes())
+            assert isinstance(err.value, PermissionDenied), err.value.status
+        # still the old key: scores refused until the owner's manage token adds the public key
+        owner.register_key()
+    finally:
+        for c in (owner, *clients):
+            c.close()
