@@ -3,8 +3,8 @@
 :func:`export_kiosk` is what :meth:`TenantState.export_kiosk
 <veilface.client.tenant_state.TenantState.export_kiosk>` (and ``veilface
 keys export --role kiosk``) runs. A kiosk state keeps the CKKS secret key,
-the handle key, the mixing seed, the centering vector and the threshold,
-and the router with its label key when it routes; it has no photo key. Its
+the handle key, the mixing seed, the centering vector, the threshold and the search
+parameters the SDK chose, and the router with its label key when it routes; it has no photo key. Its
 header says ``"role": "kiosk"``, and the SDK refuses, before any RPC,
 everything but identify and verify with it (:func:`not_for_kiosk`, on the
 methods of ``VeilClient``).
@@ -93,6 +93,7 @@ def export_kiosk(state: TenantState, *, keep_router: bool = True) -> TenantState
         created_at=state.created_at,
         center=np.array(state.center, dtype=np.float64),
         role="kiosk",
+        search=state.search,
     )
     kiosk._keys = state._keys  # the CKKS keys, if already loaded: the same secret key
     logger.info("exported a kiosk state of tenant %s (key %s)", state.tenant_id, state.key_id)

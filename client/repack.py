@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from veilface.client.photos import reseal_photo
+from veilface.client.route_training import repack_lists
 from veilface.errors import FailedPrecondition, InvalidArgument, NotFound, VeilfaceError
 from veilface.proto.v1 import veilface_pb2 as pb
 
@@ -180,8 +181,6 @@ def repack(
     dest = target or client
     if target is not None:
         _check_rotation(client, target)
-    elif nlist is None:
-        raise InvalidArgument("give nlist (retrain the routing) or a target client (rotate the key)")
     gallery = gallery_templates(client, progress=progress)
     if not gallery.replaces:
         return RepackReport(0, 0, 0, dest.state.key_id)
@@ -198,12 +197,14 @@ def repack(
         xn = xn[order]
         if seed is None:
             seed = secrets.randbelow(2**31 - 1)
-    old_router, old_center = dest.state.router, dest.state.center
+    old_router, old_center, old_search = dest.state.router, dest.state.center, dest.state.search
     try:
         if target is not None and target.state.center is None and len(xn):
             target.calibrate(xn)
-        lists = nlist or (client.state.router.nlist if client.state.router is not None else 0)
-        if lists:
+        lists = repack_lists(client.state, nlist, rotating=target is not None)
+        if lists is None:  # the SDK chooses again, for the gallery as it is now
+            dest.train_routing(xn, seed=seed or 0, force=True)
+        elif lists:
             dest.train_routing(xn, nlist=min(lists, max(1, len(xn))), seed=seed or 0, force=True)
         tr = dest.transport
         if not handles:  # only emptied bins: an empty stream cannot carry the swap
@@ -211,7 +212,7 @@ def repack(
         chunks = dest._enroller.bulk_chunks(handles, xn, progress, replaces=gallery.replaces)
         resp = tr.call(tr.enrollment.BulkEnroll, _renewing(chunks) if target is not None else chunks)
     except BaseException:
-        dest.state.router = old_router
+        dest.state.router, dest.state.search = old_router, old_search
         if target is not None:
             target.state.center = old_center
         raise

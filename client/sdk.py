@@ -38,7 +38,8 @@ from veilface.client.kiosk import not_for_kiosk
 from veilface.client.liveness.gate import DEFAULT_LIVENESS, LivenessOption, LivenessPolicy
 from veilface.client.protect import ProtectedImage
 from veilface.client.repack import RepackReport, repack
-from veilface.client.routing import Router
+from veilface.client.route_training import search_options, train_routing
+from veilface.client.route_tuning import TuneOptions
 from veilface.client.search import (  # the result types are re-exported from here
     Candidate,
     Identification,
@@ -48,6 +49,7 @@ from veilface.client.search import (  # the result types are re-exported from he
     SearchOptions,
     Verification,
 )
+from veilface.client.search_defaults import SearchDefaults
 from veilface.client.slot_maps import SlotMaps
 from veilface.client.tenant_state import TenantState
 from veilface.client.transport import Transport
@@ -108,6 +110,7 @@ class VeilClient:
             target, token=token, root_cert=root_cert, insecure=insecure, timeout_s=timeout_s
         )
         self._center_checked = False
+        self._fallback_said = False  # routed queries running strict: warned once per client
         # Enrollment internals: staged templates and their background folds, bulk streams.
         self._enroller = Enroller(self)
         # Identification stages; keeps this key's copy of the bins' slot -> handle maps.
@@ -261,34 +264,43 @@ class VeilClient:
 
     @not_for_kiosk("training the routing lists")
     def train_routing(
-        self, embeddings: npt.ArrayLike, *, nlist: int, seed: int = 0, force: bool = False
-    ) -> Router:
+        self,
+        embeddings: npt.ArrayLike,
+        *,
+        nlist: int | None = None,
+        target_recall: float = 0.995,
+        seed: int = 0,
+        force: bool = False,
+        allow_small: bool = False,
+        tuning: TuneOptions | None = None,
+    ) -> SearchDefaults:
         """Train the IVF lists on the tenant's own templates, before enrolling under them.
+
+        ``nlist=None``: the SDK chooses the lists, ``nprobe`` and ``k`` as the
+        cheapest query that re-ranks the true template of ``target_recall``
+        of pseudo-probes drawn from these templates (or strict, with no
+        lists, where routing would not be cheaper); an explicit ``nlist``
+        keeps that many and measures ``nprobe`` and ``k`` for them. The
+        choice is kept in :attr:`TenantState.search` and used by
+        :meth:`identify` (``veilface.client.route_training``). Too few
+        templates (fewer than 39 per list) make routed queries run strict,
+        said in a warning and in each result, unless ``allow_small``.
 
         Bins keep the label of the list they were enrolled under, so
         retraining once the key holds subjects would make routed queries miss
         them: it is refused unless ``force=True``. To retrain as the gallery
-        grows, use :meth:`repack` (``nlist=``), which also re-packs the bins.
+        grows, use :meth:`repack`, which also re-packs the bins.
         """
-        if not force and self.state.router is not None:
-            keys = {k.key_id: k for k in self.describe().keys}
-            held = keys.get(self.state.key_id)
-            if held is not None and held.subjects > 0:
-                raise FailedPrecondition(
-                    f"key {self.state.key_id!r} already holds {held.subjects} subjects routed "
-                    "by the current lists; retrain with repack(nlist=...), which re-packs them"
-                )
-        x = (self.normalize(embeddings) @ self._mix.T).astype(np.float32)
-        version = (self.state.router.version + 1) if self.state.router else 1
-        self.state.router = Router.train(
-            x,
+        return train_routing(
+            self,
+            embeddings,
             nlist=nlist,
-            label_key=self.state.label_key,
-            key_id=self.state.key_id,
-            version=version,
+            target_recall=target_recall,
             seed=seed,
+            force=force,
+            allow_small=allow_small,
+            tuning=tuning,
         )
-        return self.state.router
 
     # -- enrollment -----------------------------------------------------
 
@@ -349,7 +361,9 @@ class VeilClient:
         """Re-pack this key's whole gallery in one atomic swap.
 
         ``nlist``: retrain the routing lists on the gallery itself (as it
-        grows) and regroup every template under the new lists. ``target``:
+        grows) and regroup every template under the new lists; with neither
+        ``nlist`` nor ``target`` the SDK re-chooses the lists, ``nprobe`` and
+        ``k`` for the gallery as it now is (:meth:`train_routing`). ``target``:
         a client of a new key of the same tenant (key rotation, see
         :meth:`TenantState.rotated`); the gallery moves to it under new
         handles, new list labels, in a random order, and the subjects'
@@ -369,8 +383,8 @@ class VeilClient:
         embedding: npt.ArrayLike,
         *,
         mode: str | SearchMode = "strict",
-        k: int = 32,
-        nprobe: int = 8,
+        k: int | None = None,
+        nprobe: int | None = None,
         decoys: int = 0,
         threshold: float | None = None,
         rng: np.random.Generator | None = None,
@@ -390,7 +404,12 @@ class VeilClient:
             a :class:`~veilface.client.search.SearchMode` or its value
         k : candidates kept after preselection; their bins are scored in full
             (0: score every searched bin in full, exact but with no saving).
-            Routed mode gives each named label ``ceil(k / real lists)`` of them
+            Routed mode gives each named label ``ceil(k / real lists)`` of them.
+            ``k`` and ``nprobe`` default to what :meth:`train_routing` chose
+            (:attr:`TenantState.search`; 32 and 8 without a choice, and 32 in
+            strict mode). A routed query runs strict when the routing was
+            trained on too few templates: ``Identification.mode`` and
+            ``Identification.fallback`` say so
         top_n : candidates returned (with handles), best first
         rerank_all_above : when the re-ranked bins would be at least this share
             of the searched bins, every searched bin is re-ranked
@@ -400,7 +419,11 @@ class VeilClient:
         rng : generator for the decoys (tests only; default: the OS CSPRNG)
         """
         t0 = time.perf_counter()
-        opts = SearchOptions(SearchMode.parse(mode), k, nprobe, decoys, top_n, rerank_all_above)
+        chosen = search_options(self.state, mode, k, nprobe)
+        if chosen.fallback and not self._fallback_said:
+            log.warning("routed queries run strict: %s", chosen.fallback)
+            self._fallback_said = True
+        opts = SearchOptions(chosen.mode, chosen.k, chosen.nprobe, decoys, top_n, rerank_all_above)
         self._check_center()
         stats = QueryStats()
         xn = self.normalize(embedding)
@@ -418,6 +441,7 @@ class VeilClient:
             rng=rng,
         )
         stats.total_ms = (time.perf_counter() - t0) * 1e3
+        result.fallback = chosen.fallback
         return result
 
     def verify(
@@ -501,6 +525,7 @@ __all__ = [
     "ImageVerification",
     "QueryStats",
     "RepackReport",
+    "SearchDefaults",
     "SearchMode",
     "VeilClient",
     "Verification",

@@ -110,13 +110,20 @@ class QueryStats:
 
 @dataclass
 class Identification:
-    """Result of a 1:N search. ``match`` applies the tenant's threshold to ``score``."""
+    """Result of a 1:N search. ``match`` applies the tenant's threshold to ``score``.
+
+    ``mode``: the mode the search ran in; ``fallback``: why a routed query
+    ran strict instead (routing trained on too few templates, or not worth
+    it at this gallery size; empty otherwise).
+    """
 
     subject_id: str | None
     score: float
     match: bool
     candidates: list[Candidate] = field(default_factory=list)
     stats: QueryStats = field(default_factory=QueryStats)
+    mode: SearchMode = SearchMode.STRICT
+    fallback: str = ""
 
 
 @dataclass(frozen=True)
@@ -478,7 +485,9 @@ class Searcher:
         if plan.slots:
             self.sync_slot_maps(pre, stats)
             found = self.candidates(self.rerank(pre, plan, probe, offset, stats), opts.top_n) + found
-        return decide(found, threshold=threshold, top_n=opts.top_n, stats=stats)
+        result = decide(found, threshold=threshold, top_n=opts.top_n, stats=stats)
+        result.mode = opts.mode
+        return result
 
     def _decrypt(self, parts: Sequence[bytes]) -> FloatArray:
         """A bin's scores: one ciphertext, or parts scored by several workers."""

@@ -44,6 +44,7 @@ from veilface.client.handles import KEY_BYTES as HANDLE_KEY_BYTES
 from veilface.client.handles import HandleCodec
 from veilface.client.photos import PHOTO_KEY_BYTES, legacy_photo_key, new_photo_key
 from veilface.client.routing import LABEL_KEY_BYTES, Router
+from veilface.client.search_defaults import SearchDefaults
 from veilface.client.unlock import resolve_secret  # re-exported: it used to live here
 from veilface.crypto.keys import TenantKeys
 from veilface.crypto.keystore import (
@@ -113,6 +114,11 @@ class TenantState:
         before complex packing; 2: two per slot, new keys).
     created_at
         ISO 8601 UTC time of creation.
+    search
+        The routing and preselection parameters the SDK chose for this
+        key's gallery (:mod:`veilface.client.route_training`), or None
+        (states written before, or routing never trained): what
+        ``identify`` uses unless told otherwise.
 
     The secret fields are left out of ``repr``.
     """
@@ -133,6 +139,7 @@ class TenantState:
     photo_key: bytes = field(default=b"", repr=False)
     role: str = "full"
     layout_version: int = LEGACY_LAYOUT_VERSION
+    search: SearchDefaults | None = None
     _keys: TenantKeys | None = field(default=None, init=False, repr=False)
     _mixing: FloatArray | None = field(default=None, init=False, repr=False)
 
@@ -380,6 +387,8 @@ class TenantState:
                 "router": None if self.router is None else self.router.to_dict(),
                 "threshold": float(self.threshold),
                 "center": None if self.center is None else [float(v) for v in self.center],
+                # absent when None: files read by older versions stay as they were
+                **({} if self.search is None else {"search_defaults": self.search.to_dict()}),
             }
         )
 
@@ -512,6 +521,11 @@ class TenantState:
                 photo_key=base64.b64decode(secret.get("photo_key", ""), validate=True),
                 role=header.get("role", "full"),
                 layout_version=header.get("layout_version", LEGACY_LAYOUT_VERSION),
+                search=(
+                    SearchDefaults.from_dict(secret["search_defaults"])
+                    if secret.get("search_defaults") is not None
+                    else None
+                ),
             )
         except (VeilfaceError, KeyError, TypeError, ValueError, binascii.Error) as exc:
             # Authenticated, so written by a veilface that disagrees with this one.

@@ -33,9 +33,10 @@ class BenchConfig:
     mode: str = "strict"
     queries: int = 100
     embeddings: Path | None = None
-    nlist: int = 0  # 0: automatic in routed mode
-    nprobe: int = 8
-    k: int = 32
+    # 0 (k: None): what the SDK chooses (VeilClient.train_routing, identify's defaults)
+    nlist: int = 0
+    nprobe: int = 0
+    k: int | None = None
     single: int = 40
     workers: int = 2
     seed: int = 0
@@ -137,6 +138,7 @@ def measure(cfg: BenchConfig, data: BenchData, srv: LocalServer, tenant: str = "
     from tqdm import tqdm
 
     from veilface.client.admin import AdminClient
+    from veilface.client.route_training import search_options
     from veilface.client.sdk import VeilClient
     from veilface.client.tenant_state import TenantState
 
@@ -160,13 +162,18 @@ def measure(cfg: BenchConfig, data: BenchData, srv: LocalServer, tenant: str = "
     state = TenantState.new(tenant, dim=dim, presel_dims=cfg.presel_dims)
     with VeilClient(srv.target, state, token=token) as client:
         client.register_key()
+        search: dict[str, Any] = {"k": cfg.k, "nprobe": cfg.nprobe or None}
         if cfg.mode == "routed":
-            nlist = cfg.nlist or max(1, len(gal) // 1024)
             t = time.perf_counter()
-            client.train_routing(gal, nlist=nlist, seed=cfg.seed)
+            chosen = client.train_routing(gal, nlist=cfg.nlist or None, seed=cfg.seed)
             result["routing_train_s"] = time.perf_counter() - t
-            result["nlist"] = nlist
-            result["nprobe"] = cfg.nprobe
+            result["search_defaults"] = chosen.to_dict()
+            result["nlist"] = client.state.router.nlist if client.state.router is not None else 0
+        # What identify will use: the flags, or the SDK's choice where they are left out.
+        used = search_options(client.state, cfg.mode, cfg.k, cfg.nprobe or None)
+        result.update(k=used.k, mode_used=used.mode.value, fallback=used.fallback)
+        if cfg.mode == "routed":
+            result["nprobe"] = used.nprobe
 
         # The centering vector is fixed once per key from the tenant's own
         # templates (and registered encrypted); not part of the import rate.
@@ -181,7 +188,7 @@ def measure(cfg: BenchConfig, data: BenchData, srv: LocalServer, tenant: str = "
         # Let the workers finish the bulk import's background work (loading
         # bins, precomputing their scores against the center) before timing.
         for p in probes[:2]:
-            client.identify(p, mode=cfg.mode, k=cfg.k, nprobe=cfg.nprobe)
+            client.identify(p, mode=cfg.mode, **search)
 
         # Single enrollments, one after another as at a kiosk: every
         # other one through the staging area (acknowledged durable and
@@ -228,7 +235,7 @@ def measure(cfg: BenchConfig, data: BenchData, srv: LocalServer, tenant: str = "
         # warm-up: the workers deserialize their bins on first use and
         # finish precomputing the bins' scores against the center
         for p in probes[:3]:
-            client.identify(p, mode=cfg.mode, k=cfg.k, nprobe=cfg.nprobe)
+            client.identify(p, mode=cfg.mode, **search)
 
         lat, pre_ms, rr_ms, enc_ms, qbytes, hits, enc_correct, plain_correct, plain_ms = (
             [], [], [], [], [], 0, 0, 0, [],
@@ -253,11 +260,11 @@ def measure(cfg: BenchConfig, data: BenchData, srv: LocalServer, tenant: str = "
             _, top = index.search(q, 1)
             plain_ms.append((time.perf_counter() - t) * 1e3)
             plain_top = gal_labels[int(top[0, 0])]
-            r = client.identify(p, mode=cfg.mode, k=cfg.k, nprobe=cfg.nprobe)
-            if gal_lists is not None and router is not None:
+            r = client.identify(p, mode=cfg.mode, **search)
+            if gal_lists is not None and router is not None and result.get("nprobe"):
                 probed = router.probe_lists(
                     (client._mix @ q[0].astype(np.float64)).astype(np.float32),
-                    min(cfg.nprobe, router.nlist),
+                    min(result["nprobe"], router.nlist),
                 )
                 route_hits += int(gal_lists[int(top[0, 0])] in set(np.ravel(probed).tolist()))
             bins_pre.append(r.stats.bins_preselected)

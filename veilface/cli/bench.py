@@ -14,9 +14,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--mode", choices=["strict", "routed"], default="strict")
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--embeddings", type=Path, help="npz with emb [n, d] and labels [n]")
-    p.add_argument("--nlist", type=int, default=0, help="IVF lists (routed; default gallery/1024)")
-    p.add_argument("--nprobe", type=int, default=8)
-    p.add_argument("--k", type=int, default=32, help="candidates after preselection")
+    p.add_argument("--nlist", type=int, default=0, help="IVF lists (routed; default 0: the SDK chooses)")
+    p.add_argument("--nprobe", type=int, default=0, help="lists probed (default 0: the SDK's choice)")
+    p.add_argument(
+        "--k", type=int, default=None,
+        help="candidates after preselection (0: every searched bin; default: the SDK's choice)",
+    )
     p.add_argument("--single", type=int, default=40, help="templates enrolled one by one (half staged, half straight into bins)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--presel-dims", type=int, default=0, help="coordinates scored by preselection")

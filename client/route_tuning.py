@@ -1,0 +1,392 @@
+"""Choose nlist, nprobe and k from the tenant's own templates (plaintext, no network).
+
+The tenant holds its templates in clear at enrollment, so it can replay a
+routed query exactly in plaintext: the lists a probe names, the bins each
+list fills (bulk import packs a list's templates into bins of
+``capacity`` in order), each bin's best preselection score over its slots'
+windows (:mod:`veilface.crypto.layout`: the window of virtual slot ``v``
+starts at coordinate ``v % d_pad``) and the re-ranking plan
+(:func:`veilface.client.search.plan_rerank`: per list, its ``ceil(k /
+nprobe)`` best bins, or every searched bin past ``rerank_all_above``).
+Re-ranking is exact, so a probe's true template is found iff it is
+re-ranked.
+
+**Pseudo-probes.** Each sampled template ``x`` gives one probe ``c x +
+sqrt(1 - c^2) u`` with ``u`` a random unit vector orthogonal to ``x`` and
+``c`` drawn from the face model's genuine-pair cosine (dlib on LFW: 0.952
++- 0.020, :mod:`veilface.bench.synthetic`): the probe sits at exactly the
+distance a second capture of the same face would. (Isotropic noise is what
+the synthetic model's captures differ by; real captures differ less evenly,
+which the bench with ``--embeddings`` checks.) A second capture of each
+subject would be better still, but enrollment has one. The templates are
+split in two: the choice is made on probes of one half and the figures
+stored with it (:class:`~veilface.client.search_defaults.SearchDefaults`)
+are measured on probes of the other, so they are not the figures the
+choice was fitted to.
+
+**Cost** of a query, per bin and stage, from the roofline measured in
+docs/architecture.md: 48 µs a product, 228 µs a key switch, 1.3 ms per
+response ciphertext (mask, re-randomization, serialization, the tenant's
+decryption). The cheapest configuration whose tuning recall reaches the
+target wins; strict (every bin, exact) wins when routing is no cheaper.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from veilface.client.routing import MIN_POINTS_PER_CENTROID, Router
+from veilface.client.search_defaults import SearchDefaults
+from veilface.crypto.layout import DiagonalLayout
+from veilface.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+PRODUCT_US = 48.0
+KEY_SWITCH_US = 228.0
+RESPONSE_US = 1300.0
+#: Most lists a tuned query probes.
+NPROBE_MAX = 64
+RERANK_ALL_ABOVE = 0.75
+#: nlist candidates, as multiples of gallery / capacity (one full bin per list).
+NLIST_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+QUOTA_MAX = 8
+#: Advise another preselection window only when it would cost at most this share.
+ADVISE_BELOW = 0.9
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """How :func:`tune_routing` measures.
+
+    Attributes
+    ----------
+    target_recall
+        Share of probes whose true template must be re-ranked.
+    genuine_mean, genuine_std
+        Cosine of a genuine pair for the face model (default dlib's).
+    tune_probes, heldout_probes
+        Pseudo-probes the choice is made on, and those it is reported on
+        (each at most half the gallery).
+    seed
+        Seed of the sample and the noise (the k-means seed is the caller's).
+    """
+
+    target_recall: float = 0.995
+    genuine_mean: float = 0.952
+    genuine_std: float = 0.020
+    tune_probes: int = 4000
+    heldout_probes: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target_recall <= 1.0:
+            raise InvalidArgument(f"target_recall must be in (0, 1], got {self.target_recall!r}")
+        if not 0.0 < self.genuine_mean < 1.0 or self.genuine_std < 0.0:
+            raise InvalidArgument("the genuine cosine must have a mean in (0, 1) and a std >= 0")
+        if self.tune_probes < 1 or self.heldout_probes < 1:
+            raise InvalidArgument("tune_probes and heldout_probes must be >= 1")
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What :func:`tune_routing` chose: the router to keep (None: strict) and the defaults."""
+
+    router: Router | None
+    defaults: SearchDefaults
+
+
+@dataclass(frozen=True)
+class BinCosts:
+    """Modelled µs of one bin's preselection and re-ranking stages for a window of ``m``."""
+
+    presel_us: float
+    rest_us: float
+
+    @classmethod
+    def of(cls, layout: DiagonalLayout, m: int) -> BinCosts:
+        g1, d_pad = layout.g1, layout.d_pad
+        pg = m // g1
+        presel_ks = 2 * (pg - 1) + 1  # giant 0 has no key switch; the sum is relinearized once
+        rest_ks = 2 * (layout.g2 - pg)
+        return cls(
+            m * PRODUCT_US + presel_ks * KEY_SWITCH_US + RESPONSE_US,
+            (d_pad - m) * PRODUCT_US + rest_ks * KEY_SWITCH_US + RESPONSE_US,
+        )
+
+
+@dataclass(frozen=True)
+class Probes:
+    """Pseudo-probes: routing vectors [n, d], centered padded vectors [n, d_pad], true rows [n]."""
+
+    route: npt.NDArray[np.float32]
+    centered: FloatArray
+    source: IntArray
+
+    @classmethod
+    def draw(
+        cls, xr: FloatArray, mu: FloatArray, rows: IntArray, opts: TuneOptions, rng: np.random.Generator, d_pad: int
+    ) -> Probes:
+        x = xr[rows]
+        u = rng.standard_normal(x.shape)
+        u -= np.sum(u * x, axis=1, keepdims=True) * x
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        c = np.clip(rng.normal(opts.genuine_mean, opts.genuine_std, size=(len(rows), 1)), 0.3, 0.999)
+        p = c * x + np.sqrt(1.0 - c**2) * u
+        return cls(p.astype(np.float32), _pad(p - mu, d_pad), rows)
+
+
+@dataclass(frozen=True)
+class ListReplay:
+    """One router's lists replayed for a set of probes (what every (nprobe, k) needs).
+
+    ``probed`` int64 [n, P]: the probes' P nearest lists; ``nbins`` int64
+    [nlist]: bins per list; ``true_rank`` int64 [n]: where the true
+    template's list is among ``probed`` (P: not there); ``bin_rank`` int64
+    [n]: how many bins of that list beat the true template's bin on
+    preselection (its best slot score).
+    """
+
+    probed: IntArray
+    nbins: IntArray
+    true_rank: IntArray
+    bin_rank: IntArray
+
+    def evaluate(self, nprobe: int, quota: int, costs: BinCosts) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+        """Per probe: hit (0/1), routing hit, bins searched, bins re-ranked; and cost (µs)."""
+        nb = self.nbins[self.probed[:, :nprobe]]
+        searched = nb.sum(axis=1)
+        shaped = np.minimum(nb, quota).sum(axis=1)
+        exhaustive = shaped >= RERANK_ALL_ABOVE * searched
+        reranked = np.where(exhaustive, searched, shaped)
+        routed = self.true_rank < nprobe
+        hit = routed & (exhaustive | (self.bin_rank < quota))
+        cost = searched * costs.presel_us + reranked * costs.rest_us
+        return hit.astype(np.float64), routed.astype(np.float64), searched.astype(np.float64), cost.astype(np.float64)
+
+
+def _pad(x: FloatArray, d_pad: int) -> FloatArray:
+    if x.shape[1] == d_pad:
+        return np.asarray(x, dtype=np.float64)
+    out = np.zeros((x.shape[0], d_pad))
+    out[:, : x.shape[1]] = x
+    return out
+
+
+def _window_masks(d_pad: int, m: int) -> npt.NDArray[np.bool_]:
+    """[d_pad, d_pad]: row ``i`` marks the coordinates of the window starting at ``i``."""
+    c = np.arange(d_pad)
+    return ((c[None, :] - c[:, None]) % d_pad) < m
+
+
+def replay(
+    router: Router,
+    assigned: IntArray,
+    xc: FloatArray,
+    probes: Probes,
+    *,
+    capacity: int,
+    windows: Sequence[int],
+    nprobe_max: int,
+) -> dict[int, ListReplay]:
+    """Replay ``router``'s lists for ``probes``, once per preselection window in ``windows``.
+
+    ``assigned`` int64 [n]: each template's list; ``xc`` float64 [n, d_pad]:
+    templates as stored (mixed, centered, padded), in enrollment order.
+    """
+    nlist, d_pad = router.nlist, xc.shape[1]
+    sizes = np.bincount(assigned, minlength=nlist)
+    nbins = -(-sizes // capacity)
+    # Position of each template in its list (enrollment order), hence its bin and slot.
+    order = np.argsort(assigned, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    pos = np.empty(len(assigned), dtype=np.int64)
+    pos[order] = np.arange(len(assigned)) - starts[assigned[order]]
+    bin_of, slot_of = pos // capacity, pos % capacity
+    p = min(nprobe_max, nlist)
+    probed = router.probe_lists(probes.route, p).reshape(len(probes.source), p)
+    true_list = assigned[probes.source]
+    hit = probed == true_list[:, None]
+    true_rank = np.where(hit.any(axis=1), hit.argmax(axis=1), p).astype(np.int64)
+    out: dict[int, ListReplay] = {}
+    for m in windows:
+        masks = _window_masks(d_pad, m)
+        bin_rank = np.zeros(len(probes.source), dtype=np.int64)
+        for lst in np.unique(true_list[true_rank < p]):
+            who = np.flatnonzero((true_list == lst) & (true_rank < p))
+            if nbins[lst] <= 1:
+                continue  # one bin: it is the true template's
+            members = order[starts[lst] : starts[lst] + sizes[lst]]
+            xw = xc[members] * masks[slot_of[members] % d_pad]
+            scores = xw @ probes.centered[who].T  # [members, probes]
+            # members are in enrollment order, so each bin is a contiguous block
+            best = np.maximum.reduceat(scores, np.arange(0, len(members), capacity), axis=0)
+            true_bin = bin_of[probes.source[who]]
+            mine = best[true_bin, np.arange(len(who))]
+            bin_rank[who] = (best > mine[None, :]).sum(axis=0)
+        out[m] = ListReplay(probed, nbins.astype(np.int64), true_rank, bin_rank)
+    return out
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    nlist: int
+    window: int
+    nprobe: int
+    quota: int
+    recall: float
+    cost_us: float
+
+
+def _sweep(nlist: int, window: int, rep: ListReplay, costs: BinCosts) -> list[_Candidate]:
+    """Every (nprobe, quota) of one router and window, with its recall and mean cost."""
+    out = []
+    quota_max = int(min(QUOTA_MAX, max(1, rep.nbins.max())))
+    for nprobe in range(1, rep.probed.shape[1] + 1):
+        for quota in range(1, quota_max + 1):
+            hit, _, _, cost = rep.evaluate(nprobe, quota, costs)
+            out.append(_Candidate(nlist, window, nprobe, quota, float(hit.mean()), float(cost.mean())))
+    return out
+
+
+def _cheapest(cands: Sequence[_Candidate], target: float) -> _Candidate:
+    ok = [c for c in cands if c.recall >= target]
+    if ok:
+        return min(ok, key=lambda c: (c.cost_us, c.nprobe, c.nlist))
+    best = max(c.recall for c in cands)
+    return min((c for c in cands if c.recall >= best), key=lambda c: (c.cost_us, c.nprobe))
+
+
+def nlist_candidates(n: int, capacity: int) -> list[int]:
+    """Lists to try: about one full bin each (and a little fewer or more), at least 39 points each."""
+    most = n // MIN_POINTS_PER_CENTROID
+    base = n / capacity
+    out = sorted({max(2, round(base * f)) for f in NLIST_FACTORS})
+    return [c for c in out if c <= most] or ([min(2, most)] if most >= 2 else [])
+
+
+def strict_defaults(reason: str, *, n: int, m: int, target: float) -> SearchDefaults:
+    """Defaults saying that routed queries run strict, and why (logged as a warning)."""
+    log.warning("routed queries of this key will run strict: %s", reason)
+    return SearchDefaults(mode="strict", reason=reason, presel_dims=m, target_recall=target, gallery=n)
+
+
+def tune_routing(
+    xr: npt.ArrayLike,
+    mu: npt.ArrayLike,
+    *,
+    layout: DiagonalLayout,
+    train: Callable[[int], Router],
+    options: TuneOptions | None = None,
+    nlists: Sequence[int] | None = None,
+    allow_strict: bool = True,
+) -> Tuning:
+    """Choose the router and the routed search parameters (module docstring).
+
+    Parameters
+    ----------
+    xr
+        float [n, d]: the templates as routed (mixed, unit rows), in
+        enrollment order.
+    mu
+        float [d]: the key's centering vector, mixed.
+    layout
+        The key's bin layout (capacity, windows).
+    train
+        Trains a router of the given number of lists on ``xr``.
+    nlists
+        Lists to try (default :func:`nlist_candidates`).
+    allow_strict
+        Choose strict (no router) when routing is no cheaper (False: the
+        caller asked for routing; the cheapest routed choice is returned).
+    """
+    opts = options or TuneOptions()
+    x = np.asarray(xr, dtype=np.float64)
+    n = len(x)
+    cap, d_pad, m = layout.capacity, layout.d_pad, layout.m
+    centers = nlists if nlists is not None else nlist_candidates(n, cap)
+    if not centers or n < MIN_POINTS_PER_CENTROID * max(2, min(centers)):
+        return Tuning(None, strict_defaults(
+            f"{n} templates cannot train two lists (faiss wants {MIN_POINTS_PER_CENTROID} per list)",
+            n=n, m=m, target=opts.target_recall))
+    strict_us = math.ceil(n / cap) * (BinCosts.of(layout, m).presel_us + BinCosts.of(layout, m).rest_us)
+    rng = np.random.default_rng(opts.seed)
+    perm = rng.permutation(n)
+    half = n // 2
+    tune_rows = perm[: min(half, opts.tune_probes)]
+    held_rows = perm[half : half + min(n - half, opts.heldout_probes)]
+    mu_ = np.asarray(mu, dtype=np.float64)
+    tune_p = Probes.draw(x, mu_, tune_rows, opts, rng, d_pad)
+    held_p = Probes.draw(x, mu_, held_rows, opts, rng, d_pad)
+    xc = _pad(x - mu_, d_pad)
+    windows = list(range(layout.g1, d_pad, layout.g1)) or [m]
+    if m not in windows:
+        windows.append(m)
+    routers: dict[int, tuple[Router, IntArray]] = {}
+    per_window: dict[int, list[_Candidate]] = {w: [] for w in windows}
+    for nl in centers:
+        router = train(nl)
+        assigned = router.assign(x.astype(np.float32))
+        routers[nl] = (router, assigned)
+        reps = replay(router, assigned, xc, tune_p, capacity=cap, windows=windows, nprobe_max=NPROBE_MAX)
+        for w in windows:
+            per_window[w] += _sweep(nl, w, reps[w], BinCosts.of(layout, w))
+    best = _cheapest(per_window[m], opts.target_recall)
+    # A window is a key property (a new key): advise another only for a real saving.
+    own = best.cost_us
+    advised = min(windows, key=lambda w: _cheapest(per_window[w], opts.target_recall).cost_us)
+    if _cheapest(per_window[advised], opts.target_recall).cost_us > ADVISE_BELOW * own:
+        advised = m
+    log.info(
+        "routing tuned on %d pseudo-probes: nlist=%d nprobe=%d quota=%d recall=%.4f cost=%.1f ms "
+        "(strict %.1f ms)", len(tune_rows), best.nlist, best.nprobe, best.quota, best.recall,
+        best.cost_us / 1e3, strict_us / 1e3,
+    )
+    if allow_strict and best.cost_us >= strict_us:
+        return Tuning(None, strict_defaults(
+            f"a routed query at recall {opts.target_recall} would cost {best.cost_us / 1e3:.1f} ms of "
+            f"arithmetic against {strict_us / 1e3:.1f} ms for strict ({n} templates, "
+            f"{math.ceil(n / cap)} bins): routing does not pay at this size",
+            n=n, m=m, target=opts.target_recall))
+    router, assigned = routers[best.nlist]
+    rep = replay(router, assigned, xc, held_p, capacity=cap, windows=[m], nprobe_max=best.nprobe)[m]
+    hit, routed, searched, cost = rep.evaluate(best.nprobe, best.quota, BinCosts.of(layout, m))
+    nb = rep.nbins[rep.probed[:, : best.nprobe]]
+    shaped = np.minimum(nb, best.quota).sum(axis=1)
+    reranked = np.where(shaped >= RERANK_ALL_ABOVE * searched, searched, shaped)
+    defaults = SearchDefaults(
+        mode="routed",
+        nlist=best.nlist,
+        nprobe=best.nprobe,
+        k=best.nprobe * best.quota,
+        presel_dims=m,
+        advised_presel_dims=advised,
+        target_recall=opts.target_recall,
+        recall=float(hit.mean()),
+        routing_recall=float(routed.mean()),
+        tuning_recall=best.recall,
+        probes=len(held_rows),
+        bins_searched=float(searched.mean()),
+        bins_reranked=float(reranked.mean()),
+        cost_ms=float(cost.mean()) / 1e3,
+        gallery=n,
+        auto=allow_strict,
+    )
+    if defaults.recall < opts.target_recall:
+        log.info(
+            "held-out recall %.4f is below the target %.4f (tuning recall %.4f)",
+            defaults.recall, opts.target_recall, best.recall,
+        )
+    return Tuning(router, defaults)
+
+
+__all__ = ["BinCosts", "ListReplay", "Probes", "TuneOptions", "Tuning", "nlist_candidates", "replay", "tune_routing"]
