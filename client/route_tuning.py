@@ -28,7 +28,8 @@ choice was fitted to.
 docs/architecture.md: 48 µs a product, 228 µs a key switch, 1.3 ms per
 response ciphertext (mask, re-randomization, serialization, the tenant's
 decryption). The cheapest configuration whose tuning recall reaches the
-target wins; strict (every bin, exact) wins when routing is no cheaper.
+target wins; strict (every bin, exact) wins unless routing saves at least a
+quarter of the work (:data:`ROUTING_PAYS_BELOW`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ RERANK_ALL_ABOVE = 0.75
 #: nlist candidates, as multiples of gallery / capacity (one full bin per list).
 NLIST_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 QUOTA_MAX = 8
+#: Route only when it costs at most this share of strict: routing leaks which
+#: lists a query touches, and a few percent of work does not buy that.
+ROUTING_PAYS_BELOW = 0.75
 #: Advise another preselection window only when it would cost at most this share.
 ADVISE_BELOW = 0.9
 
@@ -351,7 +355,7 @@ def tune_routing(
         "(strict %.1f ms)", len(tune_rows), best.nlist, best.nprobe, best.quota, best.recall,
         best.cost_us / 1e3, strict_us / 1e3,
     )
-    if allow_strict and best.cost_us >= strict_us:
+    if allow_strict and best.cost_us > ROUTING_PAYS_BELOW * strict_us:
         return Tuning(None, strict_defaults(
             f"a routed query at recall {opts.target_recall} would cost {best.cost_us / 1e3:.1f} ms of "
             f"arithmetic against {strict_us / 1e3:.1f} ms for strict ({n} templates, "
