@@ -264,42 +264,23 @@ class VeilClient:
 
     @not_for_kiosk("training the routing lists")
     def train_routing(
-        self,
-        embeddings: npt.ArrayLike,
-        *,
-        nlist: int | None = None,
-        target_recall: float = 0.995,
-        seed: int = 0,
-        force: bool = False,
-        allow_small: bool = False,
-        tuning: TuneOptions | None = None,
+        self, embeddings: npt.ArrayLike, *, nlist: int | None = None, target_recall: float = 0.995,
+        seed: int = 0, force: bool = False, allow_small: bool = False, tuning: TuneOptions | None = None,
     ) -> SearchDefaults:
         """Train the IVF lists on the tenant's own templates, before enrolling under them.
 
-        ``nlist=None``: the SDK chooses the lists, ``nprobe`` and ``k`` as the
-        cheapest query that re-ranks the true template of ``target_recall``
-        of pseudo-probes drawn from these templates (or strict, with no
-        lists, where routing would not be cheaper); an explicit ``nlist``
-        keeps that many and measures ``nprobe`` and ``k`` for them. The
-        choice is kept in :attr:`TenantState.search` and used by
-        :meth:`identify` (``veilface.client.route_training``). Too few
-        templates (fewer than 39 per list) make routed queries run strict,
-        said in a warning and in each result, unless ``allow_small``.
-
-        Bins keep the label of the list they were enrolled under, so
-        retraining once the key holds subjects would make routed queries miss
-        them: it is refused unless ``force=True``. To retrain as the gallery
-        grows, use :meth:`repack`, which also re-packs the bins.
+        ``nlist=None``: the SDK chooses lists, ``nprobe`` and ``k`` for
+        ``target_recall`` on pseudo-probes of these templates, or strict where
+        routing would not pay; an explicit ``nlist`` is kept and ``nprobe``,
+        ``k`` measured for it. Kept in :attr:`TenantState.search`, used by
+        :meth:`identify`; too few templates make routed queries run strict
+        unless ``allow_small`` (:mod:`veilface.client.route_training`).
+        Refused once the key holds subjects (their bins keep their lists'
+        labels) unless ``force``: retrain with :meth:`repack`.
         """
         return train_routing(
-            self,
-            embeddings,
-            nlist=nlist,
-            target_recall=target_recall,
-            seed=seed,
-            force=force,
-            allow_small=allow_small,
-            tuning=tuning,
+            self, embeddings, nlist=nlist, target_recall=target_recall, seed=seed, force=force,
+            allow_small=allow_small, tuning=tuning,
         )
 
     # -- enrollment -----------------------------------------------------
@@ -405,11 +386,8 @@ class VeilClient:
         k : candidates kept after preselection; their bins are scored in full
             (0: score every searched bin in full, exact but with no saving).
             Routed mode gives each named label ``ceil(k / real lists)`` of them.
-            ``k`` and ``nprobe`` default to what :meth:`train_routing` chose
-            (:attr:`TenantState.search`; 32 and 8 without a choice, and 32 in
-            strict mode). A routed query runs strict when the routing was
-            trained on too few templates: ``Identification.mode`` and
-            ``Identification.fallback`` say so
+            ``k``, ``nprobe``: default what :meth:`train_routing` chose (else 32, 8).
+            Routing trained on too few templates runs strict (``Identification.fallback``)
         top_n : candidates returned (with handles), best first
         rerank_all_above : when the re-ranked bins would be at least this share
             of the searched bins, every searched bin is re-ranked
