@@ -61,8 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     common.add_server_options(p)
     _add_input(p, many=False)
     p.add_argument("--mode", choices=["strict", "routed"], default="strict")
-    p.add_argument("--k", type=int, default=32, help="candidates kept after preselection")
-    p.add_argument("--nprobe", type=int, default=8)
+    p.add_argument(
+        "--k", type=int, default=None,
+        help="candidates kept after preselection (default: the SDK's choice for the gallery)",
+    )
+    p.add_argument("--nprobe", type=int, default=None, help="lists probed (default: the SDK's choice)")
     p.add_argument("--decoys", type=int, default=0)
     p.set_defaults(func=identify)
 
@@ -84,7 +87,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     common.add_state_options(p)
     common.add_server_options(p)
-    p.add_argument("--nlist", type=int, required=True, help="number of IVF lists to train")
+    p.add_argument(
+        "--nlist", type=int, default=None,
+        help="number of IVF lists to train (default: the SDK chooses them, with nprobe and k, "
+        "from the gallery, or keeps the number given last time)",
+    )
     p.set_defaults(func=repack)
 
     p = sub.add_parser(
@@ -222,9 +229,13 @@ def identify(args: argparse.Namespace) -> int:
         "match": r.match,
         "candidates": [[x.subject_id, x.score] for x in r.candidates[:5]],
         "stats": vars(r.stats),
+        "mode": r.mode.value,
+        "fallback": r.fallback,
     }
     verdict = "match" if r.match else "no match"
     text = f"{verdict}: {r.subject_id} (cosine {r.score:.4f}) in {r.stats.total_ms:.0f} ms"
+    if r.fallback:
+        text += f"\nran strict: {r.fallback}"
     common.emit(args, *_with_liveness(payload, text, capture))
     return 0
 
