@@ -146,6 +146,7 @@ class ScoresReply:
     query_id: str
     searched_templates: int
     wire_bytes: int
+    exhaustive: bool = False  # Preselect: the bins' scores are full scores
 
 
 @dataclass(frozen=True)
@@ -159,9 +160,16 @@ class SlotMapUpdate:
 
 
 def preselect_request(
-    tenant_id: str, key_id: str, mode: str, labels: Sequence[str], probe: Sequence[bytes]
+    tenant_id: str,
+    key_id: str,
+    mode: str,
+    labels: Sequence[str],
+    probe: Sequence[bytes],
+    *,
+    exhaustive: bool = False,
 ) -> pb.PreselectRequest:
-    """``mode``: ``"strict"`` or ``"routed"`` (a :class:`~veilface.client.search.SearchMode`)."""
+    """``mode``: ``"strict"`` or ``"routed"`` (a :class:`~veilface.client.search.SearchMode`);
+    ``exhaustive``: full scores in one stage (no re-ranking)."""
     if mode not in _MODES:
         raise InvalidArgument("mode must be 'strict' or 'routed'")
     return pb.PreselectRequest(
@@ -170,6 +178,7 @@ def preselect_request(
         mode=_MODES[mode],
         labels=list(labels),
         probe_ciphertexts=list(probe),
+        exhaustive=exhaustive,
     )
 
 
@@ -208,7 +217,9 @@ def scores_from_proto(msg: pb.ScoresResponse, capacity: int) -> ScoresReply:
     staged = tuple(
         EncryptedStagedScore(int(t.staged_id), t.handle, t.scores) for t in msg.staged
     )
-    return ScoresReply(bins, staged, msg.query_id, int(msg.searched_templates), msg.ByteSize())
+    return ScoresReply(
+        bins, staged, msg.query_id, int(msg.searched_templates), msg.ByteSize(), msg.exhaustive
+    )
 
 
 def fetch_slot_maps_request(

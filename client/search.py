@@ -5,7 +5,10 @@
    ``decoys`` decoy labels drawn as fake queries
    (:meth:`veilface.client.routing.Router.decoy_lists`), sorted.
 2. **Preselect** (:meth:`Searcher.preselect`): the server scores the first
-   coordinates over the searched bins; the tenant decrypts.
+   coordinates over the searched bins; the tenant decrypts. An exhaustive
+   query (``k <= 0``) asks for whole-template scores here instead and stops
+   after stage 4: one round trip, and per bin one score ciphertext, mask,
+   re-randomization and decryption instead of two.
 3. **Plan** (:func:`plan_rerank`, no network): which slots of which bins to
    score in full. In routed mode every named label, real or decoy, gets the
    same shape (below), so the re-ranking does not show which labels are real.
@@ -184,6 +187,7 @@ class Preselection:
     staged: tuple[Candidate, ...]
     query_id: str
     searched_templates: int
+    exhaustive: bool = False  # the bins' scores are full scores: no re-ranking follows
 
 
 @dataclass(frozen=True)
@@ -357,9 +361,23 @@ class Searcher:
 
     # stage 2
     def preselect(
-        self, probe: Sequence[bytes], offset: float, mode: SearchMode, route: Route, stats: QueryStats
+        self,
+        probe: Sequence[bytes],
+        offset: float,
+        mode: SearchMode,
+        route: Route,
+        stats: QueryStats,
+        *,
+        exhaustive: bool = False,
     ) -> Preselection:
-        req = convert.preselect_request(self.tenant_id, self.key_id, mode, route.labels, probe)
+        """Window scores of the searched bins; with ``exhaustive``, full scores (one stage).
+
+        A server that does not know ``exhaustive`` answers with window scores
+        and leaves the reply's flag unset; the caller then re-ranks as usual.
+        """
+        req = convert.preselect_request(
+            self.tenant_id, self.key_id, mode, route.labels, probe, exhaustive=exhaustive
+        )
         t = time.perf_counter()
         resp = self.transport.call(self.transport.identification.Preselect, req)
         stats.preselect_ms = (time.perf_counter() - t) * 1e3
@@ -383,7 +401,9 @@ class Searcher:
             for s in reply.staged
         )
         stats.decrypt_ms += (time.perf_counter() - t) * 1e3
-        return Preselection(bins, staged, reply.query_id, reply.searched_templates)
+        return Preselection(
+            bins, staged, reply.query_id, reply.searched_templates, exhaustive and reply.exhaustive
+        )
 
     # stage 4
     def sync_slot_maps(self, pre: Preselection, stats: QueryStats) -> None:
@@ -451,6 +471,18 @@ class Searcher:
             return ScoredSlots.empty()
         return ScoredSlots(np.concatenate(ids), np.concatenate(slots), np.concatenate(scores))
 
+    @staticmethod
+    def full_scores(pre: Preselection, offset: float) -> ScoredSlots:
+        """The occupied slots of an exhaustive preselection, with their full scores."""
+        live = [b for b in pre.bins if b.occupied.size]
+        if not live:
+            return ScoredSlots.empty()
+        return ScoredSlots(
+            np.concatenate([np.full(b.occupied.size, b.bin_id, dtype=np.int64) for b in live]),
+            np.concatenate([b.occupied.astype(np.int64) for b in live]),
+            np.concatenate([b.scores[b.occupied] + offset for b in live]),
+        )
+
     def candidates(self, scored: ScoredSlots, top_n: int) -> list[Candidate]:
         """The best ``top_n`` re-ranked slots whose handle the local slot maps know."""
         out: list[Candidate] = []
@@ -477,11 +509,21 @@ class Searcher:
     ) -> Identification:
         """Stages 1-6 for an encrypted probe (``VeilClient.identify`` prepared it)."""
         route = self.route(router, x_route, opts, rng)
-        pre = self.preselect(probe, offset, opts.mode, route, stats)
+        # k <= 0 asks for every occupied slot: score whole templates in one stage
+        pre = self.preselect(probe, offset, opts.mode, route, stats, exhaustive=opts.k <= 0)
+        if pre.exhaustive:
+            found: list[Candidate] = list(pre.staged)
+            if pre.bins:
+                self.sync_slot_maps(pre, stats)
+                stats.bins_reranked = len(pre.bins)
+                found = self.candidates(self.full_scores(pre, offset), opts.top_n) + found
+            result = decide(found, threshold=threshold, top_n=opts.top_n, stats=stats)
+            result.mode = opts.mode
+            return result
         plan = plan_rerank(
             pre.bins, k=opts.k, real_lists=route.real_lists, rerank_all_above=opts.rerank_all_above
         )
-        found: list[Candidate] = list(pre.staged)
+        found = list(pre.staged)
         if plan.slots:
             self.sync_slot_maps(pre, stats)
             found = self.candidates(self.rerank(pre, plan, probe, offset, stats), opts.top_n) + found

@@ -113,6 +113,7 @@ def preselect_to_proto(res: PreselectResult) -> pb.ScoresResponse:
         searched_templates=res.searched_templates,
         query_id=res.query_id,
         staged=[staged_score_to_proto(t) for t in res.staged],
+        exhaustive=res.exhaustive,
     )
 
 

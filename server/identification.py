@@ -108,6 +108,7 @@ class PreselectResult:
     searched_templates: int
     query_id: str
     staged: tuple[StagedScore, ...]
+    exhaustive: bool = False  # the bins' scores are full scores (no re-ranking follows)
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,16 @@ class IdentificationService:
         mode: SearchMode,
         labels: Sequence[str],
         probe: Sequence[bytes],
+        *,
+        exhaustive: bool = False,
     ) -> PreselectResult:
+        """Score the searched bins' preselection window (or, ``exhaustive``, the whole template).
+
+        ``exhaustive`` returns, for every occupied slot, the full score a
+        re-ranking would (the centering added back), in one round trip: an
+        exhaustive search then needs no second stage, and saves the second
+        stage's key switches, masks, re-randomizations and decryptions.
+        """
         view = await self.core.scoring_key(tenant_id, key_id)
         self._check_probe(view, probe)
         if mode is SearchMode.STRICT:
@@ -176,7 +186,16 @@ class IdentificationService:
         # Every occupied slot is needed (the tenant ranks them all); the rest is masked.
         query_id = secrets.token_urlsafe(12)
         scored, staged_scores = await asyncio.gather(
-            self.core.score_bins(tenant_id, key_id, view, bins, probe, "presel", query_id=query_id),
+            self.core.score_bins(
+                tenant_id,
+                key_id,
+                view,
+                bins,
+                probe,
+                "full" if exhaustive else "presel",
+                add_center=exhaustive,
+                query_id=query_id,
+            ),
             self._score_staged(tenant_id, key_id, staged, probe, add_center=True),
         )
         if not bins and not staged:  # nothing loaded the probe: a worker validates it
@@ -187,6 +206,7 @@ class IdentificationService:
             searched_templates=sum(len(b.occupied) for b in bins) + len(staged),
             query_id=query_id,
             staged=tuple(staged_scores),
+            exhaustive=exhaustive,
         )
 
     async def _score_staged(

@@ -256,7 +256,12 @@ class IdentificationServicer(pb_grpc.IdentificationServicer):
         require_tenant(request.tenant_id)
         mode = search_mode_from_proto(request.mode)  # the one check of the mode
         res = await self.service.identification.preselect(
-            request.tenant_id, request.key_id, mode, list(request.labels), list(request.probe_ciphertexts)
+            request.tenant_id,
+            request.key_id,
+            mode,
+            list(request.labels),
+            list(request.probe_ciphertexts),
+            exhaustive=request.exhaustive,
         )
         return preselect_to_proto(res)
 

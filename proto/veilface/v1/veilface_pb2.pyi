@@ -495,18 +495,20 @@ class FetchSlotMapsResponse(_message.Message):
     def __init__(self, maps: _Optional[_Iterable[_Union[SlotMap, _Mapping]]] = ...) -> None: ...
 
 class PreselectRequest(_message.Message):
-    __slots__ = ("tenant_id", "key_id", "mode", "labels", "probe_ciphertexts")
+    __slots__ = ("tenant_id", "key_id", "mode", "labels", "probe_ciphertexts", "exhaustive")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     PROBE_CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    EXHAUSTIVE_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     key_id: str
     mode: SearchMode
     labels: _containers.RepeatedScalarFieldContainer[str]
     probe_ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., labels: _Optional[_Iterable[str]] = ..., probe_ciphertexts: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    exhaustive: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., key_id: _Optional[str] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., labels: _Optional[_Iterable[str]] = ..., probe_ciphertexts: _Optional[_Iterable[bytes]] = ..., exhaustive: bool = ...) -> None: ...
 
 class CandidateSlots(_message.Message):
     __slots__ = ("bin_id", "slots")
@@ -549,16 +551,18 @@ class BinScores(_message.Message):
     def __init__(self, bin_id: _Optional[int] = ..., bin_version: _Optional[int] = ..., occupancy: _Optional[bytes] = ..., scores: _Optional[bytes] = ..., slots: _Optional[_Iterable[int]] = ..., score_parts: _Optional[_Iterable[bytes]] = ..., label: _Optional[str] = ...) -> None: ...
 
 class ScoresResponse(_message.Message):
-    __slots__ = ("bins", "searched_templates", "query_id", "staged")
+    __slots__ = ("bins", "searched_templates", "query_id", "staged", "exhaustive")
     BINS_FIELD_NUMBER: _ClassVar[int]
     SEARCHED_TEMPLATES_FIELD_NUMBER: _ClassVar[int]
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     STAGED_FIELD_NUMBER: _ClassVar[int]
+    EXHAUSTIVE_FIELD_NUMBER: _ClassVar[int]
     bins: _containers.RepeatedCompositeFieldContainer[BinScores]
     searched_templates: int
     query_id: str
     staged: _containers.RepeatedCompositeFieldContainer[StagedScore]
-    def __init__(self, bins: _Optional[_Iterable[_Union[BinScores, _Mapping]]] = ..., searched_templates: _Optional[int] = ..., query_id: _Optional[str] = ..., staged: _Optional[_Iterable[_Union[StagedScore, _Mapping]]] = ...) -> None: ...
+    exhaustive: bool
+    def __init__(self, bins: _Optional[_Iterable[_Union[BinScores, _Mapping]]] = ..., searched_templates: _Optional[int] = ..., query_id: _Optional[str] = ..., staged: _Optional[_Iterable[_Union[StagedScore, _Mapping]]] = ..., exhaustive: bool = ...) -> None: ...
 
 class StagedScore(_message.Message):
     __slots__ = ("staged_id", "handle", "scores")

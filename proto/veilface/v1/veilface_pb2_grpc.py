@@ -1082,7 +1082,9 @@ class IdentificationServicer(object):
     def Preselect(self, request, context):
         """Stage 1 (PFIP preselection): score the first `presel_dims` coordinates
         over the searched bins. strict: every bin of the key; routed: the bins
-        carrying the named labels (the tenant may add decoy labels).
+        carrying the named labels (the tenant may add decoy labels). With
+        `exhaustive` it scores every coordinate instead: the response holds the
+        full scores of every occupied slot and no re-ranking follows.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
