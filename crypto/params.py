@@ -56,6 +56,18 @@ class ParamSet:
         data_primes = len(self.coeff_modulus_bits) - 1
         return 2 * self.poly_modulus_degree * data_primes * 8 + 1024
 
+    @property
+    def resident_ciphertext_bytes(self) -> int:
+        """Memory one loaded (deserialized) two-component ciphertext of this set takes.
+
+        SEAL keeps two polynomials of N 64-bit coefficients per data prime,
+        uncompressed: 64 KiB at n4096 (measured: a loaded 128-ciphertext bin
+        of n4096 grows a process by 7.94 MiB). What the server's scoring
+        workers hold per ciphertext of every bin (server/capacity.py).
+        """
+        data_primes = len(self.coeff_modulus_bits) - 1
+        return 2 * self.poly_modulus_degree * data_primes * 8
+
     def seal_parameters(self) -> seal.EncryptionParameters:
         parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
         parms.set_poly_modulus_degree(self.poly_modulus_degree)

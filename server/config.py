@@ -118,6 +118,19 @@ class ServerSettings:
     # scopes"). 0 disables it.
     query_rate_per_s: float = 5.0
     query_burst: int = 30
+    # Gallery capacity of the whole server, over every tenant (server/capacity.py;
+    # docs/architecture.md, "Gallery capacity"): an enrollment that would pass
+    # either is RESOURCE_EXHAUSTED before anything is written. max_templates:
+    # subjects in bins plus staged templates (0: no count cap). max_gallery_bytes:
+    # memory of the bins the scoring workers hold loaded, estimated per bin from
+    # the key's parameters (8.1 MiB per n4096/128-d bin, ~2 KiB per template
+    # when full); 0 derives it as gallery_memory_fraction of this machine's
+    # memory (physical RAM or the cgroup limit, whichever is smaller; 12 GiB on
+    # a 24 GiB machine, room for about 6 million templates in full bins). With
+    # scoring "ray" the bins live on the cluster: 0 then means no budget.
+    max_templates: int = 0
+    max_gallery_bytes: int = 0
+    gallery_memory_fraction: float = 0.5
     # Valid API tokens per tenant (revoked ones do not count).
     max_tokens_per_tenant: int = 64
     # On a shared (PostgreSQL) store: seconds between reads of the tokens other
@@ -148,6 +161,16 @@ class ServerSettings:
             from veilface.errors import InvalidArgument
 
             raise InvalidArgument("TLS needs both a certificate and a key (--tls-cert, --tls-key)")
+        if settings.max_templates < 0 or settings.max_gallery_bytes < 0:
+            from veilface.errors import InvalidArgument
+
+            raise InvalidArgument("max_templates and max_gallery_bytes are 0 (default) or positive")
+        if not 0.0 < settings.gallery_memory_fraction <= 1.0:
+            from veilface.errors import InvalidArgument
+
+            raise InvalidArgument(
+                "gallery_memory_fraction must be in (0, 1] (VEILFACE_GALLERY_MEMORY_FRACTION)"
+            )
         for name in POSITIVE_LIMITS:
             if int(getattr(settings, name)) < 1:
                 from veilface.errors import InvalidArgument

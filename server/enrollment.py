@@ -126,16 +126,20 @@ class EnrollmentService:
         limit = min(self.settings.max_reserve, view.layout.capacity)
         if count > limit:
             raise ResourceExhausted(f"at most {limit} slots per reservation; use BulkEnroll")
-        return await asyncio.to_thread(
-            self.store.reserve,
-            tenant_id,
-            key_id,
-            label,
-            count,
-            view.layout.capacity,
-            self.settings.reservation_ttl_s,
-            self.settings.max_reservations_per_tenant,
-        )
+        # A new bin only if none of the label has room: past the memory budget the store refuses it.
+        capacity = self.core.capacity.admit(tenant_id, key_id, bins=1, templates=count, bin_optional=True)
+        async with capacity as no_new_bin:
+            return await asyncio.to_thread(
+                self.store.reserve,
+                tenant_id,
+                key_id,
+                label,
+                count,
+                view.layout.capacity,
+                self.settings.reservation_ttl_s,
+                self.settings.max_reservations_per_tenant,
+                no_new_bin,
+            )
 
     async def enroll(
         self,
@@ -188,9 +192,11 @@ class EnrollmentService:
             blobs.clear()  # a refused contribution's megabytes go now, not with the exception
             checks.clear()
             raise
-        version = await asyncio.to_thread(
-            self.store.commit_enroll, res, list(handles), pack_blobs(blobs), staged_id
-        )
+        # Checked again at commit: reservations hold slots, not templates (a fold adds none).
+        async with self.core.capacity.admit(tenant_id, key_id, templates=0 if staged_id else len(handles)):
+            version = await asyncio.to_thread(
+                self.store.commit_enroll, res, list(handles), pack_blobs(blobs), staged_id
+            )
         # Durable now: acknowledge. The owner folds the new delta into its
         # in-memory bin when the bin is next scored or compacted (whichever
         # comes first), so a burst of enrollments never waits for it.
@@ -215,15 +221,16 @@ class EnrollmentService:
                 "this key's public context has no staged-scoring rotations; "
                 "register a new key (or enroll straight into a bin)"
             )
-        return await asyncio.to_thread(
-            self.store.stage_template,
-            tenant_id,
-            key_id,
-            label,
-            handle,
-            ciphertext,
-            self.settings.max_staged,
-        )
+        async with self.core.capacity.admit(tenant_id, key_id, templates=1):
+            return await asyncio.to_thread(
+                self.store.stage_template,
+                tenant_id,
+                key_id,
+                label,
+                handle,
+                ciphertext,
+                self.settings.max_staged,
+            )
 
     async def fetch_staged(self, tenant_id: str, key_id: str, limit: int) -> list[StagedRecord]:
         await self.core.key(tenant_id, key_id)
@@ -282,6 +289,10 @@ class EnrollmentService:
                 if chunk.tenant_id != tenant_of_call:
                     raise PermissionDenied("a bulk stream may only write to its own tenant")
                 view = await self.core.key(chunk.tenant_id, chunk.key_id)
+                if not staged:  # the stream's new bins (a re-pack's net of those it replaces)
+                    await self.core.capacity.check_bins(
+                        chunk.tenant_id, chunk.key_id, declared - len(replaces)
+                    )
                 check_label(chunk.label)
                 check_handles(chunk.handles)
                 if not chunk.handles or len(chunk.handles) != len(chunk.slots):
@@ -289,17 +300,21 @@ class EnrollmentService:
                 view.layout.check_slots(chunk.slots)
                 check_count(chunk.ciphertexts, view.layout.n_ciphertexts, "bin")
                 check_blob_sizes(chunk.ciphertexts, max_ciphertext_bytes(view), "bin")
-                bin_id = await asyncio.to_thread(
-                    self.store.stage_bin,
-                    chunk.tenant_id,
-                    chunk.key_id,
-                    chunk.label,
-                    stream_id,
-                    list(chunk.handles),
-                    [int(s) for s in chunk.slots],
-                    pack_blobs(chunk.ciphertexts),
-                    repack=bool(replaces),
-                )
+                new = 0 if replaces else 1  # a re-pack was checked on its net bins above
+                async with self.core.capacity.admit(
+                    chunk.tenant_id, chunk.key_id, bins=new, templates=new * len(chunk.handles)
+                ):
+                    bin_id = await asyncio.to_thread(
+                        self.store.stage_bin,
+                        chunk.tenant_id,
+                        chunk.key_id,
+                        chunk.label,
+                        stream_id,
+                        list(chunk.handles),
+                        [int(s) for s in chunk.slots],
+                        pack_blobs(chunk.ciphertexts),
+                        repack=bool(replaces),
+                    )
                 staged.append(bin_id)
                 await self._check_stored_bin(
                     chunk.tenant_id, chunk.key_id, bin_id, view.layout.n_ciphertexts

@@ -21,6 +21,7 @@ from veilface.crypto.params import get_param_set
 from veilface.crypto.public_context import PublicContext, has_public_key, read_layout
 from veilface.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from veilface.server import worker
+from veilface.server.capacity import CapacityGuard, CapacityLimits, resident_bin_bytes
 from veilface.server.config import ServerSettings
 from veilface.server.enrollment import EnrollmentService
 from veilface.server.identification import BinScore, IdentificationService
@@ -78,6 +79,9 @@ class GalleryService:
         # Per-tenant calls and scoring work in flight (server/limits.py).
         self.limits = TenantLimiter(settings.max_concurrent_requests, settings.max_scoring_bins)
         self._key_locks: dict[str, asyncio.Lock] = {}
+        # What the whole gallery may hold (server/capacity.py), checked by enrollment.
+        self.capacity = CapacityGuard(store, CapacityLimits.from_settings(settings), self._bin_bytes)
+        log.info("gallery capacity: %s", self.capacity.describe())
         self.enrollment = EnrollmentService(self)
         self.identification = IdentificationService(self)
 
@@ -180,6 +184,10 @@ class GalleryService:
             view = KeyView(rec, read_layout(rec.public_context))
             self._layouts[(tenant_id, key_id)] = view
         return view
+
+    async def _bin_bytes(self, tenant_id: str, key_id: str) -> int:
+        view = await self.key(tenant_id, key_id)
+        return resident_bin_bytes(view.record.param_set, view.layout)
 
     async def scoring_key(self, tenant_id: str, key_id: str) -> KeyView:
         """:meth:`key`, for a score request: FailedPrecondition if the key has no public key."""

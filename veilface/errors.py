@@ -62,6 +62,15 @@ class ResourceExhausted(VeilfaceError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class GalleryFull(ResourceExhausted):
+    """The server's gallery capacity is reached (``max_templates``, ``max_gallery_bytes``).
+
+    A write would pass the count of templates the server may hold, or the
+    memory budget of the bins its scoring workers keep loaded. Raised before anything of the write is kept; the message names the
+    limit and the setting that raises it (server/capacity.py).
+    """
+
+
 class Unavailable(VeilfaceError):
     """A service the server needs (its database) cannot be reached, or asks for a retry."""
 
@@ -139,6 +148,7 @@ __all__ = [
     "DatasetLayoutError",
     "FaceError",
     "FailedPrecondition",
+    "GalleryFull",
     "InvalidArgument",
     "InvalidCiphertext",
     "InvalidContext",

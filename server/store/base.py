@@ -48,6 +48,7 @@ from veilface.server.store.records import (
     BinData,
     BinInfo,
     BinSummary,
+    GalleryUsage,
     KeyRecord,
     KeyStats,
     Reservation,
@@ -150,13 +151,16 @@ class GalleryStore(Protocol):
         capacity: int,
         ttl_s: float,
         max_live: int = 0,
+        no_new_bin: str = "",
     ) -> Reservation:
         """Reserve ``count`` free slots of one bin of ``label`` (a new bin if none has room).
 
         Two live reservations never share a slot, across processes too.
         ``max_live`` (0: no cap) bounds the tenant's unexpired reservations
         (ResourceExhausted past it). Empty bins left by expired reservations
-        are removed here.
+        are removed here. ``no_new_bin``: if set, no bin may be created, and
+        when none has room the call raises GalleryFull with that message
+        (the server's memory budget is reached; nothing is written).
         """
         ...
 
@@ -284,6 +288,17 @@ class GalleryStore(Protocol):
 
     def bin_subjects(self, bin_id: int) -> list[tuple[int, str]]:
         """(slot, handle) of a bin's subjects, by slot."""
+        ...
+
+    def gallery_usage(self, *, count_templates: bool = False) -> GalleryUsage:
+        """What the whole store holds, over every tenant, read in one snapshot.
+
+        The bins of every key in any state (active, and staged by bulk
+        streams in progress), and with ``count_templates`` the subjects in
+        bins plus the staged templates. Not tenant-scoped: the server's
+        capacity limits (server/capacity.py) are the machine's, and only
+        the server reads it; no total reaches a tenant.
+        """
         ...
 
     def occupancy(self, bin_ids: Sequence[int]) -> dict[int, tuple[int, ...]]:

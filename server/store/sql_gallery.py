@@ -21,7 +21,13 @@ import secrets
 import time
 from collections.abc import Sequence
 
-from veilface.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from veilface.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    GalleryFull,
+    NotFound,
+    ResourceExhausted,
+)
 from veilface.server.store.records import KeyRecord, KeyStats, Reservation, TokenRecord
 from veilface.server.store.sql_base import Conn
 from veilface.server.store.sql_bulk import TAKEN, SqlBulk
@@ -182,10 +188,12 @@ class SqlGallery(SqlBulk, SqlReads, SqlTokens):
         capacity: int,
         ttl_s: float,
         max_live: int = 0,
+        no_new_bin: str = "",
     ) -> Reservation:
         """Reserve ``count`` free slots in a bin of ``label`` (a new bin when none has room).
 
-        ``max_live`` (0: no cap) bounds the tenant's unexpired reservations.
+        ``max_live`` (0: no cap) bounds the tenant's unexpired reservations;
+        ``no_new_bin`` (a message) forbids a new bin (GalleryFull instead).
         A bin created for a reservation that expired unused (version 0, no
         subject, no other reservation) is removed here, so abandoned
         reservations cannot pile up empty bins.
@@ -228,6 +236,8 @@ class SqlGallery(SqlBulk, SqlReads, SqlTokens):
                     free = [s for s in range(capacity) if s not in used][:count]
                     chosen = (int(bin_id), free)
                     break
+            if chosen is None and no_new_bin:
+                raise GalleryFull(no_new_bin)  # rolls back: the expired rows above stay
             if chosen is None:
                 (new_bin,) = c.execute(
                     "INSERT INTO bins (tenant_id, key_id, label, state, version, created_at) "

@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from veilface.errors import NotFound
-from veilface.server.store.records import BinData, BinInfo, BinSummary, StagedRecord, SubjectRef
+from veilface.server.store.records import (
+    BinData,
+    BinInfo,
+    BinSummary,
+    GalleryUsage,
+    KeyBins,
+    StagedRecord,
+    SubjectRef,
+)
 from veilface.server.store.sql_base import Conn, SqlBase, marks
 
 #: Values per ``IN (...)`` list (SQLite allows 32,766 host parameters; PostgreSQL 65,535).
@@ -138,6 +146,23 @@ class SqlReads(SqlBase):
                 (tenant_id, key_id),
             )
         ]
+
+    def gallery_usage(self, *, count_templates: bool = False) -> GalleryUsage:
+        """Bins per key (every tenant, every state) and, if asked, templates, in one snapshot."""
+        with self._snapshot() as c:
+            keys = tuple(
+                KeyBins(str(t), str(k), int(n))
+                for t, k, n in c.execute(
+                    "SELECT tenant_id, key_id, COUNT(*) FROM bins "
+                    "GROUP BY tenant_id, key_id ORDER BY tenant_id, key_id"
+                ).fetchall()
+            )
+            templates = -1
+            if count_templates:
+                (subjects,) = c.execute("SELECT COUNT(*) FROM subjects").fetchone()
+                (staged,) = c.execute("SELECT COUNT(*) FROM staged").fetchone()
+                templates = int(subjects) + int(staged)
+        return GalleryUsage(keys, templates)
 
     def bin_subjects(self, bin_id: int) -> list[tuple[int, str]]:
         """(slot, handle) of a bin's subjects, by slot."""

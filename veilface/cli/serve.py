@@ -43,6 +43,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--admin-token-file", type=Path, help="file holding the operator token")
     p.add_argument("--max-message-mb", type=int, help="largest gRPC message in MiB")
     p.add_argument(
+        "--max-templates",
+        type=int,
+        metavar="N",
+        help="templates the whole server may hold, over every tenant (default 0: no count cap); "
+        "an enrollment past it is RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--max-gallery-mb",
+        type=int,
+        metavar="MIB",
+        help="memory budget of the bins the scoring workers hold loaded (default: half of this "
+        "machine's memory, VEILFACE_GALLERY_MEMORY_FRACTION); an enrollment needing more is "
+        "RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         metavar="PORT",
@@ -74,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         insecure=True if args.insecure else None,  # None: keep VEILFACE_INSECURE
         admin_token_file=args.admin_token_file,
         max_message_bytes=args.max_message_mb * 1024 * 1024 if args.max_message_mb else None,
+        max_templates=args.max_templates,
+        max_gallery_bytes=args.max_gallery_mb * 1024 * 1024 if args.max_gallery_mb else None,
         metrics_port=args.metrics_port,
     )
     if settings.tls_self_signed is not None and settings.tls_cert is None:

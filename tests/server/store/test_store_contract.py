@@ -9,13 +9,14 @@ import pytest
 from veilface.errors import (
     AlreadyExists,
     FailedPrecondition,
+    GalleryFull,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
 from veilface.server.store.base import GalleryStore
 from veilface.server.store.factory import open_reader, open_store
-from veilface.server.store.records import KeyRecord, TokenRecord
+from veilface.server.store.records import GalleryUsage, KeyBins, KeyRecord, TokenRecord
 
 # Ciphertext-like blobs: every byte value, so a text column would mangle them.
 BLOB = bytes(range(256)) * 4
@@ -138,6 +139,36 @@ def test_reserve_never_shares_a_slot(store: GalleryStore) -> None:
         store.get_reservation("other", a.reservation_id)  # tenant-scoped
     with pytest.raises(ResourceExhausted):
         store.reserve("acme", "k1", "", 1, 4, 60.0, max_live=4)
+
+
+def test_reserve_without_a_new_bin(store: GalleryStore) -> None:
+    tenant_with_key(store)
+    with pytest.raises(GalleryFull, match="budget reached"):
+        store.reserve("acme", "k1", "", 3, 4, 60.0, no_new_bin="budget reached")  # no bin yet
+    assert store.key_bins("acme", "k1") == []  # nothing was written
+    a = store.reserve("acme", "k1", "", 3, 4, 60.0)
+    with pytest.raises(GalleryFull, match="budget reached"):
+        store.reserve("acme", "k1", "new-label", 1, 4, 60.0, no_new_bin="budget reached")
+    assert store.reserve("acme", "k1", "", 1, 4, 60.0, no_new_bin="x").bin_id == a.bin_id  # room left
+    with pytest.raises(GalleryFull):
+        store.reserve("acme", "k1", "", 1, 4, 60.0, no_new_bin="x")  # the bin is full now
+    assert [b.bin_id for b in store.key_bins("acme", "k1")] == [a.bin_id]
+
+
+def test_gallery_usage_counts_every_tenant_and_state(store: GalleryStore) -> None:
+    tenant_with_key(store)
+    tenant_with_key(store, "beta")
+    assert store.gallery_usage(count_templates=True) == GalleryUsage((), 0)
+    enroll(store, ["a", "b"])
+    enroll(store, ["c"], label="L")
+    store.stage_template("acme", "k1", "", "s", b"one", 8)
+    store.stage_bin("beta", "k1", "", "st", ["x", "y", "z"], [0, 1, 2], BLOB)  # a stream in progress
+    usage = store.gallery_usage(count_templates=True)
+    assert usage.keys == (KeyBins("acme", "k1", 2), KeyBins("beta", "k1", 1))
+    assert usage.templates == 2 + 1 + 1 + 3
+    assert store.gallery_usage().templates == -1  # not counted unless asked
+    store.abort_stream("st")
+    assert store.gallery_usage(count_templates=True).templates == 4
 
 
 def test_expired_reservations(store: GalleryStore) -> None:
