@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--compare-scoring", default="", metavar="local,ray",
         help="the same on each scoring backend (local processes, a Ray cluster)",
     )
+    p.add_argument(
+        "--concurrency", type=int, default=1, metavar="C",
+        help="clients identifying at once, each a process with its own channel (default 1); "
+        "reports qps and the latencies under that load",
+    )
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=identify)
@@ -124,7 +129,10 @@ def identify(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         compare_db=_names(args.compare_db),
         compare_scoring=_names(args.compare_scoring),
+        concurrency=args.concurrency,
     )
+    if cfg.concurrency < 1:
+        raise SystemExit("--concurrency must be at least 1")
     result = run_identify_bench(cfg)
     if "runs" in result:
         for label, run in result["runs"].items():
