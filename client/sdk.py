@@ -52,6 +52,7 @@ from veilface.client.search import (  # the result types are re-exported from he
 from veilface.client.search_defaults import SearchDefaults
 from veilface.client.slot_maps import SlotMaps
 from veilface.client.tenant_state import TenantState
+from veilface.client.thresholds import DEFAULT_TARGET_FPIR, ThresholdPolicy
 from veilface.client.transport import Transport
 from veilface.crypto.tenant_crypto import TenantCrypto
 from veilface.errors import FailedPrecondition, InvalidArgument
@@ -82,6 +83,9 @@ class VeilClient:
     face_pipeline, liveness, liveness_policy : how the ``*_image`` methods embed a
         photo: this pipeline, or the dlib one with this liveness gate (default: the
         shipped model; ``None`` skips it, recorded); see :mod:`veilface.client.image_ops`
+    target_fpir : false-positive identification rate ``identify`` sets its threshold
+        for at the gallery's size, for the face model of the key's dimension (dlib
+        at 128-d; :mod:`veilface.client.thresholds`); ``verify`` keeps the tenant's
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class VeilClient:
         face_pipeline: FacePipeline | None = None,
         liveness: LivenessOption = DEFAULT_LIVENESS,
         liveness_policy: LivenessPolicy = "refuse",
+        target_fpir: float = DEFAULT_TARGET_FPIR,
     ) -> None:
         self.images = ImageOps(
             self, face_pipeline=face_pipeline, liveness=liveness, liveness_policy=liveness_policy
@@ -111,6 +116,8 @@ class VeilClient:
         )
         self._center_checked = False
         self._fallback_said = False  # routed queries running strict: warned once per client
+        # The 1:N threshold for the gallery's size (client/thresholds.py); verify keeps the tenant's.
+        self.thresholds = ThresholdPolicy(state.dim, target_fpir=target_fpir)
         # Enrollment internals: staged templates and their background folds, bulk streams.
         self._enroller = Enroller(self)
         # Identification stages; keeps this key's copy of the bins' slot -> handle maps.
@@ -393,7 +400,9 @@ class VeilClient:
             of the searched bins, every searched bin is re-ranked
         decoys : extra lists searched in routed mode, drawn as fake queries, to
             blur which are real (ignored in strict mode)
-        threshold : cosine threshold for ``match`` (default: the tenant's)
+        threshold : cosine threshold for ``match``; by default the face model's
+            threshold for ``target_fpir`` at the key's gallery size, never below
+            the tenant's (client/thresholds.py). The result records which.
         rng : generator for the decoys (tests only; default: the OS CSPRNG)
         """
         t0 = time.perf_counter()
@@ -418,9 +427,18 @@ class VeilClient:
             stats=stats,
             rng=rng,
         )
+        self.thresholds.decide(
+            result, tenant_threshold=self.state.threshold, explicit=threshold,
+            strict=opts.mode is SearchMode.STRICT, gallery_size=self._gallery_size,
+        )
         stats.total_ms = (time.perf_counter() - t0) * 1e3
         result.fallback = chosen.fallback
         return result
+
+    def _gallery_size(self) -> int:
+        """The key's templates (in bins and staged), as DescribeTenant counts them."""
+        held = self.describe().key(self.state.key_id)
+        return held.subjects if held is not None else 0
 
     def verify(
         self, subject_id: str, embedding: npt.ArrayLike, *, threshold: float | None = None

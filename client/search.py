@@ -113,7 +113,12 @@ class QueryStats:
 
 @dataclass
 class Identification:
-    """Result of a 1:N search. ``match`` applies the tenant's threshold to ``score``.
+    """Result of a 1:N search. ``match``: ``score`` at or above ``threshold``.
+
+    ``threshold`` is the one the decision used and ``threshold_source`` why
+    (client/thresholds.py): ``explicit`` (the call named it), ``calibrated``
+    (the face model's threshold for a target FPIR at ``gallery_size``
+    templates) or ``tenant`` (the tenant's own threshold, a floor).
 
     ``mode``: the mode the search ran in; ``fallback``: why a routed query
     ran strict instead (routing trained on too few templates, or not worth
@@ -127,6 +132,9 @@ class Identification:
     stats: QueryStats = field(default_factory=QueryStats)
     mode: SearchMode = SearchMode.STRICT
     fallback: str = ""
+    threshold: float = float("nan")
+    threshold_source: str = ""
+    gallery_size: int = 0
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--threshold",
         type=float,
         default=0.92,
-        help="cosine match threshold (default 0.92: dlib on LFW, FAR ~0.2%%, FRR ~5%%)",
+        help="1:1 cosine threshold of verify (default 0.92: dlib on LFW, FAR ~0.2%%, FRR ~5%%); "
+        "identify raises it for the gallery's size to a 1%% FPIR (docs/client.md)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing state file")
     p.set_defaults(func=keys_init)
