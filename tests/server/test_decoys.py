@@ -90,7 +90,7 @@ class InProcessServer:
 
             setattr(ident, name, logged)
 
-        def preselect(tenant_id: str, key_id: str, mode: str, labels: Any, *_: Any) -> None:
+        def preselect(tenant_id: str, key_id: str, mode: str, labels: Any, *_: Any, **__: Any) -> None:
             log.preselect[log.current] = list(labels)
 
         def rerank(tenant_id: str, key_id: str, candidates: Any, *_: Any, **__: Any) -> None:
