@@ -32,7 +32,7 @@ import numpy.typing as npt
 from veilface.client.route_tuning import TuneOptions, strict_defaults, tune_routing
 from veilface.client.routing import MIN_POINTS_PER_CENTROID, Router
 from veilface.client.search import SearchMode
-from veilface.client.search_defaults import LEGACY_K, LEGACY_NPROBE, SearchDefaults
+from veilface.client.search_defaults import LEGACY_K, LEGACY_NPROBE, STRICT_K, SearchDefaults
 from veilface.errors import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def search_options(
     requested = SearchMode.parse(mode)
     d = state.search
     if requested is SearchMode.STRICT:
-        return ResolvedSearch(requested, LEGACY_K if k is None else k, LEGACY_NPROBE if nprobe is None else nprobe)
+        return ResolvedSearch(requested, STRICT_K if k is None else k, LEGACY_NPROBE if nprobe is None else nprobe)
     reason = ""
     if d is not None and not d.routed:
         reason = d.reason
@@ -155,7 +155,7 @@ def search_options(
     elif state.router is None:
         raise FailedPrecondition("routed mode needs trained routing (train_routing)")
     if reason:
-        return ResolvedSearch(SearchMode.STRICT, LEGACY_K if k is None else k, 0, reason)
+        return ResolvedSearch(SearchMode.STRICT, STRICT_K if k is None else k, 0, reason)
     return ResolvedSearch(
         requested,
         (d.k if d is not None else LEGACY_K) if k is None else k,

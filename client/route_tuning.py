@@ -114,10 +114,12 @@ class Tuning:
 
 @dataclass(frozen=True)
 class BinCosts:
-    """Modelled µs of one bin's preselection and re-ranking stages for a window of ``m``."""
+    """Modelled µs of one bin's preselection and re-ranking stages for a window of ``m``,
+    and of the one-stage whole-template score of an exhaustive query (``k = 0``)."""
 
     presel_us: float
     rest_us: float
+    full_us: float = 0.0
 
     @classmethod
     def of(cls, layout: DiagonalLayout, m: int) -> BinCosts:
@@ -128,6 +130,7 @@ class BinCosts:
         return cls(
             m * PRODUCT_US + presel_ks * KEY_SWITCH_US + RESPONSE_US,
             (d_pad - m) * PRODUCT_US + rest_ks * KEY_SWITCH_US + RESPONSE_US,
+            d_pad * PRODUCT_US + (2 * (layout.g2 - 1) + 1) * KEY_SWITCH_US + RESPONSE_US,
         )
 
 
@@ -174,13 +177,22 @@ class ListReplay:
     bin_rank: IntArray
 
     def evaluate(self, nprobe: int, quota: int, costs: BinCosts) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-        """Per probe: hit (0/1), routing hit, bins searched, bins re-ranked; and cost (µs)."""
+        """Per probe: hit (0/1), routing hit, bins searched; and cost (µs).
+
+        ``quota = 0``: an exhaustive query over the probed lists (``k = 0``),
+        scored whole in one stage: every probed template is a candidate.
+        """
         nb = self.nbins[self.probed[:, :nprobe]]
         searched = nb.sum(axis=1)
+        routed = self.true_rank < nprobe
+        if quota <= 0:
+            return (
+                routed.astype(np.float64), routed.astype(np.float64),
+                searched.astype(np.float64), (searched * costs.full_us).astype(np.float64),
+            )
         shaped = np.minimum(nb, quota).sum(axis=1)
         exhaustive = shaped >= RERANK_ALL_ABOVE * searched
         reranked = np.where(exhaustive, searched, shaped)
-        routed = self.true_rank < nprobe
         hit = routed & (exhaustive | (self.bin_rank < quota))
         cost = searched * costs.presel_us + reranked * costs.rest_us
         return hit.astype(np.float64), routed.astype(np.float64), searched.astype(np.float64), cost.astype(np.float64)
@@ -260,11 +272,12 @@ class _Candidate:
 
 
 def _sweep(nlist: int, window: int, rep: ListReplay, costs: BinCosts) -> list[_Candidate]:
-    """Every (nprobe, quota) of one router and window, with its recall and mean cost."""
+    """Every (nprobe, quota) of one router and window, with its recall and mean cost
+    (quota 0: the probed lists scored whole in one stage, ``k = 0``)."""
     out = []
     quota_max = int(min(QUOTA_MAX, max(1, rep.nbins.max())))
     for nprobe in range(1, rep.probed.shape[1] + 1):
-        for quota in range(1, quota_max + 1):
+        for quota in range(0, quota_max + 1):
             hit, _, _, cost = rep.evaluate(nprobe, quota, costs)
             out.append(_Candidate(nlist, window, nprobe, quota, float(hit.mean()), float(cost.mean())))
     return out
@@ -330,7 +343,8 @@ def tune_routing(
         return Tuning(None, strict_defaults(
             f"{n} templates cannot train two lists (faiss wants {MIN_POINTS_PER_CENTROID} per list)",
             n=n, m=m, target=opts.target_recall))
-    strict_us = math.ceil(n / cap) * (BinCosts.of(layout, m).presel_us + BinCosts.of(layout, m).rest_us)
+    # strict's default is exhaustive, in one stage (k = 0)
+    strict_us = math.ceil(n / cap) * BinCosts.of(layout, m).full_us
     rng = np.random.default_rng(opts.seed)
     perm = rng.permutation(n)
     half = n // 2
@@ -374,7 +388,10 @@ def tune_routing(
     hit, routed, searched, cost = rep.evaluate(best.nprobe, best.quota, BinCosts.of(layout, m))
     nb = rep.nbins[rep.probed[:, : best.nprobe]]
     shaped = np.minimum(nb, best.quota).sum(axis=1)
-    reranked = np.where(shaped >= RERANK_ALL_ABOVE * searched, searched, shaped)
+    reranked = (
+        searched if best.quota <= 0
+        else np.where(shaped >= RERANK_ALL_ABOVE * searched, searched, shaped)
+    )
     defaults = SearchDefaults(
         mode="routed",
         nlist=best.nlist,

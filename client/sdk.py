@@ -391,9 +391,10 @@ class VeilClient:
         mode : ``strict`` (every bin) or ``routed`` (the ``nprobe`` nearest lists);
             a :class:`~veilface.client.search.SearchMode` or its value
         k : candidates kept after preselection; their bins are scored in full
-            (0: score every searched bin in full, exact but with no saving).
+            (0: every searched template scored whole, in one stage: exact).
             Routed mode gives each named label ``ceil(k / real lists)`` of them.
-            ``k``, ``nprobe``: default what :meth:`train_routing` chose (else 32, 8).
+            ``k``, ``nprobe``: strict defaults to 0; routed to what
+            :meth:`train_routing` chose (else 32, 8).
             Routing trained on too few templates runs strict (``Identification.fallback``)
         top_n : candidates returned (with handles), best first
         rerank_all_above : when the re-ranked bins would be at least this share

@@ -19,6 +19,11 @@ from veilface.errors import InvalidArgument
 #: What ``identify`` used before the SDK chose (and still uses without a choice).
 LEGACY_NPROBE = 8
 LEGACY_K = 32
+#: Strict mode's default ``k``: exhaustive, every template scored whole in one
+#: stage (exact; since the one-stage Preselect it is cheaper than preselecting
+#: every bin and then re-ranking the three quarters of them 32 candidates span
+#: at 100,000, and a 1,000,000 strict search meets its 2 s target this way).
+STRICT_K = 0
 MODES = ("routed", "strict")
 
 
@@ -125,4 +130,4 @@ class SearchDefaults:
         return cls(**kw)
 
 
-__all__ = ["LEGACY_K", "LEGACY_NPROBE", "SearchDefaults"]
+__all__ = ["LEGACY_K", "LEGACY_NPROBE", "STRICT_K", "SearchDefaults"]

@@ -36,7 +36,8 @@ def test_tuned_parameters_are_stored_used_and_overridden(server: LocalServer, fa
     with make_client(server, "tuned") as c:
         chosen = c.train_routing(gallery, nlist=4, seed=1)  # 75 per list: routed, nprobe and k measured
         assert chosen.routed and not chosen.auto and chosen.nlist == 4 and c.state.search == chosen
-        assert chosen.gallery == 300 and chosen.recall >= 0.95 and chosen.k >= chosen.nprobe >= 1
+        assert chosen.gallery == 300 and chosen.recall >= 0.95 and chosen.nprobe >= 1
+        assert chosen.k == 0 or chosen.k >= chosen.nprobe  # 0: the probed lists scored whole, one stage
         c.enroll_many(names, gallery)
         seen = _spy(c)
         r = c.identify(probes[0], mode="routed")
