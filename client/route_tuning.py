@@ -277,7 +277,7 @@ def _sweep(nlist: int, window: int, rep: ListReplay, costs: BinCosts) -> list[_C
     out = []
     quota_max = int(min(QUOTA_MAX, max(1, rep.nbins.max())))
     for nprobe in range(1, rep.probed.shape[1] + 1):
-        for quota in range(0, quota_max + 1):
+        for quota in range(quota_max + 1):
             hit, _, _, cost = rep.evaluate(nprobe, quota, costs)
             out.append(_Candidate(nlist, window, nprobe, quota, float(hit.mean()), float(cost.mean())))
     return out
