@@ -344,7 +344,8 @@ def test_real_server_scrape_has_rpc_gallery_and_scoring_metrics_and_no_secret(
         c.register_key()
         c.enroll_many(names[:-1], gallery[:-1])  # a BulkEnroll stream
         c.enroll(names[-1], gallery[-1], fold="now")  # a single enrollment
-        assert c.identify(probes[3]).subject_id == names[3]
+        assert c.identify(probes[3]).subject_id == names[3]  # strict default: one stage
+        assert c.identify(probes[3], k=8).subject_id == names[3]  # preselect, then re-rank
         assert c.verify(names[4], probes[4]).score > 0.5
         with pytest.raises(NotFound):
             c.verify("nobody-enrolled", probes[4])
