@@ -63,3 +63,49 @@ def test_a_server_that_ignores_the_flag_is_re_ranked(
             r = c.identify(probes[i], mode="strict", k=0)
             assert r.stats.rerank_ms > 0.0  # it fell back to the second stage
             assert r.score == pytest.approx(float(np.max(g @ _unit(probes[i]))), abs=1e-3)
+
+
+def test_exhaustive_preselect_keeps_the_checks_of_preselect(server: LocalServer, faces) -> None:  # type: ignore[no-untyped-def]
+    """The flag adds work per bin, not a way past the checks: a foreign tenant, an
+    enroll-only token, a malformed or short probe and labels in strict mode are refused."""
+    from tests.server.conftest import create_tenant
+    from veilface.client.admin import AdminClient
+    from veilface.client.sdk import VeilClient
+    from veilface.client.tenant_state import TenantState
+    from veilface.client.transport import Transport
+    from veilface.errors import InvalidArgument, PermissionDenied
+    from veilface.proto.v1 import veilface_pb2 as pb
+
+    gallery, names, probes = faces
+    owner_token = create_tenant(server, "ex-owner")
+    a = VeilClient(server.target, TenantState.new("ex-owner", dim=128), token=owner_token, encrypt_workers=0)
+    a.register_key()
+    with a, make_client(server, "ex-other") as b:
+        a.enroll_many(names[:20], gallery[:20])
+        probe = a.crypto.encrypt_probe(a.prepare_probe(probes[0])[0])
+
+        def req(**kw: object) -> pb.PreselectRequest:
+            base: dict[str, object] = dict(
+                tenant_id="ex-owner", key_id=a.state.key_id, mode=pb.SEARCH_MODE_STRICT,
+                probe_ciphertexts=probe, exhaustive=True,
+            )
+            return pb.PreselectRequest(**{**base, **kw})  # type: ignore[arg-type]
+
+        ok = a.transport.call(a.transport.identification.Preselect, req())
+        assert ok.exhaustive and len(ok.bins) == 1
+        with pytest.raises(PermissionDenied):  # another tenant's token
+            b.transport.call(b.transport.identification.Preselect, req())
+        with AdminClient(server.target, token=owner_token) as mgr:
+            enroll_only = mgr.create_token("ex-owner", name="enroller", scopes=["enroll"]).api_token
+        t = Transport(server.target, token=enroll_only)
+        try:
+            with pytest.raises(PermissionDenied):  # no query scope
+                t.call(t.identification.Preselect, req())
+        finally:
+            t.close()
+        with pytest.raises(InvalidArgument, match="malformed"):
+            a.transport.call(a.transport.identification.Preselect, req(probe_ciphertexts=[b"\x00" * 64] * len(probe)))
+        with pytest.raises(InvalidArgument):
+            a.transport.call(a.transport.identification.Preselect, req(probe_ciphertexts=probe[:-1]))
+        with pytest.raises(InvalidArgument):
+            a.transport.call(a.transport.identification.Preselect, req(labels=["x"]))
