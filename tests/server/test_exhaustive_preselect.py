@@ -85,10 +85,10 @@ def test_exhaustive_preselect_keeps_the_checks_of_preselect(server: LocalServer,
         probe = a.crypto.encrypt_probe(a.prepare_probe(probes[0])[0])
 
         def req(**kw: object) -> pb.PreselectRequest:
-            base: dict[str, object] = dict(
-                tenant_id="ex-owner", key_id=a.state.key_id, mode=pb.SEARCH_MODE_STRICT,
-                probe_ciphertexts=probe, exhaustive=True,
-            )
+            base: dict[str, object] = {
+                "tenant_id": "ex-owner", "key_id": a.state.key_id, "mode": pb.SEARCH_MODE_STRICT,
+                "probe_ciphertexts": probe, "exhaustive": True,
+            }
             return pb.PreselectRequest(**{**base, **kw})  # type: ignore[arg-type]
 
         ok = a.transport.call(a.transport.identification.Preselect, req())
