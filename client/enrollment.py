@@ -32,10 +32,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from veilface.client.tail_packing import plan_bins
 from veilface.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from veilface.proto.v1 import veilface_pb2 as pb
 
 if TYPE_CHECKING:
+    from veilface.client.routing import Router
     from veilface.client.sdk import VeilClient
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,24 @@ log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float64]
 
 FOLDS = ("background", "now", "later")
+
+
+def bulk_plan(
+    router: Router | None, lists: npt.NDArray[np.int64] | None, n: int, capacity: int
+) -> list[tuple[str, npt.NDArray[np.int64]]]:
+    """The bins of a bulk import of ``n`` templates: (label, rows) each, rows in import order.
+
+    Without routing, bins of ``capacity`` in order under the empty label;
+    with it, each list's bins, and the shared bins of its tail group when
+    the router has tail groups (:mod:`veilface.client.tail_packing`).
+    """
+    if router is None or lists is None:
+        rows = np.arange(n, dtype=np.int64)
+        return [("", rows[i : i + capacity]) for i in range(0, n, capacity)]
+    return [
+        (router.tail_label(b.owner) if b.tail else router.label(b.owner), b.rows)
+        for b in plan_bins(lists, router.tail_groups, capacity)
+    ]
 
 
 @dataclass(frozen=True)
@@ -95,7 +115,7 @@ class Enroller:
         xn = c.normalize(embedding)
         x = c.prepare(xn)
         handle = c._handles.encode(subject_id)
-        label = c._labels_for(xn)[0]
+        label = c._enrollment_labels(xn)[0]
         if self.staging and staged:
             try:
                 resp = c.transport.call(
@@ -212,23 +232,17 @@ class Enroller:
         from tqdm import tqdm
 
         c = self.client
-        labels = c._labels_for(xn)
         first = True
         x = c.prepare(xn)
-        order: dict[str, list[int]] = {}
-        for i, lab in enumerate(labels):
-            order.setdefault(lab, []).append(i)
-        cap = c.layout.capacity
         # The first chunk declares how many follow: the server imports
         # nothing unless that many arrive (a cut stream leaves nothing).
-        plan = [
-            (lab, rows[i : i + cap]) for lab, rows in order.items() for i in range(0, len(rows), cap)
-        ]
+        plan = bulk_plan(c.state.router, c._lists_for(xn), len(xn), c.layout.capacity)
         bar = tqdm(total=len(x), unit="tpl", desc="encrypting bins", disable=not progress)
         try:
-            for lab, idx in plan:
+            for lab, rows in plan:
+                idx = rows.tolist()
                 slots = list(range(len(idx)))
-                cts = c.crypto.encrypt_contribution(x[idx], slots)
+                cts = c.crypto.encrypt_contribution(x[rows], slots)
                 bar.update(len(idx))
                 yield pb.BulkEnrollChunk(
                     tenant_id=c.state.tenant_id,

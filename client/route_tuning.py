@@ -8,6 +8,10 @@ windows (:mod:`veilface.crypto.layout`: the window of virtual slot ``v``
 starts at coordinate ``v % d_pad``) and the re-ranking plan
 (:func:`veilface.client.search.plan_rerank`: per list, its ``ceil(k /
 nprobe)`` best bins, or every searched bin past ``rerank_all_above``).
+One-stage queries (``k = 0``) are counted, and then enrolled, with the
+lists' last bins shared by neighbouring lists
+(:mod:`veilface.client.tail_packing`): a query searches its lists' full
+bins and each of their tail groups' bins once.
 Re-ranking is exact, so a probe's true template is found iff it is
 re-ranked.
 
@@ -40,13 +44,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
 
 from veilface.client.routing import MIN_POINTS_PER_CENTROID, Router
 from veilface.client.search_defaults import SearchDefaults
+from veilface.client.tail_packing import NO_GROUP, group_tails, searched_bins
 from veilface.crypto.layout import DiagonalLayout
 from veilface.errors import InvalidArgument
 
@@ -175,17 +180,26 @@ class ListReplay:
     nbins: IntArray
     true_rank: IntArray
     bin_rank: IntArray
+    tail_groups: IntArray | None = None
+    group_bins: IntArray | None = None
 
     def evaluate(self, nprobe: int, quota: int, costs: BinCosts) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
         """Per probe: hit (0/1), routing hit, bins searched; and cost (µs).
 
         ``quota = 0``: an exhaustive query over the probed lists (``k = 0``),
         scored whole in one stage: every probed template is a candidate.
+        With :attr:`tail_groups` (shared tail bins) the lists' tails are
+        counted once per group; the quotas of a re-ranking (``quota > 0``)
+        are per list's own bins, so they are always counted without.
         """
         nb = self.nbins[self.probed[:, :nprobe]]
         searched = nb.sum(axis=1)
         routed = self.true_rank < nprobe
         if quota <= 0:
+            if self.tail_groups is not None and self.group_bins is not None:
+                searched = searched_bins(
+                    self.probed[:, :nprobe], self.nbins - self.has_tail, self.tail_groups, self.group_bins
+                )
             return (
                 routed.astype(np.float64), routed.astype(np.float64),
                 searched.astype(np.float64), (searched * costs.full_us).astype(np.float64),
@@ -196,6 +210,22 @@ class ListReplay:
         hit = routed & (exhaustive | (self.bin_rank < quota))
         cost = searched * costs.presel_us + reranked * costs.rest_us
         return hit.astype(np.float64), routed.astype(np.float64), searched.astype(np.float64), cost.astype(np.float64)
+
+
+    @property
+    def has_tail(self) -> IntArray:
+        """1 for a list whose last bin is a tail (in its group when grouped), else 0."""
+        if self.tail_groups is None:
+            return np.zeros_like(self.nbins)
+        return (self.tail_groups != NO_GROUP).astype(np.int64)
+
+    def packed(self, capacity: int, sizes: IntArray, centroids: npt.ArrayLike) -> ListReplay:
+        """The same replay with the lists' tails in shared bins (:func:`group_tails`)."""
+        groups = group_tails(sizes, capacity, centroids)
+        tails = sizes % capacity
+        totals = np.bincount(groups[groups != NO_GROUP], weights=tails[groups != NO_GROUP],
+                             minlength=int(groups.max()) + 1)
+        return replace(self, tail_groups=groups, group_bins=(-(-totals.astype(np.int64) // capacity)))
 
 
 def _pad(x: FloatArray, d_pad: int) -> FloatArray:
@@ -257,7 +287,9 @@ def replay(
             true_bin = bin_of[probes.source[who]]
             mine = best[true_bin, np.arange(len(who))]
             bin_rank[who] = (best > mine[None, :]).sum(axis=0)
-        out[m] = ListReplay(probed, nbins.astype(np.int64), true_rank, bin_rank)
+        out[m] = ListReplay(probed, nbins.astype(np.int64), true_rank, bin_rank).packed(
+            capacity, sizes, router.centroids
+        )
     return out
 
 
@@ -384,6 +416,9 @@ def tune_routing(
             f"{math.ceil(n / cap)} bins): routing does not pay at this size",
             n=n, m=m, target=opts.target_recall))
     router, assigned = routers[best.nlist]
+    if best.quota <= 0:  # one-stage queries: the lists' tails share bins (tail_packing)
+        sizes = np.bincount(assigned, minlength=router.nlist)
+        router = replace(router, tail_groups=tuple(int(g) for g in group_tails(sizes, cap, router.centroids)))
     rep = replay(router, assigned, xc, held_p, capacity=cap, windows=[m], nprobe_max=best.nprobe)[m]
     hit, routed, searched, cost = rep.evaluate(best.nprobe, best.quota, BinCosts.of(layout, m))
     nb = rep.nbins[rep.probed[:, : best.nprobe]]
@@ -409,6 +444,7 @@ def tune_routing(
         cost_ms=float(cost.mean()) / 1e3,
         gallery=n,
         auto=allow_strict,
+        tail_groups=0 if router.tail_groups is None else max(router.tail_groups) + 1,
     )
     if defaults.recall < opts.target_recall:
         log.info(

@@ -57,6 +57,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from veilface.client.tail_packing import NO_GROUP, enrollment_label_ids
 from veilface.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,10 @@ class Router:
         to their centroid (``None`` for routers saved before they were
         kept): fake queries of decoys are drawn from them
         (:meth:`decoy_lists`).
+    tail_groups
+        Per list, the group whose shared bins hold the list's last, partly
+        filled bin (``-1``: none), or ``None``: every list keeps its own
+        tail (:mod:`veilface.client.tail_packing`).
     """
 
     centroids: Float32Array = field(repr=False)
@@ -138,6 +143,7 @@ class Router:
     key_id: str | None = None
     list_sizes: tuple[int, ...] | None = field(default=None, repr=False)
     list_spread: float | None = field(default=None, repr=False)
+    tail_groups: tuple[int, ...] | None = field(default=None, repr=False)
     _index: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -165,6 +171,13 @@ class Router:
             np.isfinite(self.list_spread) and 0.0 <= float(self.list_spread) < 10.0
         ):
             raise InvalidArgument("list spread must be a finite value in [0, 10)")
+        if self.tail_groups is not None:
+            groups = tuple(int(g) for g in self.tail_groups)
+            if len(groups) != cents.shape[0] or (groups and min(groups) < NO_GROUP):
+                raise InvalidArgument("tail groups must be one group id >= -1 per list")
+            if self.key_id is None:
+                raise InvalidArgument("a legacy router (no key id) has no tail groups")
+            object.__setattr__(self, "tail_groups", groups)
 
     def __repr__(self) -> str:
         return (
@@ -335,6 +348,36 @@ class Router:
         """:meth:`label` of each id, in order."""
         return [self.label(int(i)) for i in np.asarray(list(list_ids)).ravel()]
 
+    def tail_label(self, group: int) -> str:
+        """The label of a tail group's shared bins (:mod:`veilface.client.tail_packing`).
+
+        Same HMAC as :meth:`label`, over ``[LABEL_DOMAIN, key_id, version,
+        "tail", group]``: never equal to a list's label.
+        """
+        if self.tail_groups is None or not 0 <= int(group) <= max(self.tail_groups, default=-1):
+            raise InvalidArgument(f"no tail group {group!r} in this router")
+        msg = json.dumps(
+            [LABEL_DOMAIN, self.key_id, self.version, "tail", int(group)], separators=(",", ":")
+        ).encode("utf-8")
+        return hmac.new(self.label_key, msg, hashlib.sha256).digest()[:LABEL_BYTES].hex()
+
+    def search_labels(self, list_ids: Iterable[int]) -> set[str]:
+        """Every label holding templates of these lists: theirs and their tail groups'."""
+        ids = [self._check_id(i) for i in list_ids]
+        out = set(self.labels(ids))
+        if self.tail_groups is not None:
+            out |= {self.tail_label(g) for g in {self.tail_groups[i] for i in ids} if g != NO_GROUP}
+        return out
+
+    def enrollment_labels(self, list_ids: Iterable[int]) -> list[str]:
+        """Where a single enrollment of each list's template goes: its tail group's bins if it has one."""
+        groups = None if self.tail_groups is None else np.asarray(self.tail_groups, dtype=np.int64)
+        ids = np.asarray([self._check_id(i) for i in list_ids], dtype=np.int64)
+        return [
+            self.tail_label(o) if tail else self.label(o)
+            for o, tail in enrollment_label_ids(ids, groups)
+        ]
+
     def decoy_labels(
         self, exclude: Iterable[int], count: int, rng: np.random.Generator | None = None
     ) -> list[str]:
@@ -385,11 +428,12 @@ class Router:
         """Labels to send with a query: the real lists plus ``decoys`` decoys, sorted.
 
         Labels are pseudorandom, so sorted order says nothing about which
-        are real.
+        are real. Each list, real or decoy, brings its tail group's label
+        too (:meth:`search_labels`).
         """
         real = [self._check_id(i) for i in np.asarray(list(list_ids)).ravel()]
         fake = self.decoy_lists(real, decoys, group=len(set(real)), rng=rng)
-        return sorted(set(self.labels(real)) | set(self.labels(fake)))
+        return sorted(self.search_labels(real) | self.search_labels(fake))
 
     def decoy_lists(
         self,
@@ -473,6 +517,7 @@ class Router:
             },
             **({} if self.list_sizes is None else {"list_sizes": list(self.list_sizes)}),
             **({} if self.list_spread is None else {"list_spread": float(self.list_spread)}),
+            **({} if self.tail_groups is None else {"tail_groups": list(self.tail_groups)}),
         }
 
     @classmethod
@@ -502,6 +547,7 @@ class Router:
             version = data["version"]
             sizes = data.get("list_sizes")  # optional: absent in routers saved before them
             spread = data.get("list_spread")
+            groups = data.get("tail_groups")  # optional: absent in routers saved before them
         except (KeyError, TypeError, binascii.Error) as exc:
             raise InvalidArgument(f"router dict is malformed ({type(exc).__name__})") from exc
         if len(raw) != 4 * shape[0] * shape[1]:
@@ -513,6 +559,10 @@ class Router:
             raise InvalidArgument("router list sizes must be a list of integers")
         if spread is not None and not isinstance(spread, (int, float)):
             raise InvalidArgument("router list spread must be a number")
+        if groups is not None and (
+            not isinstance(groups, list) or not all(isinstance(g, int) and not isinstance(g, bool) for g in groups)
+        ):
+            raise InvalidArgument("router tail groups must be a list of integers")
         return cls(
             centroids,
             version,
@@ -520,6 +570,7 @@ class Router:
             key_id,
             None if sizes is None else tuple(sizes),
             None if spread is None else float(spread),
+            None if groups is None else tuple(groups),
         )
 
 

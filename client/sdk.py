@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
+Int64Array = npt.NDArray[np.int64]
 
 class VeilClient:
     """Talk to a veilface server as one tenant.
@@ -236,12 +237,19 @@ class VeilClient:
         q = p - self.center if centered else p
         return np.asarray(self._mix @ q, dtype=np.float64), float(self.center @ p)
 
-    def _labels_for(self, xn: FloatArray) -> list[str]:
-        """Routing labels of normalized (unmixed, uncentered) templates."""
+    def _lists_for(self, xn: FloatArray) -> Int64Array | None:
+        """Routing lists of normalized (unmixed, uncentered) templates (None: no routing)."""
         router = self.state.router
         if router is None:
+            return None
+        return router.assign((xn @ self._mix.T).astype(np.float32))
+
+    def _enrollment_labels(self, xn: FloatArray) -> list[str]:
+        """Labels single enrollments of these templates reserve their slots under."""
+        lists = self._lists_for(xn)
+        if lists is None or self.state.router is None:
             return [""] * len(xn)
-        return router.labels(router.assign((xn @ self._mix.T).astype(np.float32)).tolist())
+        return self.state.router.enrollment_labels(lists.tolist())
 
     # -- tenant ---------------------------------------------------------
 

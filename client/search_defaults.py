@@ -69,6 +69,9 @@ class SearchDefaults:
     auto
         True when the SDK chose ``nlist`` (a re-pack then chooses again);
         False when the caller gave it (a re-pack keeps it).
+    tail_groups
+        Groups of shared tail bins (:mod:`veilface.client.tail_packing`;
+        0: each list keeps its own last bin).
     """
 
     mode: str = "routed"
@@ -88,11 +91,14 @@ class SearchDefaults:
     cost_ms: float = math.nan
     gallery: int = 0
     auto: bool = True
+    tail_groups: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InvalidArgument(f"search defaults mode is one of {list(MODES)}, got {self.mode!r}")
-        for name in ("nlist", "nprobe", "k", "presel_dims", "advised_presel_dims", "probes", "gallery"):
+        for name in (
+            "nlist", "nprobe", "k", "presel_dims", "advised_presel_dims", "probes", "gallery", "tail_groups"
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidArgument(f"search defaults {name} must be an integer >= 0, got {value!r}")

@@ -82,7 +82,7 @@ def test_rotation_renews_handles_labels_and_photos(  # type: ignore[no-untyped-d
     photo_ids = {old.upload_photo(names[1], _photo(1)), old.upload_photo(names[22], _photo(2))}
     photo_ids.add(old.upload_photo(names[1], _photo(3)))
     before = _stored(server.db_path, tid)
-    assert len(before.handles) == n and before.photo_ids == photo_ids and len(before.labels) >= 2
+    assert len(before.handles) == n and before.photo_ids == photo_ids and len(before.labels) >= 1  # one shared tail bin or more
 
     new_state = old.state.rotated("k2")
     with VeilClient(server.target, new_state, token=token, encrypt_workers=0) as new:
