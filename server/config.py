@@ -89,6 +89,10 @@ class ServerSettings:
     # Public contexts (with their kernels) kept loaded per worker process,
     # least recently used evicted first.
     max_resident_keys: int = 16
+    # Bins of other workers each worker keeps loaded for the queries balanced
+    # onto it (server/scoring.py), least recently used first (8 MiB each at
+    # n4096/128-d; 0: a query's bins stay with their owners).
+    max_foreign_bins: int = 32
     # Per tenant: calls in progress at once, and bins being scored at once
     # (over all its calls). Over either: RESOURCE_EXHAUSTED. One request may
     # still score up to max_bins_per_request when nothing else is in flight.
@@ -161,10 +165,10 @@ class ServerSettings:
             from veilface.errors import InvalidArgument
 
             raise InvalidArgument("TLS needs both a certificate and a key (--tls-cert, --tls-key)")
-        if settings.max_templates < 0 or settings.max_gallery_bytes < 0:
+        if settings.max_templates < 0 or settings.max_gallery_bytes < 0 or settings.max_foreign_bins < 0:
             from veilface.errors import InvalidArgument
 
-            raise InvalidArgument("max_templates and max_gallery_bytes are 0 (default) or positive")
+            raise InvalidArgument("max_templates, max_gallery_bytes and max_foreign_bins are 0 or positive")
         if not 0.0 < settings.gallery_memory_fraction <= 1.0:
             from veilface.errors import InvalidArgument
 

@@ -52,6 +52,7 @@ class Lane(Protocol):
 _HOLDS: dict[Callable[..., Any], str] = {
     worker.score: "units",
     worker.preload: "bin_ids",
+    worker.preload_foreign: "bin_ids",
     worker.precompute_centers: "bin_ids",
     worker.current: "bin_id",
 }

@@ -158,6 +158,7 @@ class RayPool(ScoringBackend):
     """
 
     def __init__(self, db: str, options: RayOptions, limits: worker.WorkerLimits) -> None:
+        super().__init__()
         try:
             import ray
         except ImportError:

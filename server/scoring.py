@@ -19,11 +19,13 @@ import abc
 import asyncio
 import logging
 import multiprocessing
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from veilface.errors import VeilfaceError
 from veilface.server import worker
 from veilface.server.fair_queue import FairLane
 from veilface.server.metrics import ScoringStats
@@ -51,6 +53,13 @@ class ScoringBackend(abc.ABC):
     stats: ScoringStats
     #: Shards found restarted or re-created since start (0 for local processes).
     shard_reloads: int = 0
+    #: Other shards' bins each shard may keep to balance queries (``WorkerLimits.max_foreign_bins``).
+    max_foreign_bins: int = worker.WorkerLimits.max_foreign_bins
+
+    def __init__(self) -> None:
+        #: Per shard, the foreign bins this pool asked it to hold, least recently used first.
+        self._foreign: dict[int, OrderedDict[int, None]] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
 
     @abc.abstractmethod
     async def call(self, idx: int, fn: Callable[..., T], *args: Any) -> T:
@@ -101,12 +110,20 @@ class ScoringBackend(abc.ABC):
                         worker.ScoreUnit(bin_id, version, lo, hi, add_center and i == 0, keep[bin_id])
                     )
         else:
-            for bin_id, version in bins:
-                units.setdefault(self.owner(bin_id), []).append(
-                    worker.ScoreUnit(
-                        bin_id, version, giants.start, giants.stop, add_center, keep[bin_id]
+            shares, warm_up = self._balance(bins)
+            for shard, share in shares.items():
+                for bin_id, version in share:
+                    foreign = self.owner(bin_id) != shard
+                    units.setdefault(shard, []).append(
+                        worker.ScoreUnit(
+                            bin_id, version, giants.start, giants.stop, add_center, keep[bin_id], foreign
+                        )
                     )
-                )
+                    if foreign:
+                        self._note_foreign(shard, bin_id)
+            for shard, bin_id in warm_up:
+                self._note_foreign(shard, bin_id)
+                self._background(self.call(shard, worker.preload_foreign, tenant_id, key_id, [bin_id]))
         results = await asyncio.gather(
             *(
                 self.call(i, worker.score, tenant_id, key_id, group, list(probe), query_id)
@@ -120,6 +137,62 @@ class ScoringBackend(abc.ABC):
                     out.setdefault(unit.bin_id, []).append(blob)
         return out
 
+    def _balance(
+        self, bins: Sequence[tuple[int, int]]
+    ) -> tuple[dict[int, list[tuple[int, int]]], list[tuple[int, int]]]:
+        """Each shard's bins for one query, and the (shard, bin) loads that would balance the next.
+
+        Bins go to their owners; while the busiest shard has two bins more
+        than the idlest, one of its bins that the idlest holds in its
+        foreign cache (as far as this pool has asked it to) moves there.
+        When none does, the idlest is asked to load one in the background
+        (at most one per query, and only while its foreign cache has room),
+        so that a gallery's queries balance once it has been searched a
+        while, without a cold load on any query's path.
+        """
+        shares: dict[int, list[tuple[int, int]]] = {i: [] for i in range(self.n)}
+        for b in bins:
+            shares[self.owner(b[0])].append(b)
+        warm_up: list[tuple[int, int]] = []
+        if self.max_foreign_bins <= 0 or self.n < 2:
+            return shares, warm_up
+        moved: set[int] = set()
+        while True:
+            hi = max(shares, key=lambda i: len(shares[i]))
+            lo = min(shares, key=lambda i: len(shares[i]))
+            if len(shares[hi]) - len(shares[lo]) < 2:
+                break
+            held = self._foreign.get(lo, {})
+            movable = [b for b in shares[hi] if b[0] not in moved]
+            warm = [b for b in movable if b[0] in held]
+            if not warm:
+                if not warm_up and len(held) < self.max_foreign_bins and movable:
+                    warm_up.append((lo, movable[-1][0]))
+                break
+            shares[hi].remove(warm[-1])
+            shares[lo].append(warm[-1])
+            moved.add(warm[-1][0])
+        return shares, warm_up
+
+    def _note_foreign(self, shard: int, bin_id: int) -> None:
+        """Mirror the shard's foreign cache (least recently used first, as the worker keeps it)."""
+        held = self._foreign.setdefault(shard, OrderedDict())
+        held[bin_id] = None
+        held.move_to_end(bin_id)
+        while len(held) > self.max_foreign_bins:
+            held.popitem(last=False)
+
+    def _background(self, job: Awaitable[Any]) -> None:
+        async def run() -> None:
+            try:
+                await job
+            except (VeilfaceError, RuntimeError, OSError) as exc:  # an optimization: never fail a query
+                log.debug("background load of a foreign bin failed: %s", exc)
+
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def broadcast(self, fn: Callable[..., T], *args: Any) -> list[T]:
         return list(await asyncio.gather(*(self.call(i, fn, *args) for i in range(self.n))))
 
@@ -131,6 +204,7 @@ class WorkerPool(ScoringBackend):
         """``n`` workers, each reading the store ``db`` names (a SQLite path or a store URL)."""
         if n < 1:
             raise ValueError("at least one worker is needed")
+        super().__init__()
         ctx = multiprocessing.get_context("spawn")
         self.n = n
         self._execs = [
@@ -159,7 +233,7 @@ async def open_scoring(settings: ServerSettings, db: str) -> ScoringBackend:
     cluster that cannot be reached raises Unavailable naming its address.
     """
     backend: ScoringBackend
-    limits = worker.WorkerLimits(settings.max_resident_keys)
+    limits = worker.WorkerLimits(settings.max_resident_keys, settings.max_foreign_bins)
     if settings.scoring == "ray":
         from veilface.server.ray_scoring import RayOptions, RayPool
 
@@ -173,6 +247,7 @@ async def open_scoring(settings: ServerSettings, db: str) -> ScoringBackend:
     try:
         await backend.warm_up()
         await backend.broadcast(worker.configure, limits)
+        backend.max_foreign_bins = limits.max_foreign_bins
     except BaseException:
         backend.shutdown()
         raise

@@ -32,9 +32,15 @@ class _CachedBin:
 
 @dataclass(frozen=True)
 class WorkerLimits:
-    """What one worker process may keep (``ServerSettings.max_resident_keys``)."""
+    """What one worker process may keep (``ServerSettings.max_resident_keys``, ``max_foreign_bins``).
+
+    ``max_foreign_bins``: bins of other workers this one keeps loaded, least
+    recently used first, for the queries the pool balances onto it
+    (:meth:`veilface.server.scoring.ScoringBackend.score`); 0 keeps none.
+    """
 
     max_resident_keys: int = 16
+    max_foreign_bins: int = 32
 
 
 class _WorkerState:
@@ -45,6 +51,8 @@ class _WorkerState:
         self.kernels: OrderedDict[tuple[str, str], BinKernel] = OrderedDict()
         self.limits = WorkerLimits()
         self.bins: OrderedDict[int, _CachedBin] = OrderedDict()
+        # Other workers' bins scored here to balance a query, least recently used first.
+        self.foreign: OrderedDict[int, _CachedBin] = OrderedDict()
         self.centers: dict[tuple[str, str], Bin | None] = {}
         # (tenant, key, bin) -> (bin version, the bin's scores against that key's center)
         self.center_cache: dict[tuple[str, str, int], tuple[int, ScoreCiphertext]] = {}
@@ -94,16 +102,30 @@ class _WorkerState:
         self.center_cache[(tenant_id, key_id, bin_id)] = (cached.version, ct)
         return ct
 
-    def bin(self, bin_id: int, min_version: int = 0) -> _CachedBin:
-        """The bin at ``min_version`` or newer (``-1``: whatever the database has now)."""
-        cached = self.bins.get(bin_id)
+    def bin(self, bin_id: int, min_version: int = 0, *, foreign: bool = False) -> _CachedBin:
+        """The bin at ``min_version`` or newer (``-1``: whatever the database has now).
+
+        ``foreign``: another worker owns it; kept among the last
+        ``limits.max_foreign_bins`` such bins (unless this worker holds it anyway).
+        """
+        if foreign and bin_id not in self.bins:
+            cached = self._load(bin_id, min_version, self.foreign)
+            while len(self.foreign) > self.limits.max_foreign_bins:
+                old, _ = self.foreign.popitem(last=False)
+                for entry in [e for e in self.center_cache if e[2] == old]:
+                    del self.center_cache[entry]
+            return cached
+        return self._load(bin_id, min_version, self.bins)
+
+    def _load(self, bin_id: int, min_version: int, bins: OrderedDict[int, _CachedBin]) -> _CachedBin:
+        cached = bins.get(bin_id)
         if cached is not None and min_version < 0:
             current = self.reader.version(bin_id)
             if current is None:
                 raise NotFound(f"no bin {bin_id}")
             min_version = current
         if cached is not None and 0 <= min_version <= cached.version:
-            self.bins.move_to_end(bin_id)
+            bins.move_to_end(bin_id)
             return cached
         data = self.reader.load(bin_id)
         kernel = self.kernel(data.tenant_id, data.key_id)
@@ -125,8 +147,8 @@ class _WorkerState:
                 else:
                     kernel.add_into(cts, contrib)
             cached = _CachedBin(data.version, cts)
-        self.bins[bin_id] = cached
-        self.bins.move_to_end(bin_id)
+        bins[bin_id] = cached
+        bins.move_to_end(bin_id)
         return cached
 
 
@@ -191,6 +213,24 @@ def preload(bin_ids: Sequence[int]) -> int:
     return done
 
 
+def preload_foreign(tenant_id: str, key_id: str, bin_ids: Sequence[int]) -> int:
+    """Load other workers' bins (and their center scores) into the foreign cache, ahead of use.
+
+    The pool asks for this after a query it could not balance, so that the
+    next one finds the bins here (:meth:`ScoringBackend.score`).
+    """
+    state = _s()
+    done = 0
+    for bin_id in bin_ids:
+        try:
+            cached = state.bin(bin_id, -1, foreign=True)
+        except NotFound:
+            continue
+        state.center_scores(tenant_id, key_id, bin_id, cached)
+        done += 1
+    return done
+
+
 def check_part(tenant_id: str, key_id: str, blobs: Sequence[bytes]) -> None:
     """Validate a share of a contribution's ciphertexts and drop them."""
     kernel = _s().kernel(tenant_id, key_id)
@@ -205,6 +245,7 @@ def forget(bin_ids: Sequence[int]) -> None:
     state = _s()
     for b in bin_ids:
         state.bins.pop(b, None)
+        state.foreign.pop(b, None)
     gone = set(bin_ids)  # and their center scores (stale: the bin is gone or re-packed)
     for entry in [e for e in state.center_cache if e[2] in gone]:
         del state.center_cache[entry]
@@ -217,7 +258,8 @@ class ScoreUnit:
     ``keep``: the slots the response needs; every other slot of the score
     ciphertext is masked (:meth:`BinKernel.mask`). ``add_center``: add the
     bin's scores against the key's centering vector (re-ranking of centered
-    probes; set on one share of a split bin only).
+    probes; set on one share of a split bin only). ``foreign``: the bin's
+    owner is another worker (kept here in the bounded foreign cache).
     """
 
     bin_id: int
@@ -226,6 +268,7 @@ class ScoreUnit:
     stop_giant: int
     add_center: bool
     keep: tuple[int, ...]
+    foreign: bool = False
 
 
 #: Deserialized probes a worker keeps, by query, for the query's next stage.
@@ -266,7 +309,7 @@ def score(
         _probe_memo.move_to_end(memo_key)
     out: list[bytes | None] = []
     for unit in units:
-        cached = state.bin(unit.bin_id, unit.version)
+        cached = state.bin(unit.bin_id, unit.version, foreign=unit.foreign)
         if cached.cts is None:
             out.append(None)
             continue
@@ -365,6 +408,7 @@ __all__ = [
     "init",
     "ping",
     "preload",
+    "preload_foreign",
     "resident_keys",
     "score",
     "score_staged",

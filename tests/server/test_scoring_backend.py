@@ -31,6 +31,7 @@ class _RecordingBackend(ScoringBackend):
     """Runs nothing: records which shard got which call, answers one blob per unit."""
 
     def __init__(self, n: int) -> None:
+        super().__init__()
         self.n = n
         self.calls: list[tuple[int, str, tuple[Any, ...]]] = []
 
@@ -66,6 +67,33 @@ def test_many_bins_go_to_their_owners() -> None:
     by_shard = {idx: [u.bin_id for u in args[2]] for idx, _, args in backend.calls}
     assert by_shard == {0: [2, 4], 1: [1, 3]}
     assert sorted(out) == [1, 2, 3, 4] and out[3] == [b"1:3:0"]
+
+
+def test_an_unbalanced_query_warms_the_idle_shard_and_the_next_is_balanced() -> None:
+    backend = _RecordingBackend(2)
+    bins = [(2, 1), (4, 1), (6, 1), (8, 3), (3, 1)]  # owners: four on shard 0, one on shard 1
+
+    async def twice() -> None:
+        await backend.score("t", "k", bins, [b"probe"], range(4), {b: (0,) for b, _ in bins}, query_id="q")
+        await asyncio.sleep(0)  # the background warm-up runs
+        backend.calls.append((-1, "mark", ()))
+        await backend.score("t", "k", bins, [b"probe"], range(4), {b: (0,) for b, _ in bins}, query_id="q")
+
+    asyncio.run(twice())
+    mark = [c[1] for c in backend.calls].index("mark")
+    first, second = backend.calls[:mark], backend.calls[mark + 1 :]
+    # first query: owners only, and shard 1 is asked to load one of shard 0's bins for next time
+    assert {idx: [u.bin_id for u in a[2]] for idx, name, a in first if name == "score"} == {0: [2, 4, 6, 8], 1: [3]}
+    warm = [(idx, a) for idx, name, a in first if name == "preload_foreign"]
+    assert warm == [(1, ("t", "k", [8]))]
+    # second query: that bin moves (scored as foreign there): 3 / 2 instead of 4 / 1
+    by_shard = {idx: a[2] for idx, name, a in second if name == "score"}
+    assert [u.bin_id for u in by_shard[0]] == [2, 4, 6] and [u.bin_id for u in by_shard[1]] == [3, 8]
+    assert [u.foreign for u in by_shard[1]] == [False, True] and by_shard[1][1].version == 3
+    backend.max_foreign_bins = 0  # no foreign cache: owners only, nothing warmed
+    backend.calls.clear()
+    _score(backend, bins, range(4))
+    assert [name for _, name, _ in backend.calls] == ["score", "score"]
 
 
 def test_broadcast_reaches_every_shard() -> None:
