@@ -342,7 +342,7 @@ class EnrollmentService:
         for b in staged:
             by_owner.setdefault(self.pool.owner(b), []).append(b)
         for owner, group in by_owner.items():  # queued on the owners before any later request
-            self.core.background(self.pool.call(owner, worker.preload, group), "bin preload")
+            self.core.background(self._preload(owner, group), "bin preload")
         self._warm_centers(tenant_of_call, staged)
         return BulkResult(bin_ids=tuple(bins), subjects=subjects)
 
@@ -415,7 +415,12 @@ class EnrollmentService:
 
     async def _warm(self, owner: int, tenant_id: str, bin_ids: list[int]) -> None:
         _, key_id = await asyncio.to_thread(self.store.bin_owner, bin_ids[0])
-        await self.pool.call(owner, worker.precompute_centers, tenant_id, key_id, bin_ids)
+        for b in bin_ids:  # one bin per job: a query or an enrollment waits for one at most
+            await self.pool.call(owner, worker.precompute_centers, tenant_id, key_id, [b])
+
+    async def _preload(self, owner: int, bin_ids: list[int]) -> None:
+        for b in bin_ids:  # one bin per job, as above
+            await self.pool.call(owner, worker.preload, [b])
 
     async def list_key_bins(self, tenant_id: str, key_id: str) -> list[BinSummary]:
         """Every active bin of a key (id, label, version, subjects), by id."""

@@ -13,9 +13,12 @@ whatever the size of their backlogs.
 
 Which tenant a job belongs to is read from :data:`share`, a context
 variable the authentication interceptor sets for the call
-(``veilface.server.auth``); background work started by a call (compaction,
-centre precomputation) inherits it. Calls with no tenant (start-up, the
-admin) share one lane of their own.
+(``veilface.server.auth``). Background work started by a call (bin
+preloads after a bulk import, centre precomputation, compaction) runs under
+the tenant's *background* share (:func:`background_share`), a queue of its
+own: a tenant's acknowledged enrollments and queries wait for at most one
+background job (one bin), not for all the bins its import left to load.
+Calls with no tenant (start-up, the admin) share one lane of their own.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ from typing import Any
 
 #: The fair-share key of the current call (the tenant id; "" for none).
 share: contextvars.ContextVar[str] = contextvars.ContextVar("veilface_share", default="")
+
+
+def background_share(key: str) -> str:
+    """The share key of background work started under ``key`` (never a tenant id: NUL inside)."""
+    return key if key.endswith("\x00background") else f"{key}\x00background"
 
 
 @dataclass

@@ -20,7 +20,7 @@ from veilface.crypto.layout import DiagonalLayout
 from veilface.crypto.params import get_param_set
 from veilface.crypto.public_context import PublicContext, has_public_key, read_layout
 from veilface.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from veilface.server import worker
+from veilface.server import fair_queue, worker
 from veilface.server.capacity import CapacityGuard, CapacityLimits, resident_bin_bytes
 from veilface.server.config import ServerSettings
 from veilface.server.enrollment import EnrollmentService
@@ -321,6 +321,8 @@ class GalleryService:
         """Run ``fut`` in the background; a failure is logged, never raised."""
 
         async def run() -> None:
+            # in a queue of its own beside the tenant's calls (server/fair_queue.py)
+            fair_queue.share.set(fair_queue.background_share(fair_queue.share.get()))
             try:
                 await fut
             except Exception:

@@ -219,11 +219,17 @@ class SqlGallery(SqlBulk, SqlReads, SqlTokens):
                         "enroll into them or wait for them to expire"
                     )
             chosen: tuple[int, list[int]] | None = None
+            # Newest first (bulk bins are full, the last one is where the room
+            # is), and a bin's slots are read only when its count leaves room:
+            # a strict million is 245 full bins of 4,096 subjects each.
             for (bin_id,) in c.execute(
                 "SELECT bin_id FROM bins WHERE tenant_id=? AND key_id=? AND label=? "
-                "AND state='active' ORDER BY bin_id",
+                "AND state='active' ORDER BY bin_id DESC",
                 (tenant_id, key_id, label),
             ).fetchall():
+                (taken,) = c.execute("SELECT COUNT(*) FROM subjects WHERE bin_id=?", (bin_id,)).fetchone()
+                if capacity - int(taken) < count:
+                    continue
                 used = {
                     int(s)
                     for (s,) in c.execute("SELECT slot FROM subjects WHERE bin_id=?", (bin_id,)).fetchall()

@@ -41,6 +41,24 @@ def test_round_robin_over_tenants() -> None:
     assert sorted(log) == sorted([f"x{i}" for i in range(6)] + ["a0"])
 
 
+def test_a_tenants_background_work_does_not_hold_up_its_own_calls() -> None:
+    async def run() -> list[str]:
+        log: list[str] = []
+        with ThreadPoolExecutor(1) as ex:
+            lane = FairLane(ex)
+            bg = fair_queue.background_share("a")
+            preloads = [asyncio.create_task(_as(bg, lane, f"bg{i}", log)) for i in range(6)]
+            await asyncio.sleep(0.005)
+            enroll = asyncio.create_task(_as("a", lane, "a0", log))
+            assert await enroll == "a0"
+            await asyncio.gather(*preloads)
+        return log
+
+    log = asyncio.run(run())
+    assert log.index("a0") <= 1, log  # after the one background job in progress, not all six
+    assert fair_queue.background_share(fair_queue.background_share("a")) == fair_queue.background_share("a")
+
+
 def test_errors_and_cancelled_waiters() -> None:
     def boom() -> None:
         raise ValueError("bad")
