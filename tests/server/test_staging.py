@@ -8,7 +8,7 @@ import pytest
 from tests.server.conftest import create_tenant, make_client
 from veilface.client.sdk import VeilClient
 from veilface.client.tenant_state import TenantState
-from veilface.errors import AlreadyExists, NotFound
+from veilface.errors import AlreadyExists, InvalidArgument, NotFound
 from veilface.proto.v1 import veilface_pb2 as pb
 from veilface.server.launcher import LocalServer
 
@@ -131,3 +131,22 @@ def test_staged_enrollment_survives_sigkill(tmp_path, faces) -> None:  # type: i
         assert c2.fold_staged() == 3
         assert _key(c2).staged == 0 and _key(c2).subjects == 3
         assert c2.identify(gallery[2]).subject_id == names[2]
+
+
+def test_staged_ciphertexts_are_checked_after_the_first_too(server: LocalServer, faces) -> None:  # type: ignore[no-untyped-def]
+    """The first staged template of a key is checked by a worker, the next ones by the front-end: both refuse junk."""
+    gallery, names, _ = faces
+    with make_client(server, "staged-check") as c:
+        c.enroll_many(names[:10], gallery[:10])
+        good = c.crypto.encrypt_staged(c.prepare(c.normalize(gallery[10:11]))[0])
+        for i, blob in enumerate([b"\x00" * 64, good, b"\x00" * 64, good[: len(good) // 2], good[::-1]]):
+            request = pb.EnrollStagedRequest(
+                tenant_id=c.state.tenant_id, key_id=c.state.key_id, label="", handle=f"h{i:02d}" * 8,
+                ciphertext=blob,
+            )
+            if blob is good:
+                c.transport.call(c.transport.enrollment.EnrollStaged, request)
+                continue
+            with pytest.raises(InvalidArgument, match="staged template is malformed"):
+                c.transport.call(c.transport.enrollment.EnrollStaged, request)
+        assert {k.key_id: k for k in c.describe().keys}[c.state.key_id].staged == 1
