@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from veilface.errors import VeilfaceError
-from veilface.server import worker
+from veilface.server import fair_queue, worker
 from veilface.server.fair_queue import FairLane
 from veilface.server.metrics import ScoringStats
 
@@ -184,6 +184,8 @@ class ScoringBackend(abc.ABC):
 
     def _background(self, job: Awaitable[Any]) -> None:
         async def run() -> None:
+            # the tenant's background share, as the service's own background work
+            fair_queue.share.set(fair_queue.background_share(fair_queue.share.get()))
             try:
                 await job
             except (VeilfaceError, RuntimeError, OSError) as exc:  # an optimization: never fail a query

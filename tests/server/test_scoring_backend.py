@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 
 from veilface.errors import InvalidArgument, NotFound, Unavailable
-from veilface.server import worker
+from veilface.server import fair_queue, worker
 from veilface.server.config import ServerSettings
 from veilface.server.scoring import ScoringBackend, WorkerPool, open_scoring
 from veilface.server.store.sqlite_store import SQLiteStore
@@ -34,9 +34,11 @@ class _RecordingBackend(ScoringBackend):
         super().__init__()
         self.n = n
         self.calls: list[tuple[int, str, tuple[Any, ...]]] = []
+        self.shares: dict[str, str] = {}
 
     async def call(self, idx: int, fn: Callable[..., T], *args: Any) -> T:
         self.calls.append((idx, fn.__name__, args))
+        self.shares[fn.__name__] = fair_queue.share.get()
         if fn is worker.score:
             units = args[2]
             return [f"{idx}:{u.bin_id}:{u.first_giant}".encode() for u in units]  # type: ignore[return-value]
@@ -74,6 +76,7 @@ def test_an_unbalanced_query_warms_the_idle_shard_and_the_next_is_balanced() -> 
     bins = [(2, 1), (4, 1), (6, 1), (8, 3), (3, 1)]  # owners: four on shard 0, one on shard 1
 
     async def twice() -> None:
+        fair_queue.share.set("t")
         await backend.score("t", "k", bins, [b"probe"], range(4), {b: (0,) for b, _ in bins}, query_id="q")
         await asyncio.sleep(0)  # the background warm-up runs
         backend.calls.append((-1, "mark", ()))
@@ -86,6 +89,7 @@ def test_an_unbalanced_query_warms_the_idle_shard_and_the_next_is_balanced() -> 
     assert {idx: [u.bin_id for u in a[2]] for idx, name, a in first if name == "score"} == {0: [2, 4, 6, 8], 1: [3]}
     warm = [(idx, a) for idx, name, a in first if name == "preload_foreign"]
     assert warm == [(1, ("t", "k", [8]))]
+    assert backend.shares["preload_foreign"] == fair_queue.background_share("t")  # not the tenant's own queue
     # second query: that bin moves (scored as foreign there): 3 / 2 instead of 4 / 1
     by_shard = {idx: a[2] for idx, name, a in second if name == "score"}
     assert [u.bin_id for u in by_shard[0]] == [2, 4, 6] and [u.bin_id for u in by_shard[1]] == [3, 8]
