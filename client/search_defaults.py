@@ -50,10 +50,10 @@ class SearchDefaults:
         The window that would make the cheapest query at the target (a key
         property: it applies only to a new key, ``TenantState.rotated``).
     target_recall
-        Share of pseudo-probes whose true template must be re-ranked.
+        Share of pseudo-probes whose exhaustive top-1 must be re-ranked.
     recall, routing_recall
         Measured on held-out pseudo-probes (not those the choice was made
-        on): true template re-ranked; true template's list probed.
+        on): their exhaustive top-1 re-ranked; that template's list probed.
     tuning_recall
         The same as ``recall`` on the probes the choice was made on.
     probes

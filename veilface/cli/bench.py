@@ -68,6 +68,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=calibrate)
 
     p = bench.add_parser(
+        "pseudo-probes",
+        help="the routing tuner's pseudo-probes vs real second photos of an embeddings file",
+    )
+    p.add_argument("--embeddings", type=Path, required=True, help=".npz from veilface embed (emb, labels)")
+    p.add_argument("--nlist", type=int, default=32, help="lists to train on the gallery (32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the result here")
+    p.set_defaults(func=pseudo_probes)
+
+    p = bench.add_parser(
         "chaos", help="hostile RPCs, memory bombs and SIGKILLs against a real server (issue 10)"
     )
     p.add_argument("--fuzz-rpcs", type=int, default=10_000, help="hostile RPCs in all")
@@ -180,6 +190,16 @@ def calibrate(args: argparse.Namespace) -> int:
         print(f"{k:16s} real {real[k]:.4f}   synthetic {synth[k]:.4f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def pseudo_probes(args: argparse.Namespace) -> int:
+    from veilface.bench.pseudo_probes import format_report, run_pseudo_probe_check
+
+    report = run_pseudo_probe_check(args.embeddings, nlist=args.nlist, seed=args.seed)
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0
 
 
