@@ -50,6 +50,7 @@ class KioskTrainConfig:
     lfw_dir: str
     work_dir: str
     per_domain: int = 1100
+    renders: int = 1
     rounds_per_domain: int = 8
     local_epochs: int = 2
     num_sites: int = 2
@@ -107,10 +108,13 @@ def _proxy_file(cfg: KioskTrainConfig, progress: bool) -> Path:
 
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    path = work / f"kiosk_proxy_n{cfg.per_domain}_seed{cfg.seed}.npz"
+    tag = "" if cfg.renders == 1 else f"_r{cfg.renders}"
+    path = work / f"kiosk_proxy_n{cfg.per_domain}{tag}_seed{cfg.seed}.npz"
     if not path.is_file():
         logger.info("rendering the kiosk PAD proxy into %s", path)
-        build_kiosk_proxy(cfg.lfw_dir, per_domain=cfg.per_domain, seed=cfg.seed, progress=progress).save(path)
+        build_kiosk_proxy(
+            cfg.lfw_dir, per_domain=cfg.per_domain, seed=cfg.seed, progress=progress, renders=cfg.renders
+        ).save(path)
     return path
 
 
@@ -178,8 +182,9 @@ def train_and_export(
         "domains": [d.name for d in KIOSK_DOMAINS],
         "proxy": True,
         "data": "PROXY: live LFW photos and rendered print/replay attacks of other LFW people "
-        f"(veilface.federated.pad.kiosk_proxy, {cfg.per_domain} images per domain, seed "
-        f"{cfg.seed}); not a real PAD data set",
+        f"(veilface.federated.pad.kiosk_proxy, {cfg.per_domain} photos per domain"
+        + (f", each rendered {cfg.renders} times" if cfg.renders > 1 else "")
+        + f", seed {cfg.seed}); not a real PAD data set",
         "avg_hter_validation_at_0.5": float(run["avg_hter"]),
         "config": asdict(cfg),
     }

@@ -306,15 +306,21 @@ def build_kiosk_proxy(
     crop: CropSpec = KIOSK_CROP,
     seed: int = 0,
     progress: bool = False,
+    renders: int = 1,
 ) -> PADProxy:
     """Render the training sites' proxy: per domain, half live, a quarter print, a quarter replay.
 
     Only ``train`` people (:func:`person_part`); a person appears in one
     domain only. ``split`` is 0 (train) or 1 (validation: identities held
-    out from training, used to choose the threshold).
+    out from training, used to choose the threshold). ``renders`` > 1
+    renders each photo that many times, each with its own species, scene
+    and camera draw: the same face then appears live and as an attack, so
+    only the medium tells them apart (``renders * per_domain`` images a domain).
     """
     if per_domain < 8 or per_domain % 4:
         raise InvalidArgument(f"per_domain must be a multiple of 4 and >= 8, got {per_domain}")
+    if renders < 1:
+        raise InvalidArgument(f"renders must be >= 1, got {renders}")
     if not 0.0 < validation_fraction < 1.0:
         raise InvalidArgument("validation_fraction must be in (0, 1)")
     rng = np.random.default_rng(seed)
@@ -328,15 +334,16 @@ def build_kiosk_proxy(
     # backgrounds: any training person's photo, blurred past recognition
     backgrounds = [f for _, files in people for f in files[:1]]
     images, species, domain, split, identity = [], [], [], [], []
-    bar = tqdm(total=need, desc="rendering kiosk PAD proxy", unit="img", disable=not progress)
+    bar = tqdm(total=need * renders, desc="rendering kiosk PAD proxy", unit="img", disable=not progress)
     for d, cam in enumerate(domains):
         chunk = chunks[d]
         ids = sorted({pid for pid, _ in chunk})
         n_val = max(1, int(len(ids) * validation_fraction))
         val_ids = {int(i) for i in rng.choice(ids, size=n_val, replace=False)}
-        kinds = np.array([0] * (per_domain // 2) + [1] * (per_domain // 4) + [2] * (per_domain // 4))
+        shots = list(chunk) * renders
+        kinds = np.array([0] * (len(shots) // 2) + [1] * (len(shots) // 4) + [2] * (len(shots) // 4))
         rng.shuffle(kinds)
-        for (pid, file), kind in zip(chunk, kinds, strict=True):
+        for (pid, file), kind in zip(shots, kinds, strict=True):
             bg = backgrounds[int(rng.integers(len(backgrounds)))]
             scene = camera(render_scene(int(kind), file, bg, rng), cam, rng, crop)
             images.append(liveness_crop(scene.image, scene.box, crop))

@@ -75,6 +75,22 @@ def test_build_kiosk_proxy_has_both_splits_and_all_species(tmp_path: Path) -> No
         assert not ids_train & ids_val
 
 
+def test_renders_show_the_same_photos_again_with_their_own_species(tmp_path: Path) -> None:
+    root = fake_lfw(tmp_path / "lfw", people=200)
+    once = build_kiosk_proxy(root, per_domain=16, seed=0)
+    twice = build_kiosk_proxy(root, per_domain=16, seed=0, renders=2)
+    assert twice.images.shape[0] == 2 * once.images.shape[0]
+    for d in range(4):
+        in_d = twice.domain == d
+        assert np.bincount(twice.species[in_d], minlength=3).tolist() == [16, 8, 8]
+        # the same people (and so the same train/validation split) as one render
+        assert set(twice.identity[in_d].tolist()) == set(once.identity[once.domain == d].tolist())
+        ids_train = set(twice.identity[in_d & (twice.split == 0)].tolist())
+        assert not ids_train & set(twice.identity[in_d & (twice.split == 1)].tolist())
+    with pytest.raises(InvalidArgument, match="renders"):
+        build_kiosk_proxy(root, per_domain=16, renders=0)
+
+
 def test_bench_set_uses_only_bench_people(tmp_path: Path) -> None:
     root = fake_lfw(tmp_path / "lfw", people=60)
     bench = render_bench_set(root, n_people=5)

@@ -33,6 +33,8 @@ def register_train(fed_sub: argparse._SubParsersAction) -> None:  # type: ignore
     t.add_argument("--work-dir", type=Path, default=Path("runs/fed-train"),
                    help="proxy cache, checkpoints and metrics (runs/fed-train)")
     t.add_argument("--per-domain", type=int, default=1100, help="images per domain (1100: about all the training people hold, two photos each)")
+    t.add_argument("--renders", type=int, default=1,
+                   help="renders of each photo, each with its own species, scene and camera (1)")
     t.add_argument("--rounds", type=int, default=8, help="federated rounds per domain (8)")
     t.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (2)")
     t.add_argument("--sites", type=int, default=2, help="Flower sites (SuperNodes) (2)")
@@ -61,6 +63,7 @@ def run_train(args: argparse.Namespace) -> int:
         lfw_dir=str(lfw),
         work_dir=str(args.work_dir),
         per_domain=args.per_domain,
+        renders=args.renders,
         rounds_per_domain=args.rounds,
         local_epochs=args.local_epochs,
         num_sites=args.sites,
