@@ -48,7 +48,6 @@ import hashlib
 import hmac
 import json
 import logging
-import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -57,6 +56,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from veilface.client.route_decoys import decoy_lists, uniform_decoys
 from veilface.client.tail_packing import NO_GROUP, enrollment_label_ids
 from veilface.errors import InvalidArgument
 
@@ -381,42 +381,10 @@ class Router:
     def decoy_labels(
         self, exclude: Iterable[int], count: int, rng: np.random.Generator | None = None
     ) -> list[str]:
-        """Labels of ``count`` other lists chosen uniformly at random.
-
-        Parameters
-        ----------
-        exclude
-            List ids never chosen (the real lists of the query).
-        count
-            Number of decoys, at most ``nlist - len(set(exclude))``.
-        rng
-            Random generator, for reproducible tests. The default draws from
-            the operating system's CSPRNG (:mod:`secrets`), which is what
-            production should use: a server that could predict the decoys
-            could tell them apart.
-
-        Returns
-        -------
-        list of str
-            ``count`` distinct labels, none of an excluded list.
-
-        Notes
-        -----
-        See the module docstring for what decoys hide and what they do not.
-        Send real and decoy labels in an order that does not tell them apart
-        (:meth:`query_labels` sorts them).
-        """
-        excluded = {self._check_id(i) for i in exclude}
-        candidates = [i for i in range(self.nlist) if i not in excluded]
-        if not isinstance(count, int) or not 0 <= count <= len(candidates):
-            raise InvalidArgument(
-                f"cannot pick {count!r} decoys: only {len(candidates)} lists are not excluded"
-            )
-        if rng is None:
-            chosen = secrets.SystemRandom().sample(candidates, count)
-        else:
-            chosen = [int(i) for i in rng.choice(candidates, size=count, replace=False)]
-        return self.labels(chosen)
+        """Labels of ``count`` other lists chosen uniformly at random
+        (:func:`veilface.client.route_decoys.uniform_decoys`; prefer
+        :meth:`query_labels`, whose decoys look like real queries)."""
+        return self.labels(uniform_decoys(self, exclude, count, rng))
 
     def query_labels(
         self,
@@ -443,61 +411,9 @@ class Router:
         group: int,
         rng: np.random.Generator | None = None,
     ) -> list[int]:
-        """``count`` decoy lists drawn as whole fake queries of ``group`` lists each.
-
-        A real query names the ``nprobe`` lists nearest its probe. Uniform
-        decoys differ from that twice over: the server sees each label's
-        size, and a probe's nearest list is a large list more often; and over
-        many queries real labels keep coming with their neighbours while
-        uniform decoys come with anything. So each fake query here is a fake
-        probe: the centroid of a list drawn in proportion to
-        :attr:`list_sizes` (uniformly when unknown) among the lists not
-        taken, plus isotropic Gaussian noise of the templates' spread around
-        their centroids (:attr:`list_spread`, measured at training; none
-        when unknown); its nearest ``group`` lists not taken join the
-        decoys (fewer for the last fake query). Lists in ``exclude`` (the
-        real ones) are never taken. Draws use the OS CSPRNG unless ``rng``
-        is given (tests: a server that could predict the decoys could tell
-        them apart).
-
-        This matches a real query's distribution only as far as the
-        training gallery and an isotropic spread describe the probes; the
-        residual bias is measured in ``tests/client/test_search.py``.
-
-        Returns
-        -------
-        list of int
-            ``count`` distinct list ids, none in ``exclude``.
-        """
-        excluded = {self._check_id(i) for i in exclude}
-        free = [i for i in range(self.nlist) if i not in excluded]
-        if not isinstance(count, int) or not 0 <= count <= len(free):
-            raise InvalidArgument(
-                f"cannot pick {count!r} decoys: only {len(free)} lists are not excluded"
-            )
-        if not isinstance(group, int) or group < 1:
-            raise InvalidArgument(f"a decoy group holds at least one list, got {group!r}")
-        sizes = np.asarray(self.list_sizes or [1] * self.nlist, dtype=np.float64)
-        spread = self.list_spread or 0.0
-        sysrand = secrets.SystemRandom()
-        chosen: list[int] = []
-        while len(chosen) < count:
-            taken = excluded | set(chosen)
-            seeds = [i for i in range(self.nlist) if i not in taken]
-            weights = sizes[seeds]
-            if weights.sum() <= 0:
-                weights = np.ones(len(seeds))
-            if rng is None:
-                seed = sysrand.choices(seeds, weights=weights.tolist())[0]
-                noise = np.array([sysrand.gauss(0.0, 1.0) for _ in range(self.dim)])
-            else:
-                seed = int(rng.choice(seeds, p=weights / weights.sum()))
-                noise = rng.standard_normal(self.dim)
-            fake = self.centroids[seed] + spread * noise
-            near = self.probe_lists(fake / np.linalg.norm(fake), self.nlist)
-            members = [int(j) for j in near if int(j) not in taken]
-            chosen.extend(members[: min(group, count - len(chosen))])
-        return chosen
+        """``count`` decoy lists drawn as whole fake queries of ``group`` lists each
+        (:func:`veilface.client.route_decoys.decoy_lists`)."""
+        return decoy_lists(self, exclude, count, group=group, rng=rng)
 
     # -- persistence ------------------------------------------------------------
 
