@@ -281,7 +281,8 @@ class ListReplay:
         """1 for a list whose last bin is a tail (in its group when grouped), else 0."""
         if self.tail_groups is None:
             return np.zeros_like(self.nbins)
-        return (self.tail_groups != NO_GROUP).astype(np.int64)
+        out: IntArray = (self.tail_groups != NO_GROUP).astype(np.int64)
+        return out
 
     def packed(self, capacity: int, sizes: IntArray, centroids: npt.ArrayLike) -> ListReplay:
         """The same replay with the lists' tails in shared bins (:func:`group_tails`)."""

@@ -162,7 +162,7 @@ class ScoringBackend(abc.ABC):
             lo = min(shares, key=lambda i: len(shares[i]))
             if len(shares[hi]) - len(shares[lo]) < 2:
                 break
-            held = self._foreign.get(lo, {})
+            held: Mapping[int, None] = self._foreign.get(lo, {})
             movable = [b for b in shares[hi] if b[0] not in moved]
             warm = [b for b in movable if b[0] in held]
             if not warm:

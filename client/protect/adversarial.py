@@ -34,7 +34,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -210,7 +210,7 @@ def _resolve(
 ) -> CloakPreset:
     if preset not in PRESETS:
         raise InvalidArgument(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
-    cfg = PRESETS[preset]
+    cfg = PRESETS[cast(CloakPresetName, preset)]
     if epsilon is not None:
         if not (isinstance(epsilon, (int, float)) and 0 < epsilon <= 64):
             raise InvalidArgument(f"epsilon must be in (0, 64] grey levels, got {epsilon!r}")

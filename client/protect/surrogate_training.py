@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from veilface.client.face.errors import FaceError
 from veilface.client.face.image_io import load_image
 from veilface.client.protect.face_crops import crop_square, cut
 from veilface.client.protect.surrogate_models import (
@@ -56,7 +55,7 @@ from veilface.client.protect.surrogate_models import (
     build_surrogate,
     load_imagenet_features,
 )
-from veilface.errors import InvalidArgument
+from veilface.errors import FaceError, InvalidArgument
 
 logger = logging.getLogger(__name__)
 
