@@ -20,8 +20,13 @@ def _npz(path: Path, people: int) -> Path:
     return path
 
 
+def _pairs(people: int) -> tuple[np.ndarray, list[str]]:
+    emb, labels = SyntheticFaces().sample(people, 2, seed=7)
+    return emb, [str(x) for x in labels]
+
+
 def test_the_report_compares_real_and_pseudo_probes(tmp_path: Path) -> None:
-    report = run_pseudo_probe_check(_npz(tmp_path / "e.npz", 1500), nlist=8)
+    report = run_pseudo_probe_check(*_pairs(1500), nlist=8)
     assert report.gallery == report.probes == 1500 and report.nlist == 8
     real, tuner, origin = (report.sets[k] for k in ("real second photos", "pseudo-probes (tuner)", "origin draw (before)"))
     for s in (real, tuner, origin):
@@ -39,8 +44,10 @@ def test_cli_writes_json_and_refuses_a_file_without_pairs(tmp_path: Path, capsys
                  "--nlist", "4", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["sets"]["real second photos"]["recall_by_nprobe"]
     assert "real second photos" in capsys.readouterr().out
-    lonely = tmp_path / "one.npz"
     emb, labels = SyntheticFaces().sample(300, 1, seed=1)
-    np.savez(lonely, emb=emb, labels=labels)
     with pytest.raises(InvalidArgument, match="two photos"):
-        run_pseudo_probe_check(lonely)
+        run_pseudo_probe_check(emb, list(labels))
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not an npz")
+    assert main(["bench", "pseudo-probes", "--embeddings", str(junk)]) != 0
+    assert "expected an npz" in capsys.readouterr().err

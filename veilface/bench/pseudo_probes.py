@@ -18,8 +18,8 @@ Plaintext only; seconds on LFW.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,29 +81,35 @@ def _stats(probes: FloatArray, gallery: FloatArray, own: npt.NDArray[np.int64], 
            assigned: npt.NDArray[np.int64]) -> ProbeSetStats:
     from veilface.client.route_tuning import exhaustive_top1
 
-    scores = probes @ gallery.T
-    scores[np.arange(len(probes)), own] = np.nan
+    # mean cosine to everyone else from the gallery's sum: no probes x gallery matrix in memory
+    own_cos = np.sum(probes * gallery[own], axis=1)
+    impostor = (probes @ gallery.sum(axis=0) - own_cos) / max(1, len(gallery) - 1)
     top1 = exhaustive_top1(gallery, probes)
     depth = min(max(NPROBES), router.nlist)
     probed = router.probe_lists(probes.astype(np.float32), depth).reshape(len(probes), depth)
     hit = probed == assigned[top1][:, None]
     rank = np.where(hit.any(axis=1), hit.argmax(axis=1), depth)
     return ProbeSetStats(
-        impostor_cosine=float(np.nanmean(scores)),
+        impostor_cosine=float(np.mean(impostor)),
         top1_other_person=float(np.mean(top1 != own)),
         recall_by_nprobe={k: float(np.mean(rank < k)) for k in NPROBES if k <= depth},
     )
 
 
-def run_pseudo_probe_check(embeddings: Path, *, nlist: int = 32, seed: int = 0) -> PseudoProbeReport:
-    """Real second photos against the tuner's pseudo-probes (and the old draw) on ``embeddings``."""
+def run_pseudo_probe_check(
+    embeddings: npt.ArrayLike, labels: Sequence[str], *, nlist: int = 32, seed: int = 0
+) -> PseudoProbeReport:
+    """Real second photos against the tuner's pseudo-probes (and the old draw):
+    ``embeddings`` [n, d] with a person's ``labels`` [n] (``veilface embed``'s npz)."""
     from veilface.client.route_tuning import Probes, TuneOptions
     from veilface.client.routing import Router
 
-    with np.load(embeddings, allow_pickle=False) as d:
-        emb = np.asarray(d["emb"], dtype=np.float64)
-        labels = [str(x) for x in d["labels"]]
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = np.asarray(embeddings, dtype=np.float64)
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    if emb.ndim != 2 or len(labels) != len(emb) or not np.all(np.isfinite(emb)) or np.any(norms == 0):
+        raise InvalidArgument("embeddings must be finite, non-zero [n, d] rows with one label each")
+    emb = emb / norms
+    labels = [str(x) for x in labels]
     gallery, second, own = _pairs(emb, labels)
     mu = gallery.mean(axis=0)
     router = Router.train(gallery.astype(np.float32), nlist=nlist, label_key=bytes(32), key_id="check", seed=seed)

@@ -195,8 +195,10 @@ def calibrate(args: argparse.Namespace) -> int:
 
 def pseudo_probes(args: argparse.Namespace) -> int:
     from veilface.bench.pseudo_probes import format_report, run_pseudo_probe_check
+    from veilface.cli.common import load_embeddings
 
-    report = run_pseudo_probe_check(args.embeddings, nlist=args.nlist, seed=args.seed)
+    emb, labels = load_embeddings(args.embeddings)
+    report = run_pseudo_probe_check(emb, labels, nlist=args.nlist, seed=args.seed)
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")

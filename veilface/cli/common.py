@@ -189,3 +189,18 @@ def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
         sys.stdout.write("\n")
     else:
         print(text)
+
+
+def load_embeddings(path: Path) -> tuple[Any, list[str]]:
+    """``emb`` float32 [n, d] and ``labels`` [n] of an npz from ``veilface embed`` (a clear error otherwise)."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            emb = np.asarray(data["emb"], dtype=np.float32)
+            labels = [str(x) for x in data["labels"]]
+    except (OSError, KeyError, ValueError) as exc:
+        raise InvalidArgument(f"{path}: expected an npz with arrays 'emb' and 'labels' ({exc})") from None
+    if emb.ndim != 2 or len(labels) != len(emb):
+        raise InvalidArgument(f"{path}: 'emb' must be [n, d] with one label per row")
+    return emb, labels

@@ -104,18 +104,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=rotate)
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, list[str]]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            emb = np.asarray(data["emb"], dtype=np.float32)
-            labels = [str(x) for x in data["labels"]]
-    except (OSError, KeyError, ValueError) as exc:
-        raise InvalidArgument(f"{path}: expected an npz with arrays 'emb' and 'labels' ({exc})") from None
-    if emb.ndim != 2 or len(labels) != len(emb):
-        raise InvalidArgument(f"{path}: 'emb' must be [n, d] with one label per row")
-    return emb, labels
-
-
 def liveness_options(args: argparse.Namespace) -> dict[str, Any]:
     """``VeilClient``'s ``liveness=``/``liveness_policy=`` from the options (photos only)."""
     from veilface.client.liveness.gate import DEFAULT_LIVENESS
@@ -171,7 +159,7 @@ def enroll(args: argparse.Namespace) -> int:
     if args.images:
         return _enroll_folder(args)
     liveness_options(args)  # refuses liveness options given with --embeddings
-    emb, labels = _load_npz(args.embeddings)
+    emb, labels = common.load_embeddings(args.embeddings)
     if args.first_only:
         seen: dict[str, int] = {}
         for i, lab in enumerate(labels):
@@ -196,7 +184,7 @@ def enroll(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> np.ndarray:
-    emb, _ = _load_npz(args.embeddings)
+    emb, _ = common.load_embeddings(args.embeddings)
     if not 0 <= args.row < len(emb):
         raise InvalidArgument(f"--row must be in [0, {len(emb)})")
     return np.asarray(emb[args.row])
