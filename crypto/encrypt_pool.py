@@ -35,17 +35,39 @@ def _ping() -> bool:
     return _worker is not None
 
 
-def encrypt_rows(rows: npt.NDArray[np.float64] | npt.NDArray[np.complex128]) -> list[bytes]:
-    """Encode and encrypt each row, real or complex (symmetric, seeded serialization)."""
+def encrypt_rows(
+    rows: npt.NDArray[np.float64] | npt.NDArray[np.complex128], seeded: bool = True
+) -> list[bytes]:
+    """Encode and encrypt each row, real or complex (symmetric; see :func:`encrypt_row`)."""
     if _worker is None:
         raise RuntimeError("encryption worker not initialised")
     encoder, encryptor, scale = _worker
-    out = []
     pt = seal.Plaintext()
-    for row in rows:
-        encoder.encode(row.tolist(), scale, pt)
-        out.append(seal_io.to_bytes(encryptor.encrypt_symmetric(pt)))
-    return out
+    return [encrypt_row(encoder, encryptor, scale, row, pt, seeded) for row in rows]
+
+
+def encrypt_row(
+    encoder: seal.CKKSEncoder,
+    encryptor: seal.Encryptor,
+    scale: float,
+    row: npt.NDArray[Any],
+    pt: seal.Plaintext,
+    seeded: bool,
+) -> bytes:
+    """One row encoded and encrypted under the secret key, serialized.
+
+    ``seeded``: SEAL writes the seed of the ciphertext's uniform half instead
+    of the half itself (half the bytes: stored templates). Unseeded (probes):
+    twice the bytes, but the server's scoring workers read it without SEAL
+    (:meth:`veilface.crypto.packed.Packer.parse`), where a seeded one costs
+    them SEAL's load and a re-serialization.
+    """
+    encoder.encode(row.tolist(), scale, pt)
+    if seeded:
+        return seal_io.to_bytes(encryptor.encrypt_symmetric(pt))
+    ct = seal.Ciphertext()
+    encryptor.encrypt_symmetric(pt, ct)
+    return seal_io.to_bytes(ct)
 
 
 class EncryptPool:
@@ -63,10 +85,12 @@ class EncryptPool:
             f.result()
 
     def encrypt_rows(
-        self, rows: npt.NDArray[np.float64] | npt.NDArray[np.complex128]
+        self, rows: npt.NDArray[np.float64] | npt.NDArray[np.complex128], seeded: bool = True
     ) -> list[bytes]:
         parts: list[npt.NDArray[Any]] = np.array_split(rows, self.workers)
-        futures: list[Future[list[bytes]]] = [self._ex.submit(encrypt_rows, p) for p in parts if len(p)]
+        futures: list[Future[list[bytes]]] = [
+            self._ex.submit(encrypt_rows, p, seeded) for p in parts if len(p)
+        ]
         out: list[bytes] = []
         for f in futures:
             out.extend(f.result())

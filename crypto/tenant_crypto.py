@@ -13,9 +13,8 @@ import numpy as np
 import numpy.typing as npt
 import tenseal.sealapi as seal
 
-from veilface.crypto import seal_io
 from veilface.crypto.ciphertext_checks import load_checked
-from veilface.crypto.encrypt_pool import EncryptPool
+from veilface.crypto.encrypt_pool import EncryptPool, encrypt_row
 from veilface.crypto.keys import TenantKeys
 
 FloatArray = npt.NDArray[np.float64]
@@ -43,16 +42,14 @@ class TenantCrypto:
             self._pool.close()
             self._pool = None
 
-    def _encrypt_rows(self, rows: Rows) -> list[bytes]:
+    def _encrypt_rows(self, rows: Rows, *, seeded: bool = True) -> list[bytes]:
         """Encode and encrypt each row: real rows, or complex ones (two templates per slot)."""
         if self._pool is not None and len(rows) >= 8:
-            return self._pool.encrypt_rows(rows)
-        out = []
+            return self._pool.encrypt_rows(rows, seeded)
         pt = seal.Plaintext()
-        for row in rows:
-            self._encoder.encode(row.tolist(), self._scale, pt)
-            out.append(seal_io.to_bytes(self._encryptor.encrypt_symmetric(pt)))
-        return out
+        return [
+            encrypt_row(self._encoder, self._encryptor, self._scale, row, pt, seeded) for row in rows
+        ]
 
     def encrypt_contribution(
         self, templates: npt.ArrayLike, slot_idx: npt.ArrayLike
@@ -84,9 +81,14 @@ class TenantCrypto:
         self._decryptor.decrypt(ct, pt)
         return self.layout.unpack_staged(self._encoder.decode_double(pt))
 
-    def encrypt_probe(self, probe: npt.ArrayLike) -> list[bytes]:
-        """The ``g1`` baby-step rotations of the probe, each a fresh ciphertext."""
-        return self._encrypt_rows(self.layout.probe_vectors(probe))
+    def encrypt_probe(self, probe: npt.ArrayLike, *, seeded: bool = False) -> list[bytes]:
+        """The ``g1`` baby-step rotations of the probe, each a fresh ciphertext.
+
+        Unseeded by default: twice the upload (2.1 MB for 32 ciphertexts at
+        n4096), read by the server's workers without SEAL
+        (:func:`~veilface.crypto.encrypt_pool.encrypt_row`).
+        """
+        return self._encrypt_rows(self.layout.probe_vectors(probe), seeded=seeded)
 
     def _decrypt_score_plain(self, blob: bytes) -> seal.Plaintext:
         ct = load_checked(

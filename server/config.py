@@ -110,9 +110,10 @@ class ServerSettings:
     max_photo_bytes: int = 10 * 1024 * 1024
     max_cached_queries: int = 1024
     # The probe cache of re-ranking (server/probes.py): bytes of all cached
-    # probes, and of one tenant's (a probe is about 0.5 MiB at n4096, 128-d).
-    max_cached_probe_bytes: int = 64 * 1024 * 1024
-    max_cached_probe_bytes_per_tenant: int = 16 * 1024 * 1024
+    # probes, and of one tenant's (a probe is 2.1 MB at n4096, 128-d: 32 unseeded
+    # ciphertexts, crypto/tenant_crypto.py; 1.06 MB from a client that sends them seeded).
+    max_cached_probe_bytes: int = 128 * 1024 * 1024
+    max_cached_probe_bytes_per_tenant: int = 32 * 1024 * 1024
     # Single enrollments awaiting their fold, per key: each costs a query
     # about 6 ms of scoring until folded, so the area is kept small.
     max_staged: int = 64

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from veilface.crypto import seal_io
-from veilface.crypto.kernel import Bin, BinKernel, ScoreCiphertext
+from veilface.crypto.kernel import AnyBin, Bin, BinKernel, ScoreCiphertext
 from veilface.crypto.public_context import PublicContext
 from veilface.errors import NotFound
 from veilface.server.store.base import BinReader
@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class _CachedBin:
     version: int
-    cts: Bin | None  # None: the bin holds no ciphertext yet
+    # None: the bin holds no ciphertext yet. Packed (crypto/packed.py) where the product
+    # kernel is built, else SEAL's ciphertexts: the same memory either way.
+    cts: AnyBin | None
+    key: tuple[str, str] = ("", "")  # the (tenant, key) whose context loaded it
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class _WorkerState:
         # Other workers' bins scored here to balance a query, least recently used first.
         self.foreign: OrderedDict[int, _CachedBin] = OrderedDict()
         self.centers: dict[tuple[str, str], Bin | None] = {}
+        # the same centering vectors in the form bins are scored against
+        self.resident_centers: dict[tuple[str, str], AnyBin | None] = {}
         # (tenant, key, bin) -> (bin version, the bin's scores against that key's center)
         self.center_cache: dict[tuple[str, str, int], tuple[int, ScoreCiphertext]] = {}
 
@@ -69,6 +74,7 @@ class _WorkerState:
         self.centers[(tenant_id, key_id)] = (
             k.load_probe(unpack_blobs(center)) if center is not None else None
         )
+        self.resident_centers.pop((tenant_id, key_id), None)  # derived again on first use
         self.evict_kernels()
         return k
 
@@ -81,6 +87,7 @@ class _WorkerState:
         while len(self.kernels) > self.limits.max_resident_keys:
             old, _ = self.kernels.popitem(last=False)
             self.centers.pop(old, None)
+            self.resident_centers.pop(old, None)
             log.debug("evicted the context of a key (%d resident)", len(self.kernels))
 
     def center_scores(
@@ -95,12 +102,20 @@ class _WorkerState:
         if hit is not None and hit[0] == cached.version:
             return hit[1]
         kernel = self.kernel(tenant_id, key_id)
-        center = self.centers.get((tenant_id, key_id))
+        center = self.resident_center(kernel, tenant_id, key_id)
         if center is None or cached.cts is None:
             return None
         ct = kernel.score(cached.cts, center, "full")
         self.center_cache[(tenant_id, key_id, bin_id)] = (cached.version, ct)
         return ct
+
+    def resident_center(self, kernel: BinKernel, tenant_id: str, key_id: str) -> AnyBin | None:
+        """The key's centering vector in the form its bins are held in (packed once)."""
+        key = (tenant_id, key_id)
+        if key not in self.resident_centers:
+            cts = self.centers.get(key)
+            self.resident_centers[key] = kernel.resident(cts) if cts is not None else None
+        return self.resident_centers[key]
 
     def bin(self, bin_id: int, min_version: int = 0, *, foreign: bool = False) -> _CachedBin:
         """The bin at ``min_version`` or newer (``-1``: whatever the database has now).
@@ -137,16 +152,16 @@ class _WorkerState:
                     kernel.add_into(cached.cts, kernel.load_bin(unpack_blobs(blob)))
             cached.version = data.version
         else:
-            cts: Bin | None = None
+            cts: AnyBin | None = None
             if data.base is not None:
-                cts = kernel.load_bin(unpack_blobs(data.base))
+                cts = kernel.resident(kernel.load_bin(unpack_blobs(data.base)))
             for _, blob in data.deltas:
                 contrib = kernel.load_bin(unpack_blobs(blob))
                 if cts is None:
-                    cts = contrib
+                    cts = kernel.resident(contrib)
                 else:
                     kernel.add_into(cts, contrib)
-            cached = _CachedBin(data.version, cts)
+            cached = _CachedBin(data.version, cts, (data.tenant_id, data.key_id))
         bins[bin_id] = cached
         bins.move_to_end(bin_id)
         return cached
@@ -273,7 +288,7 @@ class ScoreUnit:
 
 #: Deserialized probes a worker keeps, by query, for the query's next stage.
 _PROBE_MEMO_SIZE = 8
-_probe_memo: OrderedDict[tuple[str, str, str], Bin] = OrderedDict()
+_probe_memo: OrderedDict[tuple[str, str, str], AnyBin] = OrderedDict()
 
 
 def score(
@@ -300,7 +315,7 @@ def score(
     memo_key = (tenant_id, key_id, query_id)
     probe = _probe_memo.get(memo_key) if query_id else None
     if probe is None:
-        probe = kernel.load_probe(probe_blobs)
+        probe = kernel.load_resident_probe(probe_blobs)
         if query_id:
             _probe_memo[memo_key] = probe
             while len(_probe_memo) > _PROBE_MEMO_SIZE:
@@ -381,6 +396,7 @@ def forget_key(tenant_id: str, key_id: str) -> None:
     state = _s()
     state.kernels.pop((tenant_id, key_id), None)
     state.centers.pop((tenant_id, key_id), None)
+    state.resident_centers.pop((tenant_id, key_id), None)
     for entry in [e for e in state.center_cache if e[:2] == (tenant_id, key_id)]:
         del state.center_cache[entry]
 
@@ -394,7 +410,8 @@ def current(bin_id: int) -> tuple[int, bytes] | None:
         return None
     if cached.cts is None:
         return None
-    return cached.version, pack_blobs(BinKernel.serialize(cached.cts))
+    kernel = state.kernel(*cached.key)
+    return cached.version, pack_blobs(kernel.serialize_bin(cached.cts))
 
 
 __all__ = [
