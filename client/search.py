@@ -44,7 +44,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -318,6 +318,29 @@ def decide(
     return Identification(first.subject_id, first.score, first.score >= threshold, ranked, stats)
 
 
+def _best_first(scores: FloatArray, wanted: int) -> Iterator[int]:
+    """Indices by score, best first, ties by index (a stable sort), sorting only what is read.
+
+    A strict search scores every slot (100,000 at 100,000 templates): sorting
+    them all took 10 ms of a 200 ms query to read a handful. The best
+    ``4 * wanted + 64`` are sorted first; the rest only if the caller reads
+    past them (slots emptied since the query have no handle).
+    """
+    n = int(scores.size)
+    head = min(n, 4 * max(wanted, 1) + 64)
+    if head >= n:
+        yield from (int(i) for i in np.argsort(-scores, kind="stable"))
+        return
+    top = np.argpartition(-scores, head - 1)[:head]
+    # the head's boundary may split a tie: take every slot tied with its worst score
+    cut = scores[top].min()
+    top = np.flatnonzero(scores >= cut)
+    order = top[np.lexsort((top, -scores[top]))]
+    yield from (int(i) for i in order)
+    rest = np.setdiff1d(np.arange(n), top, assume_unique=True)
+    yield from (int(i) for i in rest[np.argsort(-scores[rest], kind="stable")])
+
+
 # -- the network stages -------------------------------------------------------------
 
 
@@ -494,7 +517,7 @@ class Searcher:
     def candidates(self, scored: ScoredSlots, top_n: int) -> list[Candidate]:
         """The best ``top_n`` re-ranked slots whose handle the local slot maps know."""
         out: list[Candidate] = []
-        for i in np.argsort(-scored.scores, kind="stable"):
+        for i in _best_first(scored.scores, top_n):
             handle = self.slot_maps.handle(int(scored.bin_ids[i]), int(scored.slots[i]))
             if not handle:
                 continue  # emptied since the query, or its bin is gone

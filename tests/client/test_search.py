@@ -258,3 +258,17 @@ def test_router_keeps_list_statistics_across_save_and_load() -> None:
     assert len(legacy.decoy_lists([0], 3, group=2)) == 3
     with pytest.raises(InvalidArgument):
         Router.from_dict({**router.to_dict(), "list_sizes": [1, 2]})
+
+
+def test_best_first_is_a_stable_sort_read_lazily() -> None:
+    from veilface.client.search import _best_first
+
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 100, 5000):
+        for rounded in (False, True):  # rounding makes ties, across the partition's cut too
+            s = rng.normal(size=n)
+            if rounded:
+                s = np.round(s, 1)
+            want = [int(i) for i in np.argsort(-s, kind="stable")]
+            assert list(_best_first(s, 3)) == want  # read to the end: every index once
+            assert list(itertools.islice(_best_first(s, 2), 10)) == want[:10]
