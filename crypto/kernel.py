@@ -108,7 +108,8 @@ def _uniform(n: int, magnitude: float) -> FloatArray:
 class BinKernel:
     """Evaluate enrollments and scores for one tenant key."""
 
-    def __init__(self, public: PublicContext) -> None:
+    def __init__(self, public: PublicContext, *, zero_pool: int = 0) -> None:
+        """``zero_pool``: encryptions of zero to keep ready for re-randomization (:class:`Rerandomizer`)."""
         self.public = public
         self.layout = public.layout
         self._ctx = public.context
@@ -120,9 +121,15 @@ class BinKernel:
             public.param_set.poly_modulus_degree, data_modulus, self._scale * self._scale
         )
         self._rerandomizer = (
-            Rerandomizer(self._ctx, public.public_key) if public.public_key is not None else None
+            Rerandomizer(self._ctx, public.public_key, pool_size=zero_pool)
+            if public.public_key is not None
+            else None
         )
         self.packer = Packer(self._ctx)
+
+    @property
+    def rerandomizer(self) -> Rerandomizer | None:
+        return self._rerandomizer
 
     # -- loading --------------------------------------------------------
 

@@ -38,21 +38,58 @@ response: 0.79 ms of one core at N = 4096, the encryption 0.72 of it
 
 from __future__ import annotations
 
+from collections import deque
+
 import tenseal.sealapi as seal
 
 
 class Rerandomizer:
-    """Add a fresh encryption of zero under one tenant public key to ciphertexts."""
+    """Add a fresh encryption of zero under one tenant public key to ciphertexts.
 
-    def __init__(self, context: seal.SEALContext, public_key: seal.PublicKey) -> None:
+    ``pool_size`` > 0 keeps up to that many encryptions of zero at the top
+    data level (where every score response is), made ahead of use by
+    :meth:`refill_one` in a worker's idle time
+    (:mod:`veilface.server.idle_work`): a response then costs an addition,
+    not a public-key encryption (1.3 ms of a 9 ms bin on this machine). Each
+    pooled zero is taken once and dropped, so no two responses share one; an
+    empty pool falls back to encrypting on the spot. 64 KiB per pooled zero
+    at n4096.
+    """
+
+    def __init__(
+        self, context: seal.SEALContext, public_key: seal.PublicKey, *, pool_size: int = 0
+    ) -> None:
         self._encryptor = seal.Encryptor(context, public_key)
         self._evaluator = seal.Evaluator(context)
+        self._top = context.first_parms_id()
+        self.pool_size = pool_size
+        self._pool: deque[seal.Ciphertext] = deque()  # append and popleft are atomic
+
+    @property
+    def pooled(self) -> int:
+        return len(self._pool)
+
+    def refill_one(self) -> bool:
+        """Encrypt one zero into the pool; False (and no work) when it is full."""
+        if len(self._pool) >= self.pool_size:
+            return False
+        zero = seal.Ciphertext()
+        self._encryptor.encrypt_zero(self._top, zero)
+        self._pool.append(zero)
+        return True
 
     def zero_like(self, ct: seal.Ciphertext) -> seal.Ciphertext:
-        """A fresh encryption of zero at ``ct``'s level (parms id) and scale."""
-        zero = seal.Ciphertext()
-        # SEAL encrypts zero directly at any level of the modulus chain.
-        self._encryptor.encrypt_zero(ct.parms_id(), zero)
+        """A fresh encryption of zero at ``ct``'s level (parms id) and scale, used once."""
+        zero: seal.Ciphertext | None = None
+        if self._pool and ct.parms_id() == self._top:
+            try:
+                zero = self._pool.popleft()
+            except IndexError:  # taken meanwhile
+                zero = None
+        if zero is None:
+            zero = seal.Ciphertext()
+            # SEAL encrypts zero directly at any level of the modulus chain.
+            self._encryptor.encrypt_zero(ct.parms_id(), zero)
         zero.scale = ct.scale
         return zero
 

@@ -8,15 +8,18 @@ so processes are how the service uses both cores.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 from veilface.crypto import seal_io
 from veilface.crypto.kernel import AnyBin, Bin, BinKernel, ScoreCiphertext
 from veilface.crypto.public_context import PublicContext
 from veilface.errors import NotFound
+from veilface.server.idle_work import IdleFiller
 from veilface.server.store.base import BinReader
 from veilface.server.store.blobs import pack_blobs, unpack_blobs
 from veilface.server.store.factory import open_reader
@@ -44,6 +47,9 @@ class WorkerLimits:
 
     max_resident_keys: int = 16
     max_foreign_bins: int = 32
+    # Encryptions of zero made in idle time for re-randomizing responses, per resident key
+    # (64 KiB each at n4096; server/idle_work.py). 0: each response encrypts its own.
+    zero_pool: int = 64
 
 
 class _WorkerState:
@@ -69,7 +75,7 @@ class _WorkerState:
             self.kernels.move_to_end((tenant_id, key_id))
             return k
         blob, _, center = self.reader.key_context(tenant_id, key_id)
-        k = BinKernel(PublicContext.from_bytes(blob))
+        k = BinKernel(PublicContext.from_bytes(blob), zero_pool=self.limits.zero_pool)
         self.kernels[(tenant_id, key_id)] = k
         self.centers[(tenant_id, key_id)] = (
             k.load_probe(unpack_blobs(center)) if center is not None else None
@@ -168,6 +174,20 @@ class _WorkerState:
 
 
 _state: _WorkerState | None = None
+_idle = IdleFiller()
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _call(fn: _F) -> _F:
+    """A worker call: the idle filler pauses while it runs (server/idle_work.py)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _idle.busy():
+            return fn(*args, **kwargs)
+
+    return cast(_F, run)
 
 
 def init(db: str) -> None:
@@ -201,6 +221,7 @@ def resident_keys() -> int:
     return len(_s().kernels)
 
 
+@_call
 def check_stored(tenant_id: str, key_id: str, bin_id: int, start: int, stop: int) -> None:
     """Validate ciphertexts ``start:stop`` of a bin as the store holds it, and drop them.
 
@@ -216,6 +237,7 @@ def check_stored(tenant_id: str, key_id: str, bin_id: int, start: int, stop: int
     _s().kernel(tenant_id, key_id).load_checked_each(blobs[start:stop])
 
 
+@_call
 def preload(bin_ids: Sequence[int]) -> int:
     """Load bins into this worker's memory ahead of their first query (background)."""
     done = 0
@@ -228,6 +250,7 @@ def preload(bin_ids: Sequence[int]) -> int:
     return done
 
 
+@_call
 def preload_foreign(tenant_id: str, key_id: str, bin_ids: Sequence[int]) -> int:
     """Load other workers' bins (and their center scores) into the foreign cache, ahead of use.
 
@@ -246,12 +269,14 @@ def preload_foreign(tenant_id: str, key_id: str, bin_ids: Sequence[int]) -> int:
     return done
 
 
+@_call
 def check_part(tenant_id: str, key_id: str, blobs: Sequence[bytes]) -> None:
     """Validate a share of a contribution's ciphertexts and drop them."""
     kernel = _s().kernel(tenant_id, key_id)
     kernel.load_checked_each(blobs)
 
 
+@_call
 def validate_probe(tenant_id: str, key_id: str, blobs: Sequence[bytes]) -> int:
     return len(_s().kernel(tenant_id, key_id).load_probe(blobs))
 
@@ -291,6 +316,7 @@ _PROBE_MEMO_SIZE = 8
 _probe_memo: OrderedDict[tuple[str, str, str], AnyBin] = OrderedDict()
 
 
+@_call
 def score(
     tenant_id: str,
     key_id: str,
@@ -335,9 +361,11 @@ def score(
                 kernel.add_scores(ct, centered)
         kernel.mask(ct, unit.keep)
         out.append(seal_io.to_bytes(ct))
+    _idle.want(kernel.rerandomizer)
     return out
 
 
+@_call
 def check_staged(tenant_id: str, key_id: str, blob: bytes) -> bool:
     """Validate a staged template; False if the key's context cannot score staged templates."""
     kernel = _s().kernel(tenant_id, key_id)
@@ -347,6 +375,7 @@ def check_staged(tenant_id: str, key_id: str, blob: bytes) -> bool:
     return True
 
 
+@_call
 def score_staged(
     tenant_id: str,
     key_id: str,
@@ -375,9 +404,11 @@ def score_staged(
         else:
             kernel.mask(ct, keep)
         out.append(seal_io.to_bytes(ct))
+    _idle.want(kernel.rerandomizer)
     return out
 
 
+@_call
 def precompute_centers(tenant_id: str, key_id: str, bin_ids: Sequence[int]) -> int:
     """Warm the centering scores of bins after they change (runs in the background)."""
     state = _s()
@@ -401,6 +432,7 @@ def forget_key(tenant_id: str, key_id: str) -> None:
         del state.center_cache[entry]
 
 
+@_call
 def current(bin_id: int) -> tuple[int, bytes] | None:
     """The bin's merged ciphertexts (for compaction and re-packing)."""
     state = _s()

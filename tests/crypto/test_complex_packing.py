@@ -81,7 +81,9 @@ def test_both_components_score_right_in_a_full_bin(tenant) -> None:  # type: ign
         pre = tc.decrypt_scores(seal_io.to_bytes(kern.score(b, probe, "presel")))
         rest = tc.decrypt_scores(seal_io.to_bytes(kern.score(b, probe, "rest")))
         np.testing.assert_allclose(pre + rest, full, atol=2e-4)
-        assert int(np.argmax(full)) == int(np.argmax(x @ p))
+        # the encrypted top-1 is the plaintext one, or tied with it within the CKKS error
+        # (this gallery's first probe has two templates 9e-5 apart)
+        assert (x @ p)[int(np.argmax(full))] >= (x @ p).max() - 4e-4
     np.testing.assert_allclose(tc.decrypt_bin(tc.encrypt_contribution(x[:8], [1, 2050, 7, 4095, 0, 2048, 3000, 9]), [1, 2050, 7, 4095, 0, 2048, 3000, 9]), x[:8], atol=1e-5)
 
 

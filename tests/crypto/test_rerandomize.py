@@ -244,3 +244,27 @@ def test_a_key_without_public_key_gets_no_masked_response(tenant: Tenant) -> Non
     for call in mask_calls:
         with pytest.raises(FailedPrecondition, match="register the key again"):
             call(ct)
+
+
+def test_pooled_zeros_are_used_once_and_rerandomize_alike(tenant: Tenant) -> None:
+    _keys, tc, _kern, public = tenant
+    assert public.public_key is not None
+    pool = Rerandomizer(public.context, public.public_key, pool_size=3)
+    assert [pool.refill_one() for _ in range(4)] == [True, True, True, False]  # full at 3
+    assert pool.pooled == 3
+    kern = BinKernel(public, zero_pool=3)
+    x = _unit(np.random.default_rng(7), 16)
+    b = kern.load_bin(tc.encrypt_contribution(x, np.arange(16)))
+    probe = kern.load_probe(tc.encrypt_probe(x[3]))
+    ct = kern.score(b, probe, "full")
+    zeros = [pool.zero_like(ct) for _ in range(4)]  # three from the pool, then one made now
+    assert pool.pooled == 0
+    assert all(z.scale == ct.scale for z in zeros)
+    words = {tuple(_poly(z, 1)[:8].tolist()) for z in zeros}
+    assert len(words) == 4  # no zero was handed out twice
+    for z in zeros:
+        out = seal.Ciphertext()
+        seal.Evaluator(public.context).add(ct, z, out)
+        np.testing.assert_allclose(
+            tc.decrypt_scores(seal_io.to_bytes(out))[:16], x @ x[3], atol=2e-4
+        )
