@@ -51,6 +51,9 @@ _COMPR_NONE, _COMPR_ZSTD = 0, 2
 # then the coefficients as a nested serialization (header, u64 count, data).
 _MEMBERS = struct.Struct("<4QBQQQdQ")
 _DATA_OFFSET = _MEMBERS.size + _HEADER.size + 8
+# A seeded ciphertext ends with its PRNG's description: a header, the PRNG type, the seed.
+_SEED_INFO = struct.Struct("<HBBBBHQB64x")
+_PRNG_BLAKE2XB = 1  # SEAL's default PRNG (prng_type::blake2xb)
 
 
 def _load_extension() -> ModuleType | None:
@@ -138,13 +141,16 @@ class Packer:
     def parse(self, blob: bytes, scale: float) -> U64Array | None:
         """A fresh ciphertext's coefficients straight from its bytes, or None.
 
-        Only the full (unseeded) two-component form at the top data level and
-        the given scale, with every coefficient below the prime, is read here:
-        the checks SEAL's ``load`` and :func:`~veilface.crypto.ciphertext_checks.load_checked`
-        make, done on the bytes. Anything else (a seeded ciphertext, another
-        version of SEAL's format, a malformed blob) returns None and goes
-        through SEAL, which expands it or raises the precise error.
-        Decompression is bounded by the one size a valid blob can have.
+        Reads the two forms SEAL writes for a two-component ciphertext: full,
+        and seeded (the first component and the 64-byte seed of the second,
+        which :func:`_products.expand_seed` expands exactly as SEAL's load
+        does). Only a ciphertext at the top data level and the given scale,
+        with every coefficient below the prime, is accepted: the checks SEAL's
+        ``load`` and :func:`~veilface.crypto.ciphertext_checks.load_checked`
+        make, done on the bytes. Anything else (another PRNG or version of
+        SEAL's format, a malformed blob) returns None and goes through SEAL,
+        which raises the precise error. Decompression is bounded by the
+        largest size a valid blob can have.
         """
         if len(blob) < _HEADER.size:
             return None
@@ -153,17 +159,17 @@ class Packer:
             return None
         if (major, minor) != self._version:
             return None
-        expected = _DATA_OFFSET + 16 * self.n
+        full, seeded = _DATA_OFFSET + 16 * self.n, _DATA_OFFSET + 8 * self.n + _SEED_INFO.size
         if compression == _COMPR_ZSTD:
             try:
-                body = self._zstd.decompress(blob[_HEADER.size :], max_output_size=expected)
+                body = self._zstd.decompress(blob[_HEADER.size :], max_output_size=full)
             except zstandard.ZstdError:
                 return None
         elif compression == _COMPR_NONE:
             body = blob[_HEADER.size :]
         else:
             return None
-        if len(body) != expected:
+        if len(body) not in (full, seeded):
             return None
         *parms_id, ntt, size, degree, moduli, ct_scale, correction = _MEMBERS.unpack_from(body)
         if (
@@ -172,6 +178,7 @@ class Packer:
             or ct_scale != scale
         ):
             return None
+        words = 2 * self.n if len(body) == full else self.n
         n_magic, n_header, n_major, n_minor, n_compression, _, n_total = _HEADER.unpack_from(
             body, _MEMBERS.size
         )
@@ -179,14 +186,36 @@ class Packer:
         if (
             (n_magic, n_header, n_major, n_minor, n_compression)
             != (_SEAL_MAGIC, _HEADER.size, major, minor, _COMPR_NONE)
-            or n_total != _HEADER.size + 8 + 16 * self.n
-            or count != 2 * self.n
+            or n_total != _HEADER.size + 8 + 8 * words
+            or count != words
         ):
             return None
-        coefficients = np.frombuffer(body, dtype=np.uint64, offset=_DATA_OFFSET, count=2 * self.n)
+        coefficients = np.empty((2, self.n), dtype=np.uint64)
+        coefficients.reshape(-1)[:words] = np.frombuffer(
+            body, dtype=np.uint64, offset=_DATA_OFFSET, count=words
+        )
+        if words == self.n:  # seeded: the second component from its seed
+            if _products is None:
+                return None
+            s_magic, s_header, s_major, s_minor, s_compression, _, s_total, prng = (
+                _SEED_INFO.unpack_from(body, _DATA_OFFSET + 8 * self.n)
+            )
+            if (s_magic, s_header, s_major, s_minor, s_compression, s_total, prng) != (
+                _SEAL_MAGIC,
+                _HEADER.size,
+                major,
+                minor,
+                _COMPR_NONE,
+                _SEED_INFO.size,
+                _PRNG_BLAKE2XB,
+            ):
+                return None
+            seed = body[len(body) - 64 :]
+            ext: Any = _products
+            ext.expand_seed(seed, self.n, self.q, coefficients[1])
         if int(coefficients.max()) >= self.q:
             return None
-        return coefficients.reshape(2, self.n)
+        return coefficients
 
     def load(self, blobs: Sequence[bytes], *, scale: float, what: str) -> PackedBin:
         """Validated ciphertexts as one packed array: :meth:`parse`, else SEAL's checked load."""

@@ -155,16 +155,16 @@ class _WorkerState:
         elif cached is not None and cached.cts is not None and data.base_seq <= cached.version:
             for seq, blob in data.deltas:  # incremental: only the newer contributions
                 if seq > cached.version:
-                    kernel.add_into(cached.cts, kernel.load_bin(unpack_blobs(blob)))
+                    kernel.add_into(cached.cts, kernel.load_resident_bin(unpack_blobs(blob)))
             cached.version = data.version
         else:
             cts: AnyBin | None = None
             if data.base is not None:
-                cts = kernel.resident(kernel.load_bin(unpack_blobs(data.base)))
+                cts = kernel.load_resident_bin(unpack_blobs(data.base))
             for _, blob in data.deltas:
-                contrib = kernel.load_bin(unpack_blobs(blob))
+                contrib = kernel.load_resident_bin(unpack_blobs(blob))
                 if cts is None:
-                    cts = kernel.resident(contrib)
+                    cts = contrib
                 else:
                     kernel.add_into(cts, contrib)
             cached = _CachedBin(data.version, cts, (data.tenant_id, data.key_id))

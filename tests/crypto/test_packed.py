@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tenseal.sealapi as seal
+import zstandard
 
 from veilface.crypto import packed, seal_io
 from veilface.crypto.kernel import BinKernel
@@ -119,12 +120,45 @@ def test_an_unseeded_probe_is_read_from_its_bytes(tenant) -> None:  # type: igno
         np.testing.assert_array_equal(got, want)
     resident = kern.load_resident_probe(blobs)
     assert isinstance(resident, PackedBin) and len(resident) == kern.layout.g1
-    # a seeded probe (an older client) is not parsed, but loads through SEAL to the same form
+    # a seeded probe (an older client): its second half expanded from the seed as SEAL does
     seeded = tc.encrypt_probe(p, seeded=True)
     assert len(seeded[0]) < len(blobs[0]) // 2 + 1024
-    assert kern.packer.parse(seeded[0], scale) is None
     from_seal = kern.packer.pack(kern.load_probe(seeded))
+    for i, blob in enumerate(seeded):
+        np.testing.assert_array_equal(kern.packer.parse(blob, scale), from_seal.data[i])
     np.testing.assert_array_equal(kern.load_resident_probe(seeded).data, from_seal.data)
+
+
+def _uncompressed_blob(original: bytes, body: bytes) -> bytes:
+    """SEAL's header of ``original`` over an uncompressed body."""
+    header = bytearray(original[:16])
+    header[5] = 0  # compr_mode_type::none
+    header[8:16] = (16 + len(body)).to_bytes(8, "little")
+    return bytes(header) + body
+
+
+def test_a_stored_bin_is_read_and_expanded_like_seal(tenant) -> None:  # type: ignore[no-untyped-def]
+    tc, kern = tenant
+    x = _unit(np.random.default_rng(5), 300)
+    blobs = tc.encrypt_contribution(x, np.arange(300))  # seeded, as a bulk import stores them
+    held = kern.load_resident_bin(blobs)
+    assert isinstance(held, PackedBin)
+    np.testing.assert_array_equal(held.data, kern.packer.pack(kern.load_bin(blobs)).data)
+    scale = held.scale
+    # the same bytes uncompressed, with a flipped seed bit, or naming SEAL's other PRNG: read
+    # exactly as SEAL reads them, by the parser or (another PRNG) by SEAL itself
+    body = bytearray(zstandard.ZstdDecompressor().decompress(blobs[0][16:], max_output_size=1 << 20))
+    flipped = bytearray(body)
+    flipped[-1] ^= 1
+    shake = bytearray(body)
+    shake[-65] = 2  # prng_type::shake256
+    for variant, parsed in ((body, True), (flipped, True), (shake, False)):
+        blob = _uncompressed_blob(blobs[0], bytes(variant))
+        assert (kern.packer.parse(blob, scale) is not None) == parsed
+        want = kern.packer.coefficients(kern.load_staged(blob))
+        np.testing.assert_array_equal(kern.load_resident_bin([blob, *blobs[1:]]).data[0], want)
+    with pytest.raises(InvalidCiphertext, match="expected 128 bin ciphertexts"):
+        kern.load_resident_bin(blobs[:-1])
 
 
 def test_hostile_probe_bytes_get_seals_errors(tenant) -> None:  # type: ignore[no-untyped-def]
