@@ -93,6 +93,10 @@ class ServerSettings:
     # onto it (server/scoring.py), least recently used first (8 MiB each at
     # n4096/128-d; 0: a query's bins stay with their owners).
     max_foreign_bins: int = 32
+    # Encryptions of zero each worker makes in idle time, per resident key, for
+    # re-randomizing score responses (server/idle_work.py; 64 KiB each at n4096).
+    # 0: every response encrypts its own zero on the query's path.
+    zero_pool: int = 64
     # Per tenant: calls in progress at once, and bins being scored at once
     # (over all its calls). Over either: RESOURCE_EXHAUSTED. One request may
     # still score up to max_bins_per_request when nothing else is in flight.
@@ -110,10 +114,10 @@ class ServerSettings:
     max_photo_bytes: int = 10 * 1024 * 1024
     max_cached_queries: int = 1024
     # The probe cache of re-ranking (server/probes.py): bytes of all cached
-    # probes, and of one tenant's (a probe is 2.1 MB at n4096, 128-d: 32 unseeded
-    # ciphertexts, crypto/tenant_crypto.py; 1.06 MB from a client that sends them seeded).
-    max_cached_probe_bytes: int = 128 * 1024 * 1024
-    max_cached_probe_bytes_per_tenant: int = 32 * 1024 * 1024
+    # probes, and of one tenant's (a probe is 1.06 MB at n4096, 128-d: 32 seeded
+    # ciphertexts; twice that from a client that sends them in full form).
+    max_cached_probe_bytes: int = 64 * 1024 * 1024
+    max_cached_probe_bytes_per_tenant: int = 16 * 1024 * 1024
     # Single enrollments awaiting their fold, per key: each costs a query
     # about 6 ms of scoring until folded, so the area is kept small.
     max_staged: int = 64
@@ -166,10 +170,12 @@ class ServerSettings:
             from veilface.errors import InvalidArgument
 
             raise InvalidArgument("TLS needs both a certificate and a key (--tls-cert, --tls-key)")
-        if settings.max_templates < 0 or settings.max_gallery_bytes < 0 or settings.max_foreign_bins < 0:
+        if min(settings.max_templates, settings.max_gallery_bytes, settings.max_foreign_bins, settings.zero_pool) < 0:
             from veilface.errors import InvalidArgument
 
-            raise InvalidArgument("max_templates, max_gallery_bytes and max_foreign_bins are 0 or positive")
+            raise InvalidArgument(
+                "max_templates, max_gallery_bytes, max_foreign_bins and zero_pool are 0 or positive"
+            )
         if not 0.0 < settings.gallery_memory_fraction <= 1.0:
             from veilface.errors import InvalidArgument
 

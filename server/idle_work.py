@@ -5,9 +5,11 @@ zero (:mod:`veilface.crypto.rerandomize`), 1.3 ms of a bin's 9 ms on this
 machine. None depends on the query, so a worker makes them between calls
 and a response only adds one. The filler is one daemon thread per worker
 process, started on first use. It runs only while no worker call is in
-progress (:func:`busy` marks them), makes one encryption at a time (SEAL
-holds the GIL for about a millisecond), and yields between them, so a call
-that arrives waits at most for the one encryption under way. It fills the
+progress (:func:`busy` marks them) and no job is on its way (the server
+counts them in shared memory, :attr:`IdleFiller.pending`), makes one
+encryption at a time (SEAL holds the GIL for about a millisecond), and
+yields between them, so a call that arrives waits at most for the one
+encryption under way. It fills the
 pool of the key scored last, up to the pool's size
 (``WorkerLimits.zero_pool``).
 """
@@ -20,6 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 from veilface.crypto.rerandomize import Rerandomizer
 
@@ -35,6 +38,9 @@ class IdleFiller:
         self._wake = threading.Event()
         self._target: weakref.ref[Rerandomizer] | None = None
         self._thread: threading.Thread | None = None
+        # The server's count of jobs submitted to this worker (shared memory), when it keeps one:
+        # a job's arguments arrive in many pipe reads, each of which would let the filler in.
+        self.pending: Any = None
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
@@ -59,13 +65,16 @@ class IdleFiller:
             self._thread.start()
         self._wake.set()
 
+    def _queued(self) -> bool:
+        return self.pending is not None and self.pending.value > 0
+
     def _run(self) -> None:
         while True:
             self._wake.wait()
             self._wake.clear()
             while True:
                 target = self._target() if self._target is not None else None
-                if target is None or self._busy:
+                if target is None or self._busy or self._queued():
                     break
                 try:
                     if not target.refill_one():

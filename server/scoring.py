@@ -209,9 +209,15 @@ class WorkerPool(ScoringBackend):
         super().__init__()
         ctx = multiprocessing.get_context("spawn")
         self.n = n
+        # Jobs submitted to each worker and not yet answered, in shared memory: the worker's
+        # idle-time filler waits while its count is above zero (server/idle_work.py), so it
+        # never takes the GIL from a job whose arguments are still arriving.
+        self._pending = [ctx.RawValue("i", 0) for _ in range(n)]
         self._execs = [
-            ProcessPoolExecutor(1, mp_context=ctx, initializer=worker.init, initargs=(str(db),))
-            for _ in range(n)
+            ProcessPoolExecutor(
+                1, mp_context=ctx, initializer=worker.init, initargs=(str(db), self._pending[i])
+            )
+            for i in range(n)
         ]
         # One job at a time per worker, round-robin over the tenants waiting
         # for it (server/fair_queue.py): no tenant's backlog delays another's query.
@@ -220,7 +226,11 @@ class WorkerPool(ScoringBackend):
 
     async def call(self, idx: int, fn: Callable[..., T], *args: Any) -> T:
         self.stats.track(idx, fn, args)  # counts the bins the job makes the worker load
-        result: T = await self._lanes[idx].submit(fn, *args)
+        self._pending[idx].value += 1  # the event loop's thread only: no lock needed
+        try:
+            result: T = await self._lanes[idx].submit(fn, *args)
+        finally:
+            self._pending[idx].value -= 1
         return result
 
     def shutdown(self) -> None:
@@ -235,7 +245,9 @@ async def open_scoring(settings: ServerSettings, db: str) -> ScoringBackend:
     cluster that cannot be reached raises Unavailable naming its address.
     """
     backend: ScoringBackend
-    limits = worker.WorkerLimits(settings.max_resident_keys, settings.max_foreign_bins)
+    limits = worker.WorkerLimits(
+        settings.max_resident_keys, settings.max_foreign_bins, settings.zero_pool
+    )
     if settings.scoring == "ray":
         from veilface.server.ray_scoring import RayOptions, RayPool
 

@@ -190,9 +190,15 @@ def _call(fn: _F) -> _F:
     return cast(_F, run)
 
 
-def init(db: str) -> None:
-    """Open the worker's reader of the store ``db`` names (a SQLite path or a URL)."""
+def init(db: str, pending: Any = None) -> None:
+    """Open the worker's reader of the store ``db`` names (a SQLite path or a URL).
+
+    ``pending``: a shared integer the server keeps at the number of jobs it
+    has submitted to this worker and not yet had answered (the idle filler
+    waits while it is above zero).
+    """
     global _state
+    _idle.pending = pending
     from veilface.server.limits import bound_heap_growth
 
     bound_heap_growth()  # large argument buffers go back to the system once freed

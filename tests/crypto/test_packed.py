@@ -111,7 +111,7 @@ def test_the_extension_checks_its_buffers(tenant) -> None:  # type: ignore[no-un
 def test_an_unseeded_probe_is_read_from_its_bytes(tenant) -> None:  # type: ignore[no-untyped-def]
     tc, kern = tenant
     p = _unit(np.random.default_rng(3), 1)[0]
-    blobs = tc.encrypt_probe(p)  # unseeded by default
+    blobs = tc.encrypt_probe(p, seeded=False)  # the full form
     scale = kern.public.param_set.scale
     for blob in blobs:
         got = kern.packer.parse(blob, scale)
@@ -120,7 +120,7 @@ def test_an_unseeded_probe_is_read_from_its_bytes(tenant) -> None:  # type: igno
         np.testing.assert_array_equal(got, want)
     resident = kern.load_resident_probe(blobs)
     assert isinstance(resident, PackedBin) and len(resident) == kern.layout.g1
-    # a seeded probe (an older client): its second half expanded from the seed as SEAL does
+    # a seeded probe (the default): its second half expanded from the seed as SEAL does
     seeded = tc.encrypt_probe(p, seeded=True)
     assert len(seeded[0]) < len(blobs[0]) // 2 + 1024
     from_seal = kern.packer.pack(kern.load_probe(seeded))
@@ -164,7 +164,7 @@ def test_a_stored_bin_is_read_and_expanded_like_seal(tenant) -> None:  # type: i
 def test_hostile_probe_bytes_get_seals_errors(tenant) -> None:  # type: ignore[no-untyped-def]
     tc, kern = tenant
     scale = kern.public.param_set.scale
-    blobs = tc.encrypt_probe(_unit(np.random.default_rng(4), 1)[0])
+    blobs = tc.encrypt_probe(_unit(np.random.default_rng(4), 1)[0], seeded=False)
     good = kern.packer.parse(blobs[0], scale)
     assert good is not None
 

@@ -45,3 +45,19 @@ def test_the_filler_follows_the_last_key() -> None:
     assert _until(lambda: first.pooled == 2)
     filler.want(second)
     assert _until(lambda: second.pooled == 2)
+
+
+def test_the_filler_waits_while_the_server_has_a_job_on_its_way() -> None:
+    import multiprocessing
+
+    public = PublicContext.from_bytes(TenantKeys.generate(128).public_context_bytes())
+    assert public.public_key is not None
+    pool = Rerandomizer(public.context, public.public_key, pool_size=3)
+    filler = IdleFiller()
+    filler.pending = multiprocessing.get_context("spawn").RawValue("i", 1)  # as WorkerPool shares it
+    filler.want(pool)
+    time.sleep(0.3)
+    assert pool.pooled == 0
+    filler.pending.value = 0
+    filler.want(pool)  # the next call's end wakes it
+    assert _until(lambda: pool.pooled == 3)
