@@ -60,14 +60,16 @@ def _load_extension() -> ModuleType | None:
     if os.environ.get("VEILFACE_PRODUCTS", "").lower() == "seal":
         return None
     try:
-        from veilface.crypto import _products  # type: ignore[attr-defined]
+        import importlib
+
+        module = importlib.import_module("veilface.crypto._products")
     except ImportError:
         log.warning(
             "veilface.crypto._products is not built (no C compiler at install?): "
             "bins are scored with SEAL's products, 2-5x slower"
         )
         return None
-    return _products
+    return module
 
 
 _products = _load_extension()
