@@ -57,9 +57,9 @@ quarter of the work (:data:`ROUTING_PAYS_BELOW`). These are SEAL's costs; a
 server with the compiled product kernel (crypto/packed.py) pays about a
 quarter of that per product. The default one-stage query (``k = 0``) scores
 whole bins, so its cost is the number of bins searched times one constant
-and the choice does not depend on these figures; only the two-stage
-window advice and the routed-against-strict comparison do, and with
-products cheaper both lean further toward what they already choose.
+and the choice does not depend on these figures (nor does the comparison
+with strict, also whole bins); only the two-stage window advice does, and
+it was not re-tuned for the cheaper products.
 """
 
 from __future__ import annotations
