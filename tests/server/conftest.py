@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,18 @@ from veilface.client.admin import AdminClient
 from veilface.client.sdk import VeilClient
 from veilface.client.tenant_state import TenantState
 from veilface.server.launcher import LocalServer
+
+
+def eventually(
+    check: Callable[[], bool], timeout_s: float = 20.0, interval_s: float = 0.05
+) -> bool:
+    """Poll ``check`` until it holds (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval_s)
+    return False
 
 
 def create_tenant(srv: LocalServer, tenant_id: str) -> str:

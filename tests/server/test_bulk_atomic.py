@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.server.conftest import make_client
+from tests.server.conftest import eventually, make_client
 from veilface.client.sdk import VeilClient
 from veilface.client.transport import RemoteError
 from veilface.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -45,15 +45,6 @@ def _staged_bins(db: Path) -> int:
         return int(con.execute("SELECT COUNT(*) FROM bins WHERE state='staged'").fetchone()[0])
     finally:
         con.close()
-
-
-def _wait(cond, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _chunks(
@@ -136,12 +127,12 @@ def test_bulk_client_sigkilled_after_chunk_one(srv, tenant, faces, tmp_path) -> 
         )
         try:
             assert child.stdout is not None and child.stdout.readline().strip() == "sent"
-            assert _wait(lambda: _staged_bins(srv.db_path) >= 1), "chunk 1 was never staged"
+            assert eventually(lambda: _staged_bins(srv.db_path) >= 1), "chunk 1 was never staged"
             time.sleep(0.1 * trial)
         finally:
             child.kill()
             child.wait()
-        assert _wait(lambda: _staged_bins(srv.db_path) == 0), (
+        assert eventually(lambda: _staged_bins(srv.db_path) == 0), (
             "the cut stream's bins were not removed"
         )
         _assert_nothing_visible(tenant, before.subjects, before.bins, gallery[3], names[3])
@@ -160,12 +151,12 @@ def test_bulk_cancelled_in_process(srv, tenant, faces) -> None:  # type: ignore[
 
     tr = tenant.transport
     fut = tr.enrollment.BulkEnroll.future(gen(), metadata=tr._metadata, timeout=60)
-    assert _wait(lambda: _staged_bins(srv.db_path) >= 1)
+    assert eventually(lambda: _staged_bins(srv.db_path) >= 1)
     fut.cancel()
     release.set()
     with pytest.raises(grpc.FutureCancelledError):
         fut.result()
-    assert _wait(lambda: _staged_bins(srv.db_path) == 0)
+    assert eventually(lambda: _staged_bins(srv.db_path) == 0)
     _assert_nothing_visible(tenant, before.subjects, before.bins, gallery[4], names[4])
 
 
@@ -176,12 +167,12 @@ def test_bulk_iterator_raises(srv, tenant, faces) -> None:  # type: ignore[no-un
 
     def gen() -> Iterator[pb.BulkEnrollChunk]:
         yield msgs[0]
-        _wait(lambda: _staged_bins(srv.db_path) >= 1)
+        eventually(lambda: _staged_bins(srv.db_path) >= 1)
         raise RuntimeError("the client's source of templates failed")
 
     with pytest.raises(RemoteError):
         tenant.transport.call(tenant.transport.enrollment.BulkEnroll, gen())
-    assert _wait(lambda: _staged_bins(srv.db_path) == 0)
+    assert eventually(lambda: _staged_bins(srv.db_path) == 0)
     _assert_nothing_visible(tenant, before.subjects, before.bins, gallery[5], names[5])
 
 

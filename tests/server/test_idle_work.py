@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import time
 
+from tests.server.conftest import eventually
 from veilface.crypto.keys import TenantKeys
 from veilface.crypto.public_context import PublicContext
 from veilface.crypto.rerandomize import Rerandomizer
 from veilface.server.idle_work import IdleFiller
-
-
-def _until(check, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_the_filler_fills_only_while_no_call_runs() -> None:
@@ -28,7 +20,7 @@ def test_the_filler_fills_only_while_no_call_runs() -> None:
         filler.want(pool)
         time.sleep(0.3)
         assert pool.pooled == 0  # a call is running: nothing is made
-    assert _until(lambda: pool.pooled == 4)  # idle: filled up to the pool's size, no further
+    assert eventually(lambda: pool.pooled == 4)  # idle: filled up to the pool's size, no further
     time.sleep(0.1)
     assert pool.pooled == 4
     filler.want(Rerandomizer(public.context, public.public_key, pool_size=0))  # no pool: ignored
@@ -42,9 +34,9 @@ def test_the_filler_follows_the_last_key() -> None:
     second = Rerandomizer(public.context, public.public_key, pool_size=2)
     filler = IdleFiller()
     filler.want(first)
-    assert _until(lambda: first.pooled == 2)
+    assert eventually(lambda: first.pooled == 2)
     filler.want(second)
-    assert _until(lambda: second.pooled == 2)
+    assert eventually(lambda: second.pooled == 2)
 
 
 def test_the_filler_waits_while_the_server_has_a_job_on_its_way() -> None:
@@ -60,4 +52,4 @@ def test_the_filler_waits_while_the_server_has_a_job_on_its_way() -> None:
     assert pool.pooled == 0
     filler.pending.value = 0
     filler.want(pool)  # the next call's end wakes it
-    assert _until(lambda: pool.pooled == 3)
+    assert eventually(lambda: pool.pooled == 3)

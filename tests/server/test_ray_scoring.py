@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests.postgres_server import TestPostgres
-from tests.server.conftest import create_tenant
+from tests.server.conftest import create_tenant, eventually
 from veilface.bench.ray_cluster import LocalRayCluster
 from veilface.client.sdk import VeilClient
 from veilface.client.tenant_state import TenantState
@@ -51,15 +51,6 @@ def _ray_server(url: str, admin: Path, cluster: LocalRayCluster) -> LocalServer:
         extra_args=["--scoring", "ray", "--ray-address", cluster.address, "--metrics-port", "0"],
         env={"VEILFACE_TOKEN_SYNC_S": "0.5", "VEILFACE_RAY_RECOVERY_S": "60"},
     )
-
-
-def _eventually(check: Callable[[], bool], timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def _placement(cluster: LocalRayCluster, url: str) -> list[tuple[str, int]]:
@@ -131,7 +122,7 @@ def test_ray_node_killed_during_queries(
                 except VeilfaceError:
                     return False
 
-            assert _eventually(b_serves), "b never served a's tenant"
+            assert eventually(b_serves, 15.0, 0.2), "b never served a's tenant"
 
             def query(i: int) -> None:
                 t0 = time.monotonic()

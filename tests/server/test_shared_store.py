@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.postgres_server import TestPostgres
-from tests.server.conftest import create_tenant
+from tests.server.conftest import create_tenant, eventually
 from veilface.client.admin import AdminClient
 from veilface.client.sdk import VeilClient
 from veilface.client.tenant_state import TenantState
@@ -18,15 +16,6 @@ from veilface.errors import VeilfaceError
 from veilface.server.launcher import LocalServer
 
 pytestmark = pytest.mark.slow
-
-
-def _eventually(check: Callable[[], bool], timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_two_front_ends_share_one_postgres(
@@ -56,7 +45,7 @@ def test_two_front_ends_share_one_postgres(
                 except VeilfaceError:
                     return False
 
-            assert _eventually(b_knows_the_token), "b never learnt a's new token"
+            assert eventually(b_knows_the_token, 15.0, 0.2), "b never learnt a's new token"
             assert cb.describe().keys[0].subjects == 41
             for i in (0, 17, 39, 40):
                 r = cb.identify(gallery[i])
@@ -69,9 +58,9 @@ def test_two_front_ends_share_one_postgres(
         with AdminClient(a.target, token=a.admin_token) as admin_a:
             kiosk = admin_a.create_token("shared", name="kiosk", scopes=["query"])
             with VeilClient(b.target, state, token=kiosk.api_token, encrypt_workers=0) as kb:
-                assert _eventually(lambda: _works(kb)), "b never learnt the kiosk token"
+                assert eventually(lambda: _works(kb), 15.0, 0.2), "b never learnt the kiosk token"
                 admin_a.revoke_token("shared", kiosk.info.token_id)  # through a
-                assert _eventually(lambda: not _works(kb)), "b still accepts a revoked token"
+                assert eventually(lambda: not _works(kb), 15.0, 0.2), "b still accepts a revoked token"
 
 
 def _works(client: VeilClient) -> bool:
