@@ -42,6 +42,12 @@ def load_checked(
     return ct
 
 
+def check_count(blobs: Sequence[bytes], expected: int, what: str) -> None:
+    """InvalidCiphertext unless there are exactly ``expected`` ciphertexts (a bin's, a probe's)."""
+    if len(blobs) != expected:
+        raise InvalidCiphertext(f"expected {expected} {what} ciphertexts, got {len(blobs)}")
+
+
 def load_many(
     context: seal.SEALContext,
     blobs: Sequence[bytes],
@@ -50,8 +56,7 @@ def load_many(
     scale: float,
     what: str,
 ) -> list[seal.Ciphertext]:
-    if len(blobs) != expected:
-        raise InvalidCiphertext(f"expected {expected} {what} ciphertexts, got {len(blobs)}")
+    check_count(blobs, expected, what)
     return [
         load_checked(context, b, scale=scale, what=f"{what} ciphertext {i}")
         for i, b in enumerate(blobs)

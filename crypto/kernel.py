@@ -33,7 +33,7 @@ import numpy.typing as npt
 import tenseal.sealapi as seal
 
 from veilface.crypto import seal_io
-from veilface.crypto.ciphertext_checks import load_checked, load_many
+from veilface.crypto.ciphertext_checks import check_count, load_checked, load_many
 from veilface.crypto.packed import PackedBin, Packer
 from veilface.crypto.public_context import PublicContext
 from veilface.crypto.rerandomize import Rerandomizer
@@ -150,22 +150,12 @@ class BinKernel:
         """
         if not self.packer.available:
             return self.load_bin(blobs)
-        if len(blobs) != self.layout.n_ciphertexts:
-            from veilface.errors import InvalidCiphertext
-
-            raise InvalidCiphertext(
-                f"expected {self.layout.n_ciphertexts} bin ciphertexts, got {len(blobs)}"
-            )
+        check_count(blobs, self.layout.n_ciphertexts, "bin")
         return self.packer.load(blobs, scale=self._scale, what="bin")
 
     def load_some(self, blobs: Sequence[bytes], start: int, stop: int) -> Bin:
         """Load and validate ciphertexts ``start:stop`` of a bin contribution."""
-        if len(blobs) != self.layout.n_ciphertexts:
-            from veilface.errors import InvalidCiphertext
-
-            raise InvalidCiphertext(
-                f"expected {self.layout.n_ciphertexts} bin ciphertexts, got {len(blobs)}"
-            )
+        check_count(blobs, self.layout.n_ciphertexts, "bin")
         return [
             load_checked(self._ctx, blobs[i], scale=self._scale, what=f"bin ciphertext {i}")
             for i in range(start, stop)
@@ -194,10 +184,7 @@ class BinKernel:
         """
         if not self.packer.available:
             return self.load_probe(blobs)
-        if len(blobs) != self.layout.g1:
-            from veilface.errors import InvalidCiphertext
-
-            raise InvalidCiphertext(f"expected {self.layout.g1} probe ciphertexts, got {len(blobs)}")
+        check_count(blobs, self.layout.g1, "probe")
         return self.packer.load(blobs, scale=self._scale, what="probe")
 
     def resident(self, cts: Bin) -> AnyBin:
