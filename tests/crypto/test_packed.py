@@ -129,6 +129,14 @@ def test_an_unseeded_probe_is_read_from_its_bytes(tenant) -> None:  # type: igno
     np.testing.assert_array_equal(kern.load_resident_probe(seeded).data, from_seal.data)
 
 
+def _zstd_blob(original: bytes, body: bytes) -> bytes:
+    """SEAL's header of ``original`` over ``body`` as one zstd frame (its size declared)."""
+    frame = zstandard.ZstdCompressor().compress(body)
+    header = bytearray(original[:16])
+    header[8:16] = (16 + len(frame)).to_bytes(8, "little")
+    return bytes(header) + frame
+
+
 def _uncompressed_blob(original: bytes, body: bytes) -> bytes:
     """SEAL's header of ``original`` over an uncompressed body."""
     header = bytearray(original[:16])
@@ -182,6 +190,7 @@ def test_hostile_probe_bytes_get_seals_errors(tenant) -> None:  # type: ignore[n
         "truncated": blobs[0][: len(blobs[0]) // 2],
         "flipped zstd byte": blobs[0][:100] + bytes([blobs[0][100] ^ 0xFF]) + blobs[0][101:],
         "empty": b"",
+        "a declared 64 MB zstd frame": _zstd_blob(blobs[0], b"\0" * (64 << 20)),
     }
     for name, bad in cases.items():
         assert kern.packer.parse(bad, scale) is None, name
