@@ -145,8 +145,19 @@ ALTER TABLE photos ALTER COLUMN sealed SET STORAGE EXTERNAL;
 ALTER TABLE staged ALTER COLUMN blob SET STORAGE EXTERNAL;
 """
 
+# v3: a bulk stream's subjects wait here, with no handle index, until activation
+# moves them into subjects sorted by handle (sql_bulk: one pass of the handle index).
+_V3 = """
+CREATE TABLE bulk_subjects (
+    bin_id BIGINT NOT NULL REFERENCES bins(bin_id),
+    handle TEXT NOT NULL,
+    slot INTEGER NOT NULL
+);
+CREATE INDEX bulk_subjects_by_bin ON bulk_subjects(bin_id);
+"""
+
 #: (version, DDL) steps, applied in order; append, never edit.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2))
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2), (3, _V3))
 
 
 def latest_version() -> int:

@@ -160,8 +160,9 @@ class SqlReads(SqlBase):
             templates = -1
             if count_templates:
                 (subjects,) = c.execute("SELECT COUNT(*) FROM subjects").fetchone()
+                (streaming,) = c.execute("SELECT COUNT(*) FROM bulk_subjects").fetchone()
                 (staged,) = c.execute("SELECT COUNT(*) FROM staged").fetchone()
-                templates = int(subjects) + int(staged)
+                templates = int(subjects) + int(streaming) + int(staged)
         return GalleryUsage(keys, templates)
 
     def bin_subjects(self, bin_id: int) -> list[tuple[int, str]]:

@@ -123,6 +123,14 @@ CREATE TABLE IF NOT EXISTS stream_subjects (
     slot INTEGER NOT NULL,
     PRIMARY KEY (stream_id, handle)
 );
+-- Subjects of bins staged by a bulk stream, in arrival order (no handle index:
+-- they enter subjects, sorted by handle, when the stream activates).
+CREATE TABLE IF NOT EXISTS bulk_subjects (
+    bin_id INTEGER NOT NULL REFERENCES bins(bin_id),
+    handle TEXT NOT NULL,
+    slot INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS bulk_subjects_by_bin ON bulk_subjects(bin_id);
 CREATE TABLE IF NOT EXISTS reservations (
     reservation_id TEXT PRIMARY KEY,
     tenant_id TEXT NOT NULL,

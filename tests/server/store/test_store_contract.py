@@ -271,12 +271,37 @@ def test_bulk_stream_is_invisible_until_activated(store: GalleryStore) -> None:
     with pytest.raises(NotFound):
         store.bin_info("acme", b1)
     assert store.load_bin_data(b1).base == BLOB  # workers check a staged bin by reading it back
-    with pytest.raises(AlreadyExists):
-        store.stage_bin("acme", "k1", "L", "st1", ["a"], [0], b"dup")
     assert store.activate_stream("st1", "acme") == ([b1, b2], 3)
     assert [b.bin_id for b in store.list_bins("acme", "k1", ["L"])] == [b1, b2]
     assert store.list_bins("acme", "k1", ["other"]) == [] and store.list_bins("acme", "k1", []) == []
     assert store.bin_info("acme", b1) .occupied == (0, 1)
+
+
+def test_bulk_stream_handles_are_unique_at_activation(store: GalleryStore) -> None:
+    """A handle taken before a chunk fails that chunk; one taken later (twice in the
+    stream, or enrolled while the stream ran) fails the activation, importing nothing."""
+    tenant_with_key(store)
+    enroll(store, ["old"])
+    store.stage_template("acme", "k1", "", "waiting", b"one", 8)
+    for taken in ("old", "waiting"):
+        with pytest.raises(AlreadyExists):
+            store.stage_bin("acme", "k1", "", "st0", ["new", taken], [0, 1], BLOB)
+        store.abort_stream("st0")
+    store.stage_bin("acme", "k1", "", "st1", ["a", "b"], [0, 1], BLOB)
+    store.stage_bin("acme", "k1", "", "st1", ["a"], [0], BLOB)  # twice in the stream
+    with pytest.raises(AlreadyExists):
+        store.activate_stream("st1", "acme")
+    store.abort_stream("st1")
+    store.stage_bin("acme", "k1", "", "st2", ["c"], [0], BLOB)
+    store.stage_template("acme", "k1", "", "c", b"two", 8)  # enrolled while st2 runs
+    with pytest.raises(AlreadyExists):
+        store.activate_stream("st2", "acme")
+    store.abort_stream("st2")
+    for gone in ("a", "b"):
+        with pytest.raises(NotFound):
+            store.subject("acme", gone)
+    assert store.gallery_usage(count_templates=True).templates == 1 + 2  # old; waiting and c
+    assert [b.bin_id for b in store.key_bins("acme", "k1")] == [store.subject("acme", "old").bin_id]
 
 
 def test_abort_stream(store: GalleryStore) -> None:

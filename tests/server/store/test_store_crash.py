@@ -19,13 +19,16 @@ _CHILD = textwrap.dedent(
 
     url, what = sys.argv[1], sys.argv[2]
     store = open_store(url)
-    real = SqlBulk._insert_subjects
+    # enroll: the subjects are written, the bin's delta and version not yet;
+    # bulk: the staged bin is written, its subjects not yet
+    name = "_insert_subjects" if what == "enroll" else "_check_free"
+    real = getattr(SqlBulk, name)
 
-    def insert_then_die(self, c, *args):
-        real(self, c, *args)  # the subjects are written, the bin's delta and version not yet
+    def write_then_die(*args, **kwargs):
+        real(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    SqlBulk._insert_subjects = insert_then_die
+    setattr(SqlBulk, name, write_then_die)
     if what == "enroll":
         res = store.reserve("acme", "k1", "", 2, 8, 60.0)
         print(res.bin_id, flush=True)
