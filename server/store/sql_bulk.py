@@ -9,10 +9,10 @@ dirtied one index page per handle once the gallery was large (a staging
 commit took 37 ms at the first bins and 108 ms at a million; 25 s of a
 million's import). Each chunk's handles are still looked up as it arrives,
 so a taken handle fails the stream early; the index decides at activation
-(a handle enrolled meanwhile, or twice in the stream). A re-pack stream (routing retrained, key rotation) also names the bins
-it replaces: its subjects are kept aside (``stream_subjects``) and take over
-their handles when the stream activates and the replaced bins go, in the
-same transaction. Staged bins of a stream that never ended are removed by
+(a handle enrolled meanwhile, or twice in the stream). A re-pack stream
+(routing retrained, key rotation) also names the bins it replaces: its
+subjects are kept aside (``stream_subjects``) and take over their handles
+when the stream activates and the replaced bins go, in the same transaction. Staged bins of a stream that never ended are removed by
 ``cleanup_staged`` when a store opens.
 """
 
@@ -44,10 +44,7 @@ class SqlBulk(SqlBase):
         except self.integrity_errors:
             raise AlreadyExists(TAKEN) from None
 
-    def _check_free(
-        self,
-        c: Conn, tenant_id: str, handles: Sequence[str], tables: Sequence[str]
-    ) -> None:
+    def _check_free(self, c: Conn, tenant_id: str, handles: Sequence[str], tables: Sequence[str]) -> None:
         """AlreadyExists if one of ``handles`` is in one of ``tables`` (``subjects``, ``staged``)."""
         hs = list(handles)
         for table in tables:
@@ -77,10 +74,12 @@ class SqlBulk(SqlBase):
             str(t)
             for (t,) in c.execute(f"SELECT DISTINCT tenant_id FROM bins WHERE {where}", list(bins))
         ]
-        for tenant_id in tenants:  # staged single enrollments are few: probe with each
+        # Staged single enrollments are few: look each up in subjects (written
+        # as EXISTS so that the planner walks staged, not the tenant's subjects).
+        for tenant_id in tenants:
             if c.execute(
-                "SELECT 1 FROM staged s JOIN subjects j ON j.tenant_id=s.tenant_id "
-                f"AND j.handle=s.handle WHERE s.tenant_id=? AND j.{where} LIMIT 1",
+                "SELECT 1 FROM staged s WHERE s.tenant_id=? AND EXISTS (SELECT 1 FROM subjects j "
+                f"WHERE j.tenant_id=s.tenant_id AND j.handle=s.handle AND j.{where}) LIMIT 1",
                 [tenant_id, *bins],
             ).fetchone():
                 raise AlreadyExists(TAKEN)
